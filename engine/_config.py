@@ -1,0 +1,252 @@
+"""Market configuration: instruments, members and the trading calendar, loaded from TOML.
+
+msgspec decodes the file into typed Structs; semantic checks follow. Any problem raises
+``ConfigError`` naming the file, the key and what is wrong, so a bad file fails at load and
+never half-starts an exchange.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import hashlib
+import tomllib
+from pathlib import Path
+
+import msgspec
+
+__all__ = [
+    "ConfigError", "InstrumentConfig", "MemberConfig", "MarketConfig", "GatewayConfig",
+    "ExchangeConfig", "load_config", "parse_config", "demo_config", "hash_token",
+    "price_band", "DEMO_TOML",
+]
+
+
+class ConfigError(ValueError):
+    """A configuration file is unreadable or inconsistent."""
+
+
+class InstrumentConfig(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
+    symbol: str
+    currency: str
+    reference_price: int
+    tick: int = 1
+    qty_step: int = 1
+    min_qty: int = 1
+    max_qty: int | None = 99_999
+    band_bp: int = 1_000
+    fee_bp: int = 0
+    holding_limit: int | None = None
+
+
+class MemberConfig(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
+    id: str
+    token_sha256: str
+    role: str = "member"
+
+
+class MarketConfig(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
+    first_trading_day: str | None = None
+    holidays: list[str] = []
+    weekend: list[int] = msgspec.field(default_factory=lambda: [5, 6])
+    fee_account: str = "EXCHANGE"
+
+
+class GatewayConfig(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
+    host: str = "127.0.0.1"
+    port: int = 7001
+    metrics_port: int = 9101
+    data_dir: str = "./kaboni-data"
+    max_frame: int = 65_536
+    max_sessions_per_member: int = 4
+    max_msgs_per_s: int = 1_000
+    logon_timeout_s: float = 5.0
+    max_outbound_bytes: int = 8 * 1024 * 1024
+    durability: str = "fsync"
+    snapshot_every: int = 100_000
+    tls_cert: str | None = None
+    tls_key: str | None = None
+
+
+class ExchangeConfig(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
+    instruments: list[InstrumentConfig]
+    members: list[MemberConfig] = []
+    market: MarketConfig = MarketConfig()
+    gateway: GatewayConfig = GatewayConfig()
+    # Funding applied once, when a journal is created (demo and test set-ups).
+    initial_cash: int = 0
+    initial_allowances: int = 0
+    open_on_start: bool = False
+
+    @property
+    def currencies(self) -> list[str]:
+        seen: dict[str, None] = {}
+        for ins in self.instruments:
+            seen.setdefault(ins.currency, None)
+        return list(seen)
+
+    def instrument(self, symbol: str) -> InstrumentConfig:
+        for ins in self.instruments:
+            if ins.symbol == symbol:
+                return ins
+        raise KeyError(symbol)
+
+
+def hash_token(token: str) -> str:
+    """Tokens are stored as SHA-256 hex digests, never in the clear."""
+    return hashlib.sha256(token.encode()).hexdigest()
+
+
+def price_band(reference: int, band_bp: int, tick: int) -> tuple[int, int]:
+    """Inclusive (lower, upper) limits in integer arithmetic, as the market rules define them."""
+    upper = reference * (10_000 + band_bp) // (10_000 * tick) * tick
+    lower = -(-reference * (10_000 - band_bp) // (10_000 * tick)) * tick
+    return lower, upper
+
+
+def _fail(source: str, key: str, what: str) -> ConfigError:
+    return ConfigError(f"{source}: {key}: {what}")
+
+
+def _check(config: ExchangeConfig, source: str) -> ExchangeConfig:
+    if not config.instruments:
+        raise _fail(source, "instruments", "at least one instrument is required")
+    symbols: set[str] = set()
+    for i, ins in enumerate(config.instruments):
+        key = f"instruments[{i}]"
+        if not ins.symbol or not ins.symbol.isprintable() or len(ins.symbol) > 32:
+            raise _fail(source, f"{key}.symbol", f"{ins.symbol!r} is not a valid symbol")
+        if ins.symbol in symbols:
+            raise _fail(source, f"{key}.symbol", f"duplicate instrument {ins.symbol!r}")
+        symbols.add(ins.symbol)
+        if not ins.currency or not ins.currency.isalpha():
+            raise _fail(source, f"{key}.currency", f"{ins.currency!r} is not a currency code")
+        for name in ("tick", "qty_step", "min_qty", "reference_price"):
+            if getattr(ins, name) <= 0:
+                raise _fail(source, f"{key}.{name}", f"must be positive, got {getattr(ins, name)}")
+        if ins.min_qty % ins.qty_step:
+            raise _fail(source, f"{key}.min_qty", f"{ins.min_qty} is not a multiple of qty_step {ins.qty_step}")
+        if ins.max_qty is not None and ins.max_qty < ins.min_qty:
+            raise _fail(source, f"{key}.max_qty", f"{ins.max_qty} is below min_qty {ins.min_qty}")
+        if ins.reference_price % ins.tick:
+            raise _fail(source, f"{key}.reference_price", f"{ins.reference_price} is not on the tick {ins.tick}")
+        if not 0 <= ins.band_bp < 10_000:
+            raise _fail(source, f"{key}.band_bp", f"must be in 0..9999, got {ins.band_bp}")
+        if not 0 <= ins.fee_bp <= 10_000:
+            raise _fail(source, f"{key}.fee_bp", f"must be in 0..10000, got {ins.fee_bp}")
+        if ins.holding_limit is not None and ins.holding_limit <= 0:
+            raise _fail(source, f"{key}.holding_limit", f"must be positive, got {ins.holding_limit}")
+        lower, upper = price_band(ins.reference_price, ins.band_bp, ins.tick)
+        if lower > upper or lower <= 0:
+            raise _fail(source, f"{key}.band_bp", "leaves no valid price around the reference price")
+    currencies = set(config.currencies)
+    ids: set[str] = set()
+    for i, m in enumerate(config.members):
+        key = f"members[{i}]"
+        if not m.id or not m.id.isprintable() or len(m.id) > 32:
+            raise _fail(source, f"{key}.id", f"{m.id!r} is not a valid member id")
+        if m.id in ids:
+            raise _fail(source, f"{key}.id", f"duplicate member {m.id!r}")
+        if m.id == config.market.fee_account:
+            raise _fail(source, f"{key}.id", f"{m.id!r} is the fee account's name")
+        if m.id in symbols or m.id in currencies:
+            raise _fail(source, f"{key}.id", f"{m.id!r} clashes with an instrument or currency")
+        ids.add(m.id)
+        if m.role not in ("member", "operator"):
+            raise _fail(source, f"{key}.role", f"must be 'member' or 'operator', got {m.role!r}")
+        if len(m.token_sha256) != 64 or any(c not in "0123456789abcdef" for c in m.token_sha256):
+            raise _fail(source, f"{key}.token_sha256", "must be 64 lowercase hex digits (sha256 of the token)")
+    market = config.market
+    for name, value in [("market.first_trading_day", market.first_trading_day)] + [
+        (f"market.holidays[{i}]", h) for i, h in enumerate(market.holidays)
+    ]:
+        if value is not None:
+            try:
+                _dt.date.fromisoformat(value)
+            except ValueError:
+                raise _fail(source, name, f"{value!r} is not a YYYY-MM-DD date") from None
+    if any(not 0 <= d <= 6 for d in market.weekend) or len(set(market.weekend)) >= 7:
+        raise _fail(source, "market.weekend", "must list weekday numbers 0 (Mon) to 6 (Sun), not all of them")
+    gw = config.gateway
+    if gw.durability not in ("fsync", "none"):
+        raise _fail(source, "gateway.durability", f"must be 'fsync' or 'none', got {gw.durability!r}")
+    if not 1 <= gw.max_frame <= 2**32 - 1:
+        raise _fail(source, "gateway.max_frame", f"out of range: {gw.max_frame}")
+    for name in ("max_sessions_per_member", "max_msgs_per_s", "max_outbound_bytes", "snapshot_every"):
+        if getattr(gw, name) <= 0:
+            raise _fail(source, f"gateway.{name}", f"must be positive, got {getattr(gw, name)}")
+    if (gw.tls_cert is None) != (gw.tls_key is None):
+        raise _fail(source, "gateway.tls_cert", "tls_cert and tls_key go together")
+    if config.initial_cash < 0 or config.initial_allowances < 0:
+        raise _fail(source, "initial_cash", "initial funding cannot be negative")
+    return config
+
+
+def parse_config(text: str | bytes, source: str = "<config>") -> ExchangeConfig:
+    """Decode and check a TOML configuration; ``source`` names it in errors."""
+    if isinstance(text, bytes):
+        text = text.decode()
+    try:
+        raw = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{source}: not valid TOML: {exc}") from None
+    try:
+        config = msgspec.convert(raw, ExchangeConfig)
+    except msgspec.ValidationError as exc:
+        message = str(exc)
+        # msgspec says "... - at `$.instruments[0].tick`"; lead with the key.
+        what, _, where = message.rpartition(" - at `")
+        if where:
+            raise _fail(source, where.rstrip("`").removeprefix("$."), what) from None
+        raise ConfigError(f"{source}: {message}") from None
+    return _check(config, source)
+
+
+def load_config(path: str | Path) -> ExchangeConfig:
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read: {exc.strerror}") from None
+    return parse_config(text, str(path))
+
+
+def _demo_toml() -> str:
+    lines = [
+        "# Kaboni demo exchange: the CEA vintages of the market rules' default configuration",
+        "# plus an EU-style instrument, an operator and twenty funded members.",
+        "initial_cash = 1_000_000_000        # 10,000,000.00 in minor units, per currency",
+        "initial_allowances = 1_000_000      # tonnes of settled allowances per instrument",
+        "open_on_start = true",
+        "",
+        "[market]",
+        'fee_account = "EXCHANGE"',
+        "",
+        "[gateway]",
+        'data_dir = "./kaboni-data"',
+        "port = 7001",
+        "metrics_port = 9101",
+        "",
+    ]
+    refs = {"CEA19-20": 8_500, "CEA21": 8_800, "CEA22": 9_000, "CEA23": 9_100, "CEA24": 9_200, "CEA25": 9_250}
+    for symbol, ref in refs.items():
+        lines += [
+            "[[instruments]]", f'symbol = "{symbol}"', 'currency = "CNY"', f"reference_price = {ref}",
+            "tick = 1", "qty_step = 1", "min_qty = 1", "max_qty = 99_999", "band_bp = 1_000", "",
+        ]
+    lines += [
+        "[[instruments]]", 'symbol = "EUA"', 'currency = "EUR"', "reference_price = 7_000",
+        "tick = 1", "qty_step = 1_000", "min_qty = 1_000", "max_qty = 10_000_000", "band_bp = 5_000", "",
+        "[[members]]", 'id = "ops"', f'token_sha256 = "{hash_token("ops-token")}"', 'role = "operator"', "",
+    ]
+    for n in range(1, 21):
+        member = f"M{n:02d}"
+        lines += ["[[members]]", f'id = "{member}"', f'token_sha256 = "{hash_token(member + "-token")}"', ""]
+    return "\n".join(lines)
+
+
+DEMO_TOML = _demo_toml()
+
+
+def demo_config() -> ExchangeConfig:
+    """The embedded demo configuration of ``kaboni serve --demo``."""
+    return parse_config(DEMO_TOML, "<demo config>")

@@ -1,0 +1,968 @@
+"""The matching engine: commands in, events out, deterministically.
+
+``Engine.execute(command, member, ts)`` validates a command in the protocol's order of
+precedence, applies it to the books and accounts, and returns the events it caused: the
+member reports (sequenced per member), market data (sequenced per instrument), operator
+replies, and the end-of-day settlement. Time, the member and the cancel-on-disconnect session
+come in as arguments; nothing here reads a clock, draws a random number or does IO, so the
+same commands always give the same events and the same ``state_hash()``.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import hashlib
+
+import msgspec
+
+from ._accounts import Account, Cash, Holding
+from ._book import NO_PRICE, Order, SideBook
+from ._config import ExchangeConfig, InstrumentConfig, price_band
+from ._messages import (
+    AdminAck, AdminRejected, AllowanceBalance, Balances, BookSnapshot, BookUpdate, CancelOrder,
+    CancelRejected, CashBalance, CloseMarket, DayEnded, Deposit, EndOfDay, Fill, Halt,
+    InstrumentStatus, MassCancel, MassCancelDone, NewOrder, OpenMarket, OrderAccepted,
+    OrderCancelled, OrderRejected, OrderReplaced, QueryBalances, ReinstateMember, ReplaceOrder,
+    Restarted, Resume, SessionEnded, SettlementLine, SuspendMember, Trade, Withdraw,
+)
+
+__all__ = ["Engine", "InvariantError", "SNAPSHOT_VERSION"]
+
+SNAPSHOT_VERSION = 1
+BUY, SELL = "buy", "sell"
+OPEN, HALTED, CLOSED = "open", "halted", "closed"
+
+
+class InvariantError(AssertionError):
+    """A broken internal invariant: a bug, never a client's fault."""
+
+
+class _Instrument:
+    """Run-time state of one instrument: its rules, its book and today's trading figures."""
+
+    __slots__ = (
+        "symbol", "currency", "tick", "step", "min_qty", "max_qty", "band_bp", "fee_bp",
+        "holding_limit", "reference", "lower", "upper", "status", "md_seq", "last_price",
+        "day_value", "day_qty", "bids", "asks",
+    )
+
+    def __init__(self, cfg: InstrumentConfig) -> None:
+        self.symbol = cfg.symbol
+        self.currency = cfg.currency
+        self.tick = cfg.tick
+        self.step = cfg.qty_step
+        self.min_qty = cfg.min_qty
+        self.max_qty = cfg.max_qty if cfg.max_qty is not None else NO_PRICE
+        self.band_bp = cfg.band_bp
+        self.fee_bp = cfg.fee_bp
+        self.holding_limit = cfg.holding_limit
+        self.status = CLOSED
+        self.md_seq = 0
+        self.last_price: int | None = None
+        self.day_value = 0
+        self.day_qty = 0
+        self.bids = SideBook(-1)
+        self.asks = SideBook(1)
+        self.set_reference(cfg.reference_price)
+
+    def set_reference(self, reference: int) -> None:
+        self.reference = reference
+        self.lower, self.upper = price_band(reference, self.band_bp, self.tick)
+
+
+def _fee_reserve(price: int, qty: int, fee_bp: int) -> int:
+    """Cash a buy holds back for its fees: ceil(price x qty x fee_bp / 10,000)."""
+    return -(-price * qty * fee_bp // 10_000) if fee_bp else 0
+
+
+def _next_business_day(day: str, weekend: frozenset[int], holidays: frozenset[str]) -> str:
+    date = _dt.date.fromisoformat(day)
+    while True:
+        date += _dt.timedelta(days=1)
+        iso = date.isoformat()
+        if date.weekday() not in weekend and iso not in holidays:
+            return iso
+
+
+class Engine:
+    """All books and accounts of one exchange; see the module docstring."""
+
+    def __init__(self, config: ExchangeConfig, trading_day: str | None = None) -> None:
+        self.config = config
+        market = config.market
+        day = trading_day or market.first_trading_day
+        if day is None:
+            raise ValueError("a trading day is needed: configure market.first_trading_day or pass one")
+        _dt.date.fromisoformat(day)
+        self.trading_day = day
+        self._weekend = frozenset(market.weekend)
+        self._holidays = frozenset(market.holidays)
+        self._instruments = {c.symbol: _Instrument(c) for c in config.instruments}
+        self._currencies = config.currencies
+        symbols = list(self._instruments)
+        self._accounts = {
+            m.id: Account(m.id, self._currencies, symbols) for m in config.members if m.role == "member"
+        }
+        self.fee_account = market.fee_account
+        self._fees = {c: Cash() for c in self._currencies}
+        self._next_order_id = 1
+        self._next_trade_id = 1
+        self._refs: set[str] = set()
+        self._external_cash = {c: 0 for c in self._currencies}  # deposits - withdrawals
+        self._external_qty = {s: 0 for s in symbols}
+        self._cod: dict[int, dict[int, Order]] = {}  # session -> its cancel-on-disconnect orders
+        self._dispatch = {
+            NewOrder: self._new_order,
+            CancelOrder: self._cancel_order,
+            ReplaceOrder: self._replace_order,
+            MassCancel: self._mass_cancel,
+            QueryBalances: self._query_balances,
+            Halt: self._halt,
+            Resume: self._resume,
+            OpenMarket: self._open_market,
+            CloseMarket: self._close_market,
+            EndOfDay: self._end_of_day,
+            SuspendMember: self._suspend_member,
+            ReinstateMember: self._reinstate_member,
+            Deposit: self._deposit,
+            Withdraw: self._withdraw,
+            SessionEnded: self._session_ended,
+            Restarted: self._restarted,
+        }
+
+    # -----------------------------------------------------------------------------------------
+    # Public API
+
+    def execute(self, command, member: str, ts: int, session: int = 0, throttled: bool = False) -> list:
+        """Apply one command from ``member`` at ``ts``; return the events it caused.
+
+        ``session`` is non-zero when the command comes from a connection that asked for
+        cancel-on-disconnect: orders it enters are cancelled by ``SessionEnded(session)``.
+        ``throttled`` tells the engine that the gateway's throttle refused the request, so it
+        is rejected ``throttled`` (and still uses up its ``cl_ord_id``).
+        """
+        return self._dispatch[type(command)](command, member, ts, session, throttled)
+
+    @property
+    def members(self) -> list[str]:
+        return list(self._accounts)
+
+    @property
+    def instruments(self) -> list[str]:
+        return list(self._instruments)
+
+    def last_seq(self, member: str) -> int:
+        """The seq of the member's last report (0 if none yet)."""
+        return self._accounts[member].seq
+
+    def status(self, instrument: str) -> str:
+        return self._instruments[instrument].status
+
+    def md_seq(self, instrument: str) -> int:
+        return self._instruments[instrument].md_seq
+
+    def reference_price(self, instrument: str) -> int:
+        return self._instruments[instrument].reference
+
+    def book_snapshot(self, instrument: str, depth: int = 10) -> BookSnapshot:
+        ins = self._instruments[instrument]
+        return BookSnapshot(
+            instrument, ins.md_seq, ins.bids.depth(depth), ins.asks.depth(depth), ins.last_price,
+            ins.reference, ins.status,
+        )
+
+    def best_prices(self, instrument: str) -> tuple[int | None, int | None]:
+        ins = self._instruments[instrument]
+        bid = -ins.bids.best if ins.bids.best != NO_PRICE else None
+        ask = ins.asks.best if ins.asks.best != NO_PRICE else None
+        return bid, ask
+
+    def resting(self, instrument: str) -> tuple[int, int]:
+        """(resting orders, resting quantity) of an instrument."""
+        ins = self._instruments[instrument]
+        orders = qty = 0
+        for side in (ins.bids, ins.asks):
+            for level in side.levels.values():
+                orders += level.count
+                qty += level.qty
+        return orders, qty
+
+    def balances(self, member: str) -> Balances:
+        acct = self._accounts[member]
+        cash = {
+            c: CashBalance(v.total, v.reserved, v.total - v.reserved, v.withdrawable)
+            for c, v in acct.cash.items()
+        }
+        allowances = {
+            s: AllowanceBalance(h.settled, h.unsettled, h.reserved, h.settled - h.reserved)
+            for s, h in acct.holdings.items()
+        }
+        return Balances(cash, allowances)
+
+    def fee_balances(self) -> dict[str, int]:
+        return {c: v.total for c, v in self._fees.items()}
+
+    def live_orders(self, member: str) -> list[Order]:
+        return sorted(self._accounts[member].live.values(), key=lambda o: o.order_id)
+
+    def is_suspended(self, member: str) -> bool:
+        return self._accounts[member].suspended
+
+    # -----------------------------------------------------------------------------------------
+    # Reports
+
+    def _reject(self, ev: list, acct: Account, ts: int, cl: str, reason: str, text: str) -> list:
+        acct.seq += 1
+        ev.append(OrderRejected(acct.seq, ts, acct.member, cl, reason, text))
+        return ev
+
+    def _cancel_reject(self, ev, acct, ts, cl, orig, reason, text) -> list:
+        acct.seq += 1
+        ev.append(CancelRejected(acct.seq, ts, acct.member, cl, orig, reason, text))
+        return ev
+
+    def _cancelled(self, ev: list, o: Order, qty: int, ts: int, reason: str, cl: str | None = None) -> None:
+        """Report the cancellation of ``qty`` open tonnes of an order."""
+        acct = self._accounts[o.member]
+        acct.seq += 1
+        ev.append(OrderCancelled(acct.seq, ts, o.member, cl or o.cl_ord_id, o.order_id, o.cl_ord_id, qty, 0, reason))
+
+    # -----------------------------------------------------------------------------------------
+    # Order entry
+
+    def _check_order(self, acct: Account, ins: _Instrument, qty: int, price, tif, ev, ts, cl, reject):
+        """Shared checks of NewOrder and ReplaceOrder after the id checks; None if rejected."""
+        if qty <= 0 or qty % ins.step:
+            return reject(ev, acct, ts, cl, "invalid_qty", f"qty {qty} is not a positive multiple of the step {ins.step}")
+        if qty < ins.min_qty or qty > ins.max_qty:
+            limit = "no maximum" if ins.max_qty == NO_PRICE else f"maximum {ins.max_qty}"
+            return reject(ev, acct, ts, cl, "qty_out_of_range", f"qty {qty} is outside minimum {ins.min_qty}, {limit}")
+        if price is None:
+            if tif == "day" or tif == "gtc":
+                return reject(ev, acct, ts, cl, "invalid_price", f"a market order cannot be {tif}")
+        else:
+            if price <= 0 or price % ins.tick:
+                return reject(ev, acct, ts, cl, "invalid_price", f"price {price} is not a positive multiple of the tick {ins.tick}")
+            if price < ins.lower or price > ins.upper:
+                return reject(ev, acct, ts, cl, "price_out_of_band", f"price {price} is outside the band {ins.lower}-{ins.upper}")
+        return True
+
+    def _new_order(self, cmd: NewOrder, member: str, ts: int, session: int, throttled: bool) -> list:
+        acct = self._accounts[member]
+        ev: list = []
+        cl = cmd.cl_ord_id
+        reject = self._reject
+        if throttled:
+            acct.used_ids.add(cl)
+            return reject(ev, acct, ts, cl, "throttled", "over the session's message rate")
+        if cl in acct.used_ids or cl in acct.live:
+            return reject(ev, acct, ts, cl, "duplicate_cl_ord_id", f"cl_ord_id {cl!r} is already used")
+        acct.used_ids.add(cl)
+        if acct.suspended:
+            return reject(ev, acct, ts, cl, "member_suspended", f"member {member} is suspended")
+        ins = self._instruments.get(cmd.instrument)
+        if ins is None:
+            return reject(ev, acct, ts, cl, "unknown_instrument", f"no instrument {cmd.instrument!r}")
+        if ins.status != OPEN:
+            if ins.status == CLOSED:
+                return reject(ev, acct, ts, cl, "market_closed", f"{ins.symbol} is closed")
+            return reject(ev, acct, ts, cl, "instrument_halted", f"{ins.symbol} is halted")
+        qty = cmd.qty
+        price = cmd.price
+        tif = cmd.tif
+        if tif is None:
+            tif = "day" if price is not None else "ioc"
+        side = cmd.side
+        if self._check_order(acct, ins, qty, price, tif, ev, ts, cl, reject) is not True:
+            return ev
+        holding = acct.holdings[ins.symbol]
+        if side == BUY:
+            limit = ins.holding_limit
+            if limit is not None and holding.settled + holding.unsettled + holding.open_buy + qty > limit:
+                return reject(ev, acct, ts, cl, "holding_limit", f"would exceed the holding limit of {limit} t")
+            cash = acct.cash[ins.currency]
+            lim = price if price is not None else ins.upper
+            need = lim * qty
+            if ins.fee_bp:
+                need += _fee_reserve(lim, qty, ins.fee_bp)
+            if cash.total - cash.reserved < need:
+                return reject(ev, acct, ts, cl, "insufficient_funds",
+                              f"needs {need} {ins.currency}, {cash.total - cash.reserved} available")
+            cash.reserved += need
+            holding.open_buy += qty
+        else:
+            if holding.settled - holding.reserved < qty:
+                return reject(ev, acct, ts, cl, "insufficient_allowances",
+                              f"needs {qty} t, {holding.settled - holding.reserved} t available")
+            holding.reserved += qty
+            need = 0
+        order_id = self._next_order_id
+        self._next_order_id = order_id + 1
+        o = Order(order_id, member, cl, ins.symbol, side, price, qty, qty, tif, cmd.stp, session, need)
+        acct.seq += 1
+        ev.append(OrderAccepted(acct.seq, ts, member, cl, order_id, ins.symbol, side, qty, price, tif))
+        self._enter(o, ins, acct, ev, ts)
+        return ev
+
+    def _enter(self, o: Order, ins: _Instrument, acct: Account, ev: list, ts: int) -> None:
+        """Match an accepted order, then rest or cancel what is left of it."""
+        if o.side == BUY:
+            opp = ins.asks
+            lim = o.price if o.price is not None else ins.upper
+        else:
+            opp = ins.bids
+            lim = -(o.price if o.price is not None else ins.lower)
+        reason = None
+        if opp.best <= lim:
+            if o.tif == "fok" and not self._fok_fillable(o, opp, lim):
+                reason = "fok"
+            else:
+                reason = self._match(o, ins, opp, lim, ev, ts)
+        if o.leaves:
+            if reason is None:
+                if o.price is None or o.tif == "ioc":
+                    reason = "ioc"
+                elif o.tif == "fok":
+                    reason = "fok"
+            if reason is not None:
+                qty = o.leaves
+                self._release(o, ins, acct)
+                o.leaves = 0
+                self._cancelled(ev, o, qty, ts, reason)
+                return
+            side = ins.bids if o.side == BUY else ins.asks
+            level = side.rest(o)
+            acct.live[o.cl_ord_id] = o
+            if o.session:
+                self._cod.setdefault(o.session, {})[o.order_id] = o
+            ins.md_seq += 1
+            ev.append(BookUpdate(ins.symbol, ins.md_seq, o.side, level.price, level.qty, level.count))
+
+    def _fok_fillable(self, o: Order, opp: SideBook, lim: int) -> bool:
+        """Can the whole quantity trade now against other members, before any self-match?"""
+        want = o.leaves
+        member = o.member
+        levels = opp.levels
+        for key in opp.keys:
+            if key > lim:
+                return False
+            for m in levels[key].orders:
+                if m.leaves:
+                    if m.member == member:
+                        return False
+                    want -= m.leaves
+                    if want <= 0:
+                        return True
+        return False
+
+    def _match(self, o: Order, ins: _Instrument, opp: SideBook, lim: int, ev: list, ts: int) -> str | None:
+        """Trade ``o`` against the opposite side; returns a cancel reason for its rest, if any."""
+        accounts = self._accounts
+        symbol = ins.symbol
+        fee_bp = ins.fee_bp
+        currency = ins.currency
+        fees = self._fees[currency]
+        taker_buys = o.side == BUY
+        taker_side = o.side
+        maker_side = SELL if taker_buys else BUY
+        taker = accounts[o.member]
+        t_cash = taker.cash[currency]
+        t_hold = taker.holdings[symbol]
+        o_lim = o.price if o.price is not None else (ins.upper if taker_buys else ins.lower)
+        levels = opp.levels
+        reason = None
+        while o.leaves and opp.best <= lim:
+            key = opp.best
+            level = levels[key]
+            orders = level.orders
+            price = level.price
+            while orders:
+                m = orders[0]
+                if not m.leaves:
+                    orders.popleft()
+                    level.dead -= 1
+                    continue
+                if m.member == o.member:
+                    stp = o.stp
+                    if stp == "cancel_incoming":
+                        reason = "self_trade"
+                        break
+                    # cancel_resting or cancel_both: the resting order goes
+                    orders.popleft()
+                    qty = m.leaves
+                    level.count -= 1
+                    level.qty -= qty
+                    self._release(m, ins, taker)
+                    m.leaves = 0
+                    self._forget(m, taker)
+                    self._cancelled(ev, m, qty, ts, "self_trade")
+                    if stp == "cancel_both":
+                        reason = "self_trade"
+                        break
+                    continue
+                qty = o.leaves if o.leaves < m.leaves else m.leaves
+                value = price * qty
+                fee = value * fee_bp // 10_000 if fee_bp else 0
+                maker = accounts[m.member]
+                m_cash = maker.cash[currency]
+                m_hold = maker.holdings[symbol]
+                o.leaves -= qty
+                m.leaves -= qty
+                level.qty -= qty
+                # delivery versus payment
+                if taker_buys:
+                    b_ord, b_cash, b_hold, s_cash, s_hold = o, t_cash, t_hold, m_cash, m_hold
+                    b_lim = o_lim
+                else:
+                    b_ord, b_cash, b_hold, s_cash, s_hold = m, m_cash, m_hold, t_cash, t_hold
+                    b_lim = m.price
+                still = b_lim * b_ord.leaves
+                if fee_bp:
+                    still += _fee_reserve(b_lim, b_ord.leaves, fee_bp)
+                b_cash.reserved -= b_ord.reserved - still
+                b_ord.reserved = still
+                b_cash.total -= value + fee
+                b_hold.unsettled += qty
+                b_hold.open_buy -= qty
+                b_hold.bought += qty
+                b_hold.paid += value
+                b_hold.fees += fee
+                s_hold.settled -= qty
+                s_hold.reserved -= qty
+                s_hold.sold += qty
+                s_hold.received += value
+                s_hold.fees += fee
+                s_cash.total += value - fee
+                s_cash.proceeds += value - fee
+                if fee:
+                    fees.total += fee + fee
+                ins.day_value += value
+                ins.day_qty += qty
+                ins.last_price = price
+                trade_id = self._next_trade_id
+                self._next_trade_id = trade_id + 1
+                taker.seq += 1
+                ev.append(Fill(taker.seq, ts, o.member, o.cl_ord_id, o.order_id, trade_id, symbol, taker_side,
+                               price, qty, o.leaves, "taker", fee))
+                maker.seq += 1
+                ev.append(Fill(maker.seq, ts, m.member, m.cl_ord_id, m.order_id, trade_id, symbol, maker_side,
+                               price, qty, m.leaves, "maker", fee))
+                ins.md_seq += 1
+                ev.append(Trade(symbol, ins.md_seq, trade_id, price, qty, taker_side, ts))
+                if not m.leaves:
+                    orders.popleft()
+                    level.count -= 1
+                    del maker.live[m.cl_ord_id]
+                    if m.session:
+                        self._cod[m.session].pop(m.order_id, None)
+                if not o.leaves:
+                    break
+            ins.md_seq += 1
+            ev.append(BookUpdate(symbol, ins.md_seq, maker_side, price, level.qty, level.count))
+            if not level.count:
+                opp.drop_level(key)
+            if reason is not None:
+                break
+        return reason
+
+    def _release(self, o: Order, ins: _Instrument, acct: Account) -> None:
+        """Give back what an order still holds for its open quantity (before leaves is zeroed)."""
+        if o.side == BUY:
+            acct.cash[ins.currency].reserved -= o.reserved
+            o.reserved = 0
+            acct.holdings[ins.symbol].open_buy -= o.leaves
+        else:
+            acct.holdings[ins.symbol].reserved -= o.leaves
+
+    def _forget(self, o: Order, acct: Account) -> None:
+        """Drop a finished order from the member's live orders and its session's list."""
+        acct.live.pop(o.cl_ord_id, None)
+        if o.session:
+            self._cod[o.session].pop(o.order_id, None)
+
+    def _cancel_resting(self, o: Order, ev: list, ts: int, reason: str, cl: str | None = None) -> None:
+        """Cancel a resting order: off the book, reservation released, reported."""
+        ins = self._instruments[o.instrument]
+        acct = self._accounts[o.member]
+        side = ins.bids if o.side == BUY else ins.asks
+        qty = o.leaves
+        self._release(o, ins, acct)
+        self._forget(o, acct)
+        level = side.remove(o)
+        self._cancelled(ev, o, qty, ts, reason, cl)
+        ins.md_seq += 1
+        ev.append(BookUpdate(ins.symbol, ins.md_seq, o.side, level.price, level.qty, level.count))
+
+    def _cancel_order(self, cmd: CancelOrder, member: str, ts: int, session: int, throttled: bool) -> list:
+        acct = self._accounts[member]
+        ev: list = []
+        cl = cmd.cl_ord_id
+        orig = cmd.orig_cl_ord_id
+        if throttled:
+            acct.used_ids.add(cl)
+            return self._cancel_reject(ev, acct, ts, cl, orig, "throttled", "over the session's message rate")
+        if cl in acct.used_ids or cl in acct.live:
+            return self._cancel_reject(ev, acct, ts, cl, orig, "duplicate_cl_ord_id", f"cl_ord_id {cl!r} is already used")
+        acct.used_ids.add(cl)
+        o = acct.live.get(orig)
+        if o is None:
+            return self._cancel_reject(ev, acct, ts, cl, orig, "unknown_order", f"no live order {orig!r}")
+        self._cancel_resting(o, ev, ts, "requested", cl)
+        return ev
+
+    def _replace_order(self, cmd: ReplaceOrder, member: str, ts: int, session: int, throttled: bool) -> list:
+        acct = self._accounts[member]
+        ev: list = []
+        cl = cmd.cl_ord_id
+        orig = cmd.orig_cl_ord_id
+        reject = self._cancel_rejecter(orig)
+        if throttled:
+            acct.used_ids.add(cl)
+            return reject(ev, acct, ts, cl, "throttled", "over the session's message rate")
+        if cl in acct.used_ids or cl in acct.live:
+            return reject(ev, acct, ts, cl, "duplicate_cl_ord_id", f"cl_ord_id {cl!r} is already used")
+        acct.used_ids.add(cl)
+        if acct.suspended:
+            return reject(ev, acct, ts, cl, "member_suspended", f"member {member} is suspended")
+        o = acct.live.get(orig)
+        if o is None:
+            return reject(ev, acct, ts, cl, "unknown_order", f"no live order {orig!r}")
+        ins = self._instruments[o.instrument]
+        qty = cmd.qty
+        price = cmd.price
+        only_lower = price == o.price and qty < o.qty
+        if ins.status != OPEN and not only_lower:
+            if ins.status == CLOSED:
+                return reject(ev, acct, ts, cl, "market_closed", f"{ins.symbol} is closed")
+            return reject(ev, acct, ts, cl, "instrument_halted", f"{ins.symbol} is halted")
+        if self._check_order(acct, ins, qty, price, o.tif, ev, ts, cl, reject) is not True:
+            return ev
+        filled = o.qty - o.leaves
+        if qty <= filled:
+            self._cancel_resting(o, ev, ts, "requested", cl)
+            return ev
+        leaves = qty - filled
+        holding = acct.holdings[ins.symbol]
+        if o.side == BUY:
+            limit = ins.holding_limit
+            if (limit is not None and leaves > o.leaves
+                    and holding.settled + holding.unsettled + holding.open_buy - o.leaves + leaves > limit):
+                return reject(ev, acct, ts, cl, "holding_limit", f"would exceed the holding limit of {limit} t")
+            need = price * leaves + _fee_reserve(price, leaves, ins.fee_bp)
+            cash = acct.cash[ins.currency]
+            if need - o.reserved > cash.total - cash.reserved:
+                return reject(ev, acct, ts, cl, "insufficient_funds",
+                              f"needs {need - o.reserved} more {ins.currency}, {cash.total - cash.reserved} available")
+        elif leaves - o.leaves > holding.settled - holding.reserved:
+            return reject(ev, acct, ts, cl, "insufficient_allowances",
+                          f"needs {leaves - o.leaves} t more, {holding.settled - holding.reserved} t available")
+        # accepted
+        if o.side == BUY:
+            acct.cash[ins.currency].reserved += need - o.reserved
+            holding.open_buy += leaves - o.leaves
+        else:
+            holding.reserved += leaves - o.leaves
+            need = 0
+        old_cl = o.cl_ord_id
+        del acct.live[old_cl]
+        side = ins.bids if o.side == BUY else ins.asks
+        if price == o.price and qty <= o.qty:
+            # keeps its place in the queue
+            level = side.levels[side.sign * price]
+            level.qty += leaves - o.leaves
+            o.leaves = leaves
+            o.qty = qty
+            o.reserved = need
+            o.cl_ord_id = cl
+            acct.live[cl] = o
+            acct.seq += 1
+            ev.append(OrderReplaced(acct.seq, ts, member, cl, o.order_id, old_cl, qty, price, leaves))
+            ins.md_seq += 1
+            ev.append(BookUpdate(ins.symbol, ins.md_seq, o.side, level.price, level.qty, level.count))
+            return ev
+        # loses priority: the old entry dies in place, a new one goes to the back (or trades)
+        if o.session:
+            self._cod[o.session].pop(o.order_id, None)
+        level = side.remove(o)
+        ins.md_seq += 1
+        ev_update = BookUpdate(ins.symbol, ins.md_seq, o.side, level.price, level.qty, level.count)
+        n = Order(o.order_id, member, cl, ins.symbol, o.side, price, qty, leaves, o.tif, o.stp, o.session, need)
+        acct.seq += 1
+        ev.append(OrderReplaced(acct.seq, ts, member, cl, o.order_id, old_cl, qty, price, leaves))
+        ev.append(ev_update)
+        self._enter(n, ins, acct, ev, ts)
+        return ev
+
+    def _cancel_rejecter(self, orig: str | None):
+        def reject(ev, acct, ts, cl, reason, text):
+            return self._cancel_reject(ev, acct, ts, cl, orig, reason, text)
+        return reject
+
+    def _mass_cancel(self, cmd: MassCancel, member: str, ts: int, session: int, throttled: bool) -> list:
+        acct = self._accounts[member]
+        ev: list = []
+        cl = cmd.cl_ord_id
+        if throttled:
+            acct.used_ids.add(cl)
+            return self._cancel_reject(ev, acct, ts, cl, None, "throttled", "over the session's message rate")
+        if cl in acct.used_ids or cl in acct.live:
+            return self._cancel_reject(ev, acct, ts, cl, None, "duplicate_cl_ord_id", f"cl_ord_id {cl!r} is already used")
+        acct.used_ids.add(cl)
+        if cmd.instrument is not None and cmd.instrument not in self._instruments:
+            return self._cancel_reject(ev, acct, ts, cl, None, "unknown_instrument", f"no instrument {cmd.instrument!r}")
+        targets = [
+            o for o in self.live_orders(member)
+            if (cmd.instrument is None or o.instrument == cmd.instrument) and (cmd.side is None or o.side == cmd.side)
+        ]
+        for o in targets:
+            self._cancel_resting(o, ev, ts, "mass_cancel", cl)
+        acct.seq += 1
+        ev.append(MassCancelDone(acct.seq, ts, member, cl, len(targets)))
+        return ev
+
+    def _query_balances(self, cmd, member: str, ts: int, session: int, throttled: bool) -> list:
+        return [self.balances(member)]
+
+    def _session_ended(self, cmd: SessionEnded, member: str, ts: int, session: int, throttled: bool) -> list:
+        ev: list = []
+        orders = self._cod.pop(cmd.session, None)
+        if orders:
+            for o in sorted(orders.values(), key=lambda o: o.order_id):
+                if o.leaves:
+                    self._cancel_resting(o, ev, ts, "disconnect")
+        return ev
+
+    def _restarted(self, cmd: Restarted, member: str, ts: int, session: int, throttled: bool) -> list:
+        ev: list = []
+        orders = [o for group in self._cod.values() for o in group.values()]
+        self._cod.clear()
+        for o in sorted(orders, key=lambda o: o.order_id):
+            if o.leaves:
+                self._cancel_resting(o, ev, ts, "disconnect")
+        return ev
+
+    # -----------------------------------------------------------------------------------------
+    # Operator commands
+
+    def _status_event(self, ins: _Instrument, ev: list) -> None:
+        ins.md_seq += 1
+        ev.append(InstrumentStatus(ins.symbol, ins.md_seq, ins.status, ins.reference))
+
+    def _halt(self, cmd: Halt, member, ts, session, throttled) -> list:
+        ins = self._instruments.get(cmd.instrument)
+        if ins is None:
+            return [AdminRejected("Halt", "unknown_instrument", f"no instrument {cmd.instrument!r}")]
+        if ins.status != OPEN:
+            return [AdminRejected("Halt", "invalid_state", f"{ins.symbol} is {ins.status}, not open")]
+        ev: list = []
+        ins.status = HALTED
+        self._status_event(ins, ev)
+        if cmd.cancel_orders:
+            for o in sorted(list(ins.bids.orders()) + list(ins.asks.orders()), key=lambda o: o.order_id):
+                self._cancel_resting(o, ev, ts, "halt")
+        ev.append(AdminAck("Halt", instrument=cmd.instrument, cancel_orders=cmd.cancel_orders))
+        return ev
+
+    def _resume(self, cmd: Resume, member, ts, session, throttled) -> list:
+        ins = self._instruments.get(cmd.instrument)
+        if ins is None:
+            return [AdminRejected("Resume", "unknown_instrument", f"no instrument {cmd.instrument!r}")]
+        if ins.status != HALTED:
+            return [AdminRejected("Resume", "invalid_state", f"{ins.symbol} is {ins.status}, not halted")]
+        ev: list = []
+        ins.status = OPEN
+        self._status_event(ins, ev)
+        ev.append(AdminAck("Resume", instrument=cmd.instrument))
+        return ev
+
+    def _open_market(self, cmd, member, ts, session, throttled) -> list:
+        closed = [ins for ins in self._instruments.values() if ins.status == CLOSED]
+        if not closed:
+            return [AdminRejected("OpenMarket", "invalid_state", "no instrument is closed")]
+        ev: list = []
+        for ins in closed:
+            ins.status = OPEN
+            self._status_event(ins, ev)
+        ev.append(AdminAck("OpenMarket"))
+        return ev
+
+    def _close_market(self, cmd, member, ts, session, throttled) -> list:
+        live = [ins for ins in self._instruments.values() if ins.status != CLOSED]
+        if not live:
+            return [AdminRejected("CloseMarket", "invalid_state", "every instrument is already closed")]
+        ev: list = []
+        for ins in live:
+            ins.status = CLOSED
+            self._status_event(ins, ev)
+        ev.append(AdminAck("CloseMarket"))
+        return ev
+
+    def _suspend_member(self, cmd: SuspendMember, member, ts, session, throttled) -> list:
+        acct = self._accounts.get(cmd.member)
+        if acct is None:
+            return [AdminRejected("SuspendMember", "unknown_member", f"no member {cmd.member!r}")]
+        if acct.suspended:
+            return [AdminRejected("SuspendMember", "invalid_state", f"member {cmd.member} is already suspended")]
+        ev: list = []
+        acct.suspended = True
+        for o in self.live_orders(cmd.member):
+            self._cancel_resting(o, ev, ts, "suspended")
+        ev.append(AdminAck("SuspendMember", member=cmd.member))
+        return ev
+
+    def _reinstate_member(self, cmd: ReinstateMember, member, ts, session, throttled) -> list:
+        acct = self._accounts.get(cmd.member)
+        if acct is None:
+            return [AdminRejected("ReinstateMember", "unknown_member", f"no member {cmd.member!r}")]
+        if not acct.suspended:
+            return [AdminRejected("ReinstateMember", "invalid_state", f"member {cmd.member} is not suspended")]
+        acct.suspended = False
+        return [AdminAck("ReinstateMember", member=cmd.member)]
+
+    def _transfer(self, cmd, request: str, sign: int) -> list:
+        def ack(duplicate=msgspec.UNSET):
+            return [AdminAck(request, member=cmd.member, ref=cmd.ref, asset=cmd.asset, amount=cmd.amount,
+                             duplicate=duplicate)]
+        if cmd.ref in self._refs:
+            return ack(True)
+        acct = self._accounts.get(cmd.member)
+        if acct is None:
+            return [AdminRejected(request, "unknown_member", f"no member {cmd.member!r}")]
+        amount = cmd.amount
+        if cmd.asset in acct.cash:
+            cash = acct.cash[cmd.asset]
+            if sign < 0 and amount > cash.withdrawable:
+                return [AdminRejected(request, "insufficient_funds",
+                                      f"{cash.withdrawable} {cmd.asset} withdrawable, {amount} asked")]
+            cash.total += sign * amount
+            self._external_cash[cmd.asset] += sign * amount
+        elif cmd.asset in acct.holdings:
+            holding = acct.holdings[cmd.asset]
+            if sign < 0 and amount > holding.settled - holding.reserved:
+                return [AdminRejected(request, "insufficient_allowances",
+                                      f"{holding.settled - holding.reserved} t available, {amount} t asked")]
+            holding.settled += sign * amount
+            self._external_qty[cmd.asset] += sign * amount
+        else:
+            return [AdminRejected(request, "unknown_instrument", f"no currency or instrument {cmd.asset!r}")]
+        self._refs.add(cmd.ref)
+        return ack()
+
+    def _deposit(self, cmd: Deposit, member, ts, session, throttled) -> list:
+        return self._transfer(cmd, "Deposit", 1)
+
+    def _withdraw(self, cmd: Withdraw, member, ts, session, throttled) -> list:
+        return self._transfer(cmd, "Withdraw", -1)
+
+    def _end_of_day(self, cmd, member, ts, session, throttled) -> list:
+        open_now = [ins.symbol for ins in self._instruments.values() if ins.status != CLOSED]
+        if open_now:
+            return [AdminRejected("EndOfDay", "invalid_state", f"not closed: {', '.join(open_now)}")]
+        ev: list = []
+        day = self.trading_day
+        # DAY orders expire
+        for ins in self._instruments.values():
+            for o in sorted(list(ins.bids.orders()) + list(ins.asks.orders()), key=lambda o: o.order_id):
+                if o.tif == "day":
+                    self._cancel_resting(o, ev, ts, "expired")
+        # closing prices become the next reference prices
+        closing: dict[str, int] = {}
+        for ins in self._instruments.values():
+            if ins.day_qty:
+                d = ins.day_qty * ins.tick
+                close = (2 * ins.day_value + d) // (2 * d) * ins.tick
+            else:
+                close = ins.reference
+            closing[ins.symbol] = close
+            ins.set_reference(close)
+            # GTC orders outside the new band are cancelled
+            for o in sorted(list(ins.bids.orders()) + list(ins.asks.orders()), key=lambda o: o.order_id):
+                if o.price < ins.lower or o.price > ins.upper:
+                    self._cancel_resting(o, ev, ts, "expired")
+            ins.last_price = None
+            ins.day_value = ins.day_qty = 0
+            self._status_event(ins, ev)
+        # settlement report, then settle
+        lines: list[SettlementLine] = []
+        fee_totals: dict[str, int] = {}
+        for acct in self._accounts.values():
+            for symbol, h in acct.holdings.items():
+                ins = self._instruments[symbol]
+                if h.bought or h.sold or h.fees:
+                    lines.append(SettlementLine(
+                        acct.member, symbol, ins.currency, h.bought, h.sold, h.paid, h.received, h.fees,
+                        h.bought - h.sold, h.received - h.paid - h.fees,
+                    ))
+                    fee_totals[symbol] = fee_totals.get(symbol, 0) + h.fees
+                h.settled += h.unsettled
+                h.unsettled = h.bought = h.sold = h.paid = h.received = h.fees = 0
+            for cash in acct.cash.values():
+                cash.proceeds = 0
+            acct.used_ids.clear()
+        for symbol, total in fee_totals.items():
+            if total:
+                ins = self._instruments[symbol]
+                lines.append(SettlementLine(self.fee_account, symbol, ins.currency, 0, 0, 0, 0, 0, 0, total))
+        self.trading_day = _next_business_day(day, self._weekend, self._holidays)
+        ev.append(DayEnded(day, self.trading_day, closing, lines))
+        ev.append(AdminAck("EndOfDay", trading_day=self.trading_day))
+        return ev
+
+    # -----------------------------------------------------------------------------------------
+    # Snapshots, state hash and invariants
+
+    def _state(self) -> list:
+        """The whole state as plain lists, in a canonical order (sets sorted, orders in book order)."""
+        instruments = []
+        orders = []
+        for ins in self._instruments.values():
+            instruments.append([ins.symbol, ins.status, ins.reference, ins.md_seq, ins.last_price,
+                                ins.day_value, ins.day_qty])
+            for side in (ins.bids, ins.asks):
+                for o in side.orders():
+                    orders.append([o.order_id, o.member, o.cl_ord_id, o.instrument, o.side, o.price, o.qty,
+                                   o.leaves, o.tif, o.stp, o.session, o.reserved])
+        accounts = []
+        for acct in self._accounts.values():
+            accounts.append([
+                acct.member, acct.suspended, acct.seq,
+                [[c, v.total, v.reserved, v.proceeds] for c, v in acct.cash.items()],
+                [[s, h.settled, h.unsettled, h.reserved, h.open_buy, h.bought, h.sold, h.paid, h.received, h.fees]
+                 for s, h in acct.holdings.items()],
+                sorted(acct.used_ids),
+            ])
+        return [
+            SNAPSHOT_VERSION, self.trading_day, self._next_order_id, self._next_trade_id, sorted(self._refs),
+            instruments, accounts, orders, [[c, v.total] for c, v in self._fees.items()],
+            sorted(self._external_cash.items()), sorted(self._external_qty.items()),
+        ]
+
+    def snapshot(self) -> bytes:
+        """The engine's whole state, encoded; ``Engine.restore`` turns it back into an engine."""
+        return msgspec.msgpack.encode(self._state())
+
+    def state_hash(self) -> str:
+        """SHA-256 of the canonical state: equal hashes mean equal books, accounts and counters."""
+        return hashlib.sha256(self.snapshot()).hexdigest()
+
+    @classmethod
+    def restore(cls, config: ExchangeConfig, data: bytes) -> "Engine":
+        state = msgspec.msgpack.decode(data)
+        if state[0] != SNAPSHOT_VERSION:
+            raise ValueError(f"snapshot version {state[0]} is not {SNAPSHOT_VERSION}")
+        (_, day, next_order_id, next_trade_id, refs, instruments, accounts, orders, fees,
+         ext_cash, ext_qty) = state
+        engine = cls(config, day)
+        engine._next_order_id = next_order_id
+        engine._next_trade_id = next_trade_id
+        engine._refs = set(refs)
+        for symbol, status, reference, md_seq, last_price, day_value, day_qty in instruments:
+            ins = engine._instruments[symbol]
+            ins.status = status
+            ins.set_reference(reference)
+            ins.md_seq = md_seq
+            ins.last_price = last_price
+            ins.day_value = day_value
+            ins.day_qty = day_qty
+        for member, suspended, seq, cash, holdings, used in accounts:
+            acct = engine._accounts[member]
+            acct.suspended = suspended
+            acct.seq = seq
+            for c, total, reserved, proceeds in cash:
+                acct.cash[c] = Cash(total, reserved, proceeds)
+            for s, *figures in holdings:
+                acct.holdings[s] = Holding(*figures)
+            acct.used_ids = set(used)
+        for fields in orders:
+            o = Order(*fields)
+            ins = engine._instruments[o.instrument]
+            (ins.bids if o.side == BUY else ins.asks).rest(o)
+            engine._accounts[o.member].live[o.cl_ord_id] = o
+            if o.session:
+                engine._cod.setdefault(o.session, {})[o.order_id] = o
+        for c, total in fees:
+            engine._fees[c].total = total
+        engine._external_cash = dict(ext_cash)
+        engine._external_qty = dict(ext_qty)
+        return engine
+
+    def check(self) -> None:
+        """Walk every structure and raise ``InvariantError`` if any invariant is broken."""
+        def fail(msg: str):
+            raise InvariantError(msg)
+
+        reserved_cash: dict[tuple[str, str], int] = {}
+        reserved_qty: dict[tuple[str, str], int] = {}
+        open_buy: dict[tuple[str, str], int] = {}
+        live_ids: set[int] = set()
+        for ins in self._instruments.values():
+            if ins.bids.best != NO_PRICE and ins.asks.best != NO_PRICE and -ins.bids.best >= ins.asks.best:
+                fail(f"{ins.symbol}: crossed book {-ins.bids.best} >= {ins.asks.best}")
+            for side, sign, name in ((ins.bids, -1, BUY), (ins.asks, 1, SELL)):
+                if list(side.keys) != sorted(side.levels):
+                    fail(f"{ins.symbol} {name}: price keys and levels disagree")
+                expected_best = side.keys[0] if side.keys else NO_PRICE
+                if side.best != expected_best:
+                    fail(f"{ins.symbol} {name}: cached best {side.best} != {expected_best}")
+                for key, level in side.levels.items():
+                    live = level.live()
+                    if not live:
+                        fail(f"{ins.symbol} {name} {level.price}: empty level left in the book")
+                    if level.price * sign != key:
+                        fail(f"{ins.symbol} {name}: level {level.price} under key {key}")
+                    if level.qty != sum(o.leaves for o in live) or level.count != len(live):
+                        fail(f"{ins.symbol} {name} {level.price}: level totals differ from its orders")
+                    if level.dead != len(level.orders) - len(live):
+                        fail(f"{ins.symbol} {name} {level.price}: dead count {level.dead} is wrong")
+                    for o in live:
+                        if o.side != name or o.price != level.price or o.instrument != ins.symbol:
+                            fail(f"order {o.order_id} is in the wrong level")
+                        if o.leaves < 0 or o.leaves > o.qty:
+                            fail(f"order {o.order_id}: leaves {o.leaves} outside 0..{o.qty}")
+                        if self._accounts[o.member].live.get(o.cl_ord_id) is not o:
+                            fail(f"order {o.order_id} is not live under {o.cl_ord_id!r}")
+                        if o.order_id in live_ids:
+                            fail(f"order {o.order_id} rests twice")
+                        live_ids.add(o.order_id)
+                        k = (o.member, ins.currency if name == BUY else ins.symbol)
+                        if name == BUY:
+                            need = o.price * o.leaves + _fee_reserve(o.price, o.leaves, ins.fee_bp)
+                            if o.reserved != need:
+                                fail(f"order {o.order_id}: reserves {o.reserved}, needs {need}")
+                            reserved_cash[k] = reserved_cash.get(k, 0) + o.reserved
+                            ko = (o.member, ins.symbol)
+                            open_buy[ko] = open_buy.get(ko, 0) + o.leaves
+                        else:
+                            reserved_qty[k] = reserved_qty.get(k, 0) + o.leaves
+                        if o.session and self._cod.get(o.session, {}).get(o.order_id) is not o:
+                            fail(f"order {o.order_id} missing from its session's cancel-on-disconnect list")
+        total_cash = {c: v.total for c, v in self._fees.items()}
+        total_qty = {s: 0 for s in self._instruments}
+        for acct in self._accounts.values():
+            for cl, o in acct.live.items():
+                if o.cl_ord_id != cl or not o.leaves or o.order_id not in live_ids:
+                    fail(f"{acct.member}: live order {cl!r} is not resting")
+            for c, v in acct.cash.items():
+                if v.total < 0 or v.reserved < 0 or v.proceeds < 0 or v.reserved > v.total:
+                    fail(f"{acct.member} {c}: negative or over-reserved cash {v}")
+                if v.reserved != reserved_cash.get((acct.member, c), 0):
+                    fail(f"{acct.member} {c}: reserved {v.reserved} != open buys {reserved_cash.get((acct.member, c), 0)}")
+                total_cash[c] += v.total
+            for s, h in acct.holdings.items():
+                if min(h.settled, h.unsettled, h.reserved, h.open_buy) < 0 or h.reserved > h.settled:
+                    fail(f"{acct.member} {s}: negative or over-reserved holding {h}")
+                if h.reserved != reserved_qty.get((acct.member, s), 0):
+                    fail(f"{acct.member} {s}: reserved {h.reserved} != open sells")
+                if h.open_buy != open_buy.get((acct.member, s), 0):
+                    fail(f"{acct.member} {s}: open_buy {h.open_buy} != open buys")
+                total_qty[s] += h.settled + h.unsettled
+        for c, total in total_cash.items():
+            if total != self._external_cash[c]:
+                fail(f"{c}: {total} in accounts, {self._external_cash[c]} deposited net")
+        for s, total in total_qty.items():
+            if total != self._external_qty[s]:
+                fail(f"{s}: {total} t in accounts, {self._external_qty[s]} t deposited net")
+        for session, group in self._cod.items():
+            for oid, o in group.items():
+                if not o.leaves or oid not in live_ids:
+                    fail(f"session {session}: order {oid} is not resting")
