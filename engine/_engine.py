@@ -899,9 +899,13 @@ class Engine:
             if ins.bids.best != NO_PRICE and ins.asks.best != NO_PRICE and -ins.bids.best >= ins.asks.best:
                 fail(f"{ins.symbol}: crossed book {-ins.bids.best} >= {ins.asks.best}")
             for side, sign, name in ((ins.bids, -1, BUY), (ins.asks, 1, SELL)):
-                if list(side.keys) != sorted(side.levels):
-                    fail(f"{ins.symbol} {name}: price keys and levels disagree")
-                expected_best = side.keys[0] if side.keys else NO_PRICE
+                if len(side.heap) != len(side.in_heap) or set(side.heap) != side.in_heap:
+                    fail(f"{ins.symbol} {name}: price-key heap and its key set disagree")
+                if not side.in_heap.issuperset(side.levels):
+                    fail(f"{ins.symbol} {name}: a level's key is missing from the heap")
+                expected_best = min(side.levels) if side.levels else NO_PRICE
+                if side.heap and side.heap[0] != expected_best:
+                    fail(f"{ins.symbol} {name}: heap top {side.heap[0]} is not the best key {expected_best}")
                 if side.best != expected_best:
                     fail(f"{ins.symbol} {name}: cached best {side.best} != {expected_best}")
                 for key, level in side.levels.items():
