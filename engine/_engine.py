@@ -248,61 +248,87 @@ class Engine:
         return True
 
     def _new_order(self, cmd: NewOrder, member: str, ts: int, session: int, throttled: bool) -> list:
+        # The hot path: everything a valid passive limit order needs is inlined here; anything
+        # unusual (a reject, a market/IOC/FOK order, a crossing price) takes the general helpers.
         acct = self._accounts[member]
-        ev: list = []
         cl = cmd.cl_ord_id
-        reject = self._reject
+        used = acct.used_ids
         if throttled:
-            acct.used_ids.add(cl)
-            return reject(ev, acct, ts, cl, "throttled", "over the session's message rate")
-        if cl in acct.used_ids or cl in acct.live:
-            return reject(ev, acct, ts, cl, "duplicate_cl_ord_id", f"cl_ord_id {cl!r} is already used")
-        acct.used_ids.add(cl)
+            used.add(cl)
+            return self._reject([], acct, ts, cl, "throttled", "over the session's message rate")
+        if cl in used or cl in acct.live:
+            return self._reject([], acct, ts, cl, "duplicate_cl_ord_id", f"cl_ord_id {cl!r} is already used")
+        used.add(cl)
         if acct.suspended:
-            return reject(ev, acct, ts, cl, "member_suspended", f"member {member} is suspended")
+            return self._reject([], acct, ts, cl, "member_suspended", f"member {member} is suspended")
         ins = self._instruments.get(cmd.instrument)
         if ins is None:
-            return reject(ev, acct, ts, cl, "unknown_instrument", f"no instrument {cmd.instrument!r}")
+            return self._reject([], acct, ts, cl, "unknown_instrument", f"no instrument {cmd.instrument!r}")
         if ins.status != OPEN:
             if ins.status == CLOSED:
-                return reject(ev, acct, ts, cl, "market_closed", f"{ins.symbol} is closed")
-            return reject(ev, acct, ts, cl, "instrument_halted", f"{ins.symbol} is halted")
+                return self._reject([], acct, ts, cl, "market_closed", f"{ins.symbol} is closed")
+            return self._reject([], acct, ts, cl, "instrument_halted", f"{ins.symbol} is halted")
         qty = cmd.qty
         price = cmd.price
         tif = cmd.tif
         if tif is None:
             tif = "day" if price is not None else "ioc"
+        if (price is None or qty <= 0 or qty % ins.step or qty < ins.min_qty or qty > ins.max_qty
+                or price <= 0 or price % ins.tick or price < ins.lower or price > ins.upper):
+            ev: list = []
+            if self._check_order(acct, ins, qty, price, tif, ev, ts, cl, self._reject) is not True:
+                return ev
         side = cmd.side
-        if self._check_order(acct, ins, qty, price, tif, ev, ts, cl, reject) is not True:
-            return ev
-        holding = acct.holdings[ins.symbol]
+        symbol = ins.symbol
+        holding = acct.holdings[symbol]
         if side == BUY:
             limit = ins.holding_limit
             if limit is not None and holding.settled + holding.unsettled + holding.open_buy + qty > limit:
-                return reject(ev, acct, ts, cl, "holding_limit", f"would exceed the holding limit of {limit} t")
+                return self._reject([], acct, ts, cl, "holding_limit", f"would exceed the holding limit of {limit} t")
             cash = acct.cash[ins.currency]
             lim = price if price is not None else ins.upper
             need = lim * qty
-            if ins.fee_bp:
-                need += _fee_reserve(lim, qty, ins.fee_bp)
+            need -= -need * ins.fee_bp // 10_000  # plus the fee reserve, rounded up
             if cash.total - cash.reserved < need:
-                return reject(ev, acct, ts, cl, "insufficient_funds",
-                              f"needs {need} {ins.currency}, {cash.total - cash.reserved} available")
+                return self._reject([], acct, ts, cl, "insufficient_funds",
+                                    f"needs {need} {ins.currency}, {cash.total - cash.reserved} available")
             cash.reserved += need
             holding.open_buy += qty
+            book = ins.bids
+            crosses = ins.asks.best <= lim
+            key = -lim
         else:
             if holding.settled - holding.reserved < qty:
-                return reject(ev, acct, ts, cl, "insufficient_allowances",
-                              f"needs {qty} t, {holding.settled - holding.reserved} t available")
+                return self._reject([], acct, ts, cl, "insufficient_allowances",
+                                    f"needs {qty} t, {holding.settled - holding.reserved} t available")
             holding.reserved += qty
             need = 0
+            book = ins.asks
+            key = price if price is not None else ins.lower
+            crosses = ins.bids.best <= -key
         order_id = self._next_order_id
         self._next_order_id = order_id + 1
-        o = Order(order_id, member, cl, ins.symbol, side, price, qty, qty, tif, cmd.stp, session, need)
-        acct.seq += 1
-        ev.append(OrderAccepted(acct.seq, ts, member, cl, order_id, ins.symbol, side, qty, price, tif))
-        self._enter(o, ins, acct, ev, ts)
-        return ev
+        o = Order(order_id, member, cl, symbol, side, price, qty, qty, tif, cmd.stp, session, need)
+        seq = acct.seq + 1
+        acct.seq = seq
+        accepted = OrderAccepted(seq, ts, member, cl, order_id, symbol, side, qty, price, tif)
+        if crosses or tif == "ioc" or tif == "fok" or price is None:
+            ev = [accepted]
+            self._enter(o, ins, acct, ev, ts)
+            return ev
+        # passive: rest at the back of its level
+        level = book.levels.get(key)
+        if level is None:
+            level = book.new_level(key, price)
+        level.orders.append(o)
+        level.qty += qty
+        level.count += 1
+        acct.live[cl] = o
+        if session:
+            self._cod.setdefault(session, {})[order_id] = o
+        md = ins.md_seq + 1
+        ins.md_seq = md
+        return [accepted, BookUpdate(symbol, md, side, price, level.qty, level.count)]
 
     def _enter(self, o: Order, ins: _Instrument, acct: Account, ev: list, ts: int) -> None:
         """Match an accepted order, then rest or cancel what is left of it."""
@@ -494,21 +520,54 @@ class Engine:
         ev.append(BookUpdate(ins.symbol, ins.md_seq, o.side, level.price, level.qty, level.count))
 
     def _cancel_order(self, cmd: CancelOrder, member: str, ts: int, session: int, throttled: bool) -> list:
+        # Hot path: _cancel_resting inlined (same effects, same events).
         acct = self._accounts[member]
-        ev: list = []
         cl = cmd.cl_ord_id
         orig = cmd.orig_cl_ord_id
+        used = acct.used_ids
+        live = acct.live
         if throttled:
-            acct.used_ids.add(cl)
-            return self._cancel_reject(ev, acct, ts, cl, orig, "throttled", "over the session's message rate")
-        if cl in acct.used_ids or cl in acct.live:
-            return self._cancel_reject(ev, acct, ts, cl, orig, "duplicate_cl_ord_id", f"cl_ord_id {cl!r} is already used")
-        acct.used_ids.add(cl)
-        o = acct.live.get(orig)
+            used.add(cl)
+            return self._cancel_reject([], acct, ts, cl, orig, "throttled", "over the session's message rate")
+        if cl in used or cl in live:
+            return self._cancel_reject([], acct, ts, cl, orig, "duplicate_cl_ord_id", f"cl_ord_id {cl!r} is already used")
+        used.add(cl)
+        o = live.get(orig)
         if o is None:
-            return self._cancel_reject(ev, acct, ts, cl, orig, "unknown_order", f"no live order {orig!r}")
-        self._cancel_resting(o, ev, ts, "requested", cl)
-        return ev
+            return self._cancel_reject([], acct, ts, cl, orig, "unknown_order", f"no live order {orig!r}")
+        ins = self._instruments[o.instrument]
+        qty = o.leaves
+        side = o.side
+        if side == BUY:
+            acct.cash[ins.currency].reserved -= o.reserved
+            o.reserved = 0
+            acct.holdings[ins.symbol].open_buy -= qty
+            book = ins.bids
+            key = -o.price
+        else:
+            acct.holdings[ins.symbol].reserved -= qty
+            book = ins.asks
+            key = o.price
+        del live[orig]
+        if o.session:
+            self._cod[o.session].pop(o.order_id, None)
+        level = book.levels[key]
+        level.qty -= qty
+        count = level.count - 1
+        level.count = count
+        o.leaves = 0
+        if count == 0:
+            book.drop_level(key)
+        else:
+            level.dead += 1
+            if level.dead > 16 and level.dead > count:
+                level.compact()
+        seq = acct.seq + 1
+        acct.seq = seq
+        md = ins.md_seq + 1
+        ins.md_seq = md
+        return [OrderCancelled(seq, ts, member, cl or orig, o.order_id, orig, qty, 0, "requested"),
+                BookUpdate(ins.symbol, md, side, level.price, level.qty, count)]
 
     def _replace_order(self, cmd: ReplaceOrder, member: str, ts: int, session: int, throttled: bool) -> list:
         acct = self._accounts[member]
