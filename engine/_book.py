@@ -60,7 +60,7 @@ class Level:
 
 
 class SideBook:
-    __slots__ = ("sign", "heap", "in_heap", "levels", "best")
+    __slots__ = ("sign", "heap", "in_heap", "levels", "best", "spare")
 
     def __init__(self, sign: int) -> None:
         self.sign = sign  # +1 for asks, -1 for bids: key = sign * price
@@ -68,6 +68,7 @@ class SideBook:
         self.in_heap: set[int] = set()  # the keys in ``heap``
         self.levels: dict[int, Level] = {}
         self.best = NO_PRICE  # smallest live key; always heap[0] when the side is not empty
+        self.spare: list[Level] = []  # emptied levels kept for reuse (fewer allocations)
 
     @property
     def keys(self) -> list[int]:
@@ -75,7 +76,12 @@ class SideBook:
         return sorted(self.levels)
 
     def new_level(self, key: int, price: int) -> Level:
-        level = self.levels[key] = Level(price)
+        if self.spare:
+            level = self.spare.pop()
+            level.price = price
+        else:
+            level = Level(price)
+        self.levels[key] = level
         if key not in self.in_heap:
             self.in_heap.add(key)
             heappush(self.heap, key)
@@ -95,8 +101,14 @@ class SideBook:
         return level
 
     def drop_level(self, key: int) -> None:
+        """Remove an emptied level (no live orders left); it stays readable until reused."""
         levels = self.levels
-        del levels[key]
+        level = levels.pop(key)
+        if len(self.spare) < 64:
+            if level.orders:  # dead orders (a cancelled last order is not counted in dead)
+                level.orders.clear()
+                level.dead = 0
+            self.spare.append(level)
         if key == self.best:
             heap = self.heap
             in_heap = self.in_heap
