@@ -43,7 +43,7 @@ class _Instrument:
     __slots__ = (
         "symbol", "currency", "tick", "step", "min_qty", "max_qty", "band_bp", "fee_bp",
         "holding_limit", "reference", "lower", "upper", "status", "md_seq", "last_price",
-        "day_value", "day_qty", "bids", "asks",
+        "day_value", "day_qty", "bids", "asks", "qty_floor", "price_floor",
     )
 
     def __init__(self, cfg: InstrumentConfig) -> None:
@@ -52,6 +52,7 @@ class _Instrument:
         self.tick = cfg.tick
         self.step = cfg.qty_step
         self.min_qty = cfg.min_qty
+        self.qty_floor = max(1, cfg.min_qty)  # the hot path's quick range check also rejects qty <= 0
         self.max_qty = cfg.max_qty if cfg.max_qty is not None else NO_PRICE
         self.band_bp = cfg.band_bp
         self.fee_bp = cfg.fee_bp
@@ -68,6 +69,7 @@ class _Instrument:
     def set_reference(self, reference: int) -> None:
         self.reference = reference
         self.lower, self.upper = price_band(reference, self.band_bp, self.tick)
+        self.price_floor = max(1, self.lower)  # ... and price <= 0
 
 
 def _fee_reserve(price: int, qty: int, fee_bp: int) -> int:
@@ -253,10 +255,11 @@ class Engine:
         acct = self._accounts[member]
         cl = cmd.cl_ord_id
         used = acct.used_ids
+        live = acct.live
         if throttled:
             used.add(cl)
             return self._reject([], acct, ts, cl, "throttled", "over the session's message rate")
-        if cl in used or cl in acct.live:
+        if cl in used or cl in live:
             return self._reject([], acct, ts, cl, "duplicate_cl_ord_id", f"cl_ord_id {cl!r} is already used")
         used.add(cl)
         if acct.suspended:
@@ -273,8 +276,9 @@ class Engine:
         tif = cmd.tif
         if tif is None:
             tif = "day" if price is not None else "ioc"
-        if (price is None or qty <= 0 or qty % ins.step or qty < ins.min_qty or qty > ins.max_qty
-                or price <= 0 or price % ins.tick or price < ins.lower or price > ins.upper):
+        # a quick test for anything off; _check_order then finds the first reject reason
+        if (price is None or not ins.qty_floor <= qty <= ins.max_qty or not ins.price_floor <= price <= ins.upper
+                or qty % ins.step or price % ins.tick):
             ev: list = []
             if self._check_order(acct, ins, qty, price, tif, ev, ts, cl, self._reject) is not True:
                 return ev
@@ -321,14 +325,16 @@ class Engine:
         if level is None:
             level = book.new_level(key, price)
         level.orders.append(o)
-        level.qty += qty
-        level.count += 1
-        acct.live[cl] = o
+        level_qty = level.qty + qty
+        level.qty = level_qty
+        count = level.count + 1
+        level.count = count
+        live[cl] = o
         if session:
             self._cod.setdefault(session, {})[order_id] = o
         md = ins.md_seq + 1
         ins.md_seq = md
-        return [accepted, BookUpdate(symbol, md, side, price, level.qty, level.count)]
+        return [accepted, BookUpdate(symbol, md, side, price, level_qty, count)]
 
     def _enter(self, o: Order, ins: _Instrument, acct: Account, ev: list, ts: int) -> None:
         """Match an accepted order, then rest or cancel what is left of it."""
