@@ -391,8 +391,8 @@ class Engine:
         """Trade ``o`` against the opposite side; returns a cancel reason for its rest, if any.
 
         Every fill is delivery versus payment at the resting price, with a fee per side. The
-        maker's side is settled fill by fill; the taker's (one account) is summed and settled
-        once at the end, which gives the same totals with fewer attribute writes.
+        maker's side is settled fill by fill; the taker's (one account) and the level's totals
+        are summed and written once, which gives the same state with fewer attribute writes.
         """
         accounts = self._accounts
         symbol = ins.symbol
@@ -406,19 +406,19 @@ class Engine:
         t_id = o.order_id
         taker = accounts[t_member]
         levels = opp.levels
-        cod = self._cod
         append = ev.append
-        left = o.leaves
+        start = left = o.leaves
         trade_id = self._next_trade_id
         md = ins.md_seq
-        t_qty = t_value = t_fee = 0  # the taker's totals over its fills
-        last_price = None
+        t_value = t_fee = 0  # the taker's totals over its fills
+        price = last_price = None
         reason = None
         while left and opp.best <= lim:
             key = opp.best
             level = levels[key]
             orders = level.orders
             price = level.price
+            traded = 0  # off this level
             while orders:
                 m = orders[0]
                 m_left = m.leaves
@@ -426,7 +426,8 @@ class Engine:
                     orders.popleft()
                     level.dead -= 1
                     continue
-                if m.member == t_member:
+                m_member = m.member
+                if m_member == t_member:
                     stp = o.stp
                     if stp == "cancel_incoming":
                         reason = "self_trade"
@@ -449,12 +450,10 @@ class Engine:
                 left -= qty
                 m_left -= qty
                 m.leaves = m_left
-                level.qty -= qty
-                t_qty += qty
+                traded += qty
                 t_value += value
                 t_fee += fee
-                last_price = price
-                maker = accounts[m.member]
+                maker = accounts[m_member]
                 m_hold = maker.holdings[symbol]
                 m_cash = maker.cash[currency]
                 if taker_buys:  # the maker sells: allowances out, cash in
@@ -463,26 +462,27 @@ class Engine:
                     m_hold.sold += qty
                     m_hold.received += value
                     m_hold.fees += fee
-                    m_cash.total += value - fee
-                    m_cash.proceeds += value - fee
+                    value -= fee
+                    m_cash.total += value
+                    m_cash.proceeds += value
                 else:  # the maker buys: pays, and its reservation shrinks to what its rest needs
                     still = price * m_left
                     still -= -still * fee_bp // 10_000
                     m_cash.reserved -= m.reserved - still
                     m.reserved = still
-                    m_cash.total -= value + fee
                     m_hold.unsettled += qty
                     m_hold.open_buy -= qty
                     m_hold.bought += qty
                     m_hold.paid += value
                     m_hold.fees += fee
+                    m_cash.total -= value + fee
                 seq = taker.seq + 1
                 taker.seq = seq
                 append(Fill(seq, ts, t_member, t_cl, t_id, trade_id, symbol, taker_side, price, qty, left,
                             "taker", fee))
                 seq = maker.seq + 1
                 maker.seq = seq
-                append(Fill(seq, ts, m.member, m.cl_ord_id, m.order_id, trade_id, symbol, maker_side, price, qty,
+                append(Fill(seq, ts, m_member, m.cl_ord_id, m.order_id, trade_id, symbol, maker_side, price, qty,
                             m_left, "maker", fee))
                 md += 1
                 append(Trade(symbol, md, trade_id, price, qty, taker_side, ts))
@@ -492,9 +492,12 @@ class Engine:
                     level.count -= 1
                     del maker.live[m.cl_ord_id]
                     if m.session:
-                        cod[m.session].pop(m.order_id, None)
+                        self._cod[m.session].pop(m.order_id, None)
                 if not left:
                     break
+            if traded:
+                level.qty -= traded
+                last_price = price
             md += 1
             append(BookUpdate(symbol, md, maker_side, price, level.qty, level.count))
             if not level.count:
@@ -504,6 +507,7 @@ class Engine:
         o.leaves = left
         self._next_trade_id = trade_id
         ins.md_seq = md
+        t_qty = start - left
         if t_qty:
             t_cash = taker.cash[currency]
             t_hold = taker.holdings[symbol]
