@@ -299,8 +299,9 @@ class Engine:
             cash.reserved += need
             holding.open_buy += qty
             book = ins.bids
-            crosses = ins.asks.best <= lim
+            opp = ins.asks
             key = -lim
+            opp_lim = lim  # opposite keys up to this cross
         else:
             if holding.settled - holding.reserved < qty:
                 return self._reject([], acct, ts, cl, "insufficient_allowances",
@@ -308,19 +309,34 @@ class Engine:
             holding.reserved += qty
             need = 0
             book = ins.asks
+            opp = ins.bids
             key = price if price is not None else ins.lower
-            crosses = ins.bids.best <= -key
+            opp_lim = -key
         order_id = self._next_order_id
         self._next_order_id = order_id + 1
         o = Order(order_id, member, cl, symbol, side, price, qty, qty, tif, cmd.stp, session, need)
         seq = acct.seq + 1
         acct.seq = seq
         accepted = OrderAccepted(seq, ts, member, cl, order_id, symbol, side, qty, price, tif)
-        if crosses or tif == "ioc" or tif == "fok" or price is None:
+        if tif == "ioc" or tif == "fok" or price is None:
             ev = [accepted]
             self._enter(o, ins, acct, ev, ts)
             return ev
-        # passive: rest at the back of its level
+        if opp.best <= opp_lim:
+            # a crossing DAY/GTC limit order: what _enter does, without recomputing the sides
+            ev = [accepted]
+            reason = self._match(o, ins, opp, opp_lim, ev, ts)
+            qty = o.leaves
+            if not qty:
+                return ev
+            if reason is not None:
+                self._release(o, ins, acct)
+                o.leaves = 0
+                self._cancelled(ev, o, qty, ts, reason)
+                return ev
+        else:
+            ev = None
+        # rest (what is left) at the back of its level
         level = book.levels.get(key)
         if level is None:
             level = book.new_level(key, price)
@@ -334,7 +350,10 @@ class Engine:
             self._cod.setdefault(session, {})[order_id] = o
         md = ins.md_seq + 1
         ins.md_seq = md
-        return [accepted, BookUpdate(symbol, md, side, price, level_qty, count)]
+        if ev is None:
+            return [accepted, BookUpdate(symbol, md, side, price, level_qty, count)]
+        ev.append(BookUpdate(symbol, md, side, price, level_qty, count))
+        return ev
 
     def _enter(self, o: Order, ins: _Instrument, acct: Account, ev: list, ts: int) -> None:
         """Match an accepted order, then rest or cancel what is left of it."""
