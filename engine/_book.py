@@ -16,12 +16,14 @@ from __future__ import annotations
 
 from collections import deque
 from heapq import heappop, heappush, nsmallest
+from operator import attrgetter
 
 import msgspec
 
 __all__ = ["Order", "Level", "SideBook", "NO_PRICE"]
 
 NO_PRICE = 1 << 62  # best key of an empty side: no limit key is ever above it
+_leaves = attrgetter("leaves")
 
 
 class Order(msgspec.Struct, gc=False):
@@ -52,7 +54,7 @@ class Level:
         self.orders: deque[Order] = deque()
 
     def compact(self) -> None:
-        self.orders = deque(o for o in self.orders if o.leaves)
+        self.orders = deque(filter(_leaves, self.orders))  # the live ones, in order
         self.dead = 0
 
     def live(self) -> list[Order]:
