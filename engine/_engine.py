@@ -320,10 +320,10 @@ class Engine:
                 reason = self._match(o, ins, opp, lim, ev, ts)
         if o.leaves:
             if reason is None:
-                if o.price is None or o.tif == "ioc":
-                    reason = "ioc"
-                elif o.tif == "fok":
+                if o.tif == "fok":  # a market fok too: its reason is fok, not ioc
                     reason = "fok"
+                elif o.price is None or o.tif == "ioc":
+                    reason = "ioc"
             if reason is not None:
                 qty = o.leaves
                 self._release(o, ins, acct)
