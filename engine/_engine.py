@@ -625,20 +625,22 @@ class Engine:
 
     def _session_ended(self, cmd: SessionEnded, member: str, ts: int, session: int, throttled: bool) -> list:
         ev: list = []
-        orders = self._cod.pop(cmd.session, None)
+        orders = self._cod.get(cmd.session)
         if orders:
+            # cancelling drops each order from its session's list, so walk a copy
             for o in sorted(orders.values(), key=lambda o: o.order_id):
                 if o.leaves:
                     self._cancel_resting(o, ev, ts, "disconnect")
+        self._cod.pop(cmd.session, None)
         return ev
 
     def _restarted(self, cmd: Restarted, member: str, ts: int, session: int, throttled: bool) -> list:
         ev: list = []
         orders = [o for group in self._cod.values() for o in group.values()]
-        self._cod.clear()
         for o in sorted(orders, key=lambda o: o.order_id):
             if o.leaves:
                 self._cancel_resting(o, ev, ts, "disconnect")
+        self._cod.clear()
         return ev
 
     # -----------------------------------------------------------------------------------------
