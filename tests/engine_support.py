@@ -13,7 +13,7 @@ from engine import (
 )
 from engine._messages import BookUpdate, InstrumentStatus, Trade
 
-__all__ = ["CONFIG_TOML", "config", "Market", "T", "OPS", "reports", "md", "kinds"]
+__all__ = ["CONFIG_TOML", "MEMBERS", "config", "Market", "T", "OPS", "reports", "md", "kinds"]
 
 T = 1_764_000_000_000_000_000  # a fixed ts (ns) used by every command unless a test says otherwise
 OPS = "ops"
