@@ -376,6 +376,7 @@ class Engine:
             level = levels[key]
             orders = level.orders
             price = level.price
+            before = level.qty, level.count
             while orders:
                 m = orders[0]
                 if not m.leaves:
@@ -457,8 +458,9 @@ class Engine:
                         self._cod[m.session].pop(m.order_id, None)
                 if not o.leaves:
                     break
-            ins.md_seq += 1
-            ev.append(BookUpdate(symbol, ins.md_seq, maker_side, price, level.qty, level.count))
+            if (level.qty, level.count) != before:  # a self-match at the front changes nothing
+                ins.md_seq += 1
+                ev.append(BookUpdate(symbol, ins.md_seq, maker_side, price, level.qty, level.count))
             if not level.count:
                 opp.drop_level(key)
             if reason is not None:
