@@ -572,6 +572,7 @@ class Engine:
             # keeps its place in the queue
             level = side.levels[side.sign * price]
             level.qty += leaves - o.leaves
+            changed = leaves != o.leaves
             o.leaves = leaves
             o.qty = qty
             o.reserved = need
@@ -579,8 +580,9 @@ class Engine:
             acct.live[cl] = o
             acct.seq += 1
             ev.append(OrderReplaced(acct.seq, ts, member, cl, o.order_id, old_cl, qty, price, leaves))
-            ins.md_seq += 1
-            ev.append(BookUpdate(ins.symbol, ins.md_seq, o.side, level.price, level.qty, level.count))
+            if changed:  # a replace to the same qty and price only renames the order
+                ins.md_seq += 1
+                ev.append(BookUpdate(ins.symbol, ins.md_seq, o.side, level.price, level.qty, level.count))
             return ev
         # loses priority: the old entry dies in place, a new one goes to the back (or trades)
         if o.session:
