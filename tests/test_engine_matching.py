@@ -53,9 +53,9 @@ def test_price_time_priority_across_levels():
     # M2's own order "b" at 9,255 is first: cancel_incoming stops at once, nothing trades
     assert ev == [
         OrderAccepted(2, t, "M2", "x", 5, "CEA", "buy", 20, 9_260, "day"),
-        BookUpdate("CEA", md0 + 1, "sell", 9_255, 5, 1),
         OrderCancelled(3, t, "M2", "x", 5, "x", 20, 0, "self_trade"),
     ]
+    assert m.mdseq() == md0  # nothing changed in the book
     md0 = m.mdseq()
     ev = m.buy("M3", "y", 20, 9_260, ts=t)
     # M3's "c" sits behind M1's "a" at 9,260: b (5) fills, then a (10), then c is M3's own
@@ -286,7 +286,7 @@ def test_replace_lower_qty_keeps_priority():
 def test_replace_same_qty_same_price_keeps_priority():
     m = Market()
     _queue(m)
-    assert kinds(m.replace("M1", "a2", "a", 10, 9_000)) == ["OrderReplaced", "BookUpdate"]
+    assert kinds(m.replace("M1", "a2", "a", 10, 9_000)) == ["OrderReplaced"]
     assert _who_fills(m, 10, seller="M3") == [("M1", 10)]
 
 
@@ -560,3 +560,33 @@ def test_dvp_moves_cash_and_allowances_together():
     assert m.holding("M2").unsettled == 7
     assert m.cash("M1").withdrawable == before[0]  # proceeds are not withdrawable today
     m.e.check()
+
+
+# ---------------------------------------------------------------------------------------------
+# Market data only reports levels that changed
+
+
+def test_self_match_at_the_front_publishes_no_book_update_for_the_untouched_level():
+    m = Market()
+    m.sell("M1", "own", 5, 9_255)
+    m.sell("M2", "other", 5, 9_255)
+    md0 = m.mdseq()
+    ev = m.buy("M1", "x", 5, 9_255)
+    assert ev == [OrderAccepted(2, T, "M1", "x", 3, "CEA", "buy", 5, 9_255, "day"),
+                  OrderCancelled(3, T, "M1", "x", 3, "x", 5, 0, "self_trade")]
+    assert m.mdseq() == md0
+    # fills at the level before the self-match do change it: one update, after the trade
+    m.sell("M3", "front", 2, 9_250)
+    ev = m.buy("M1", "y", 5, 9_255)
+    assert kinds(ev) == ["OrderAccepted", "Fill", "Fill", "Trade", "BookUpdate", "OrderCancelled"]
+    assert ev[4] == BookUpdate("CEA", m.mdseq(), "sell", 9_250, 0, 0)
+    m.e.check()
+
+
+def test_replace_to_the_same_quantity_and_price_publishes_nothing():
+    m = Market()
+    m.buy("M1", "a", 10, 9_000)
+    md0 = m.mdseq()
+    assert m.replace("M1", "a2", "a", 10, 9_000) == [OrderReplaced(2, T, "M1", "a2", 1, "a", 10, 9_000, 10)]
+    assert m.mdseq() == md0
+    assert m.e.live_orders("M1")[0].cl_ord_id == "a2"
