@@ -371,10 +371,10 @@ class Engine:
                 reason = self._match(o, ins, opp, lim, ev, ts)
         if o.leaves:
             if reason is None:
-                if o.price is None or o.tif == "ioc":
-                    reason = "ioc"
-                elif o.tif == "fok":
+                if o.tif == "fok":  # a market fok too: its reason is fok, not ioc
                     reason = "fok"
+                elif o.price is None or o.tif == "ioc":
+                    reason = "ioc"
             if reason is not None:
                 qty = o.leaves
                 self._release(o, ins, acct)
@@ -438,6 +438,7 @@ class Engine:
             orders = level.orders
             price = level.price
             traded = 0  # off this level
+            count_before = level.count
             while orders:
                 m = orders[0]
                 m_left = m.leaves
@@ -517,8 +518,11 @@ class Engine:
             if traded:
                 level.qty -= traded
                 last_price = price
-            md += 1
-            append(BookUpdate(symbol, md, maker_side, price, level.qty, level.count))
+                md += 1
+                append(BookUpdate(symbol, md, maker_side, price, level.qty, level.count))
+            elif level.count != count_before:  # only self-match cancels here; none at all changes nothing
+                md += 1
+                append(BookUpdate(symbol, md, maker_side, price, level.qty, level.count))
             if not level.count:
                 opp.drop_level(key)
             if reason is not None:
@@ -694,6 +698,7 @@ class Engine:
             # keeps its place in the queue
             level = side.levels[side.sign * price]
             level.qty += leaves - o.leaves
+            changed = leaves != o.leaves
             o.leaves = leaves
             o.qty = qty
             o.reserved = need
@@ -701,8 +706,9 @@ class Engine:
             acct.live[cl] = o
             acct.seq += 1
             ev.append(OrderReplaced(acct.seq, ts, member, cl, o.order_id, old_cl, qty, price, leaves))
-            ins.md_seq += 1
-            ev.append(BookUpdate(ins.symbol, ins.md_seq, o.side, level.price, level.qty, level.count))
+            if changed:  # a replace to the same qty and price only renames the order
+                ins.md_seq += 1
+                ev.append(BookUpdate(ins.symbol, ins.md_seq, o.side, level.price, level.qty, level.count))
             return ev
         # loses priority: the old entry dies in place, a new one goes to the back (or trades)
         if o.session:
@@ -749,20 +755,22 @@ class Engine:
 
     def _session_ended(self, cmd: SessionEnded, member: str, ts: int, session: int, throttled: bool) -> list:
         ev: list = []
-        orders = self._cod.pop(cmd.session, None)
+        orders = self._cod.get(cmd.session)
         if orders:
+            # cancelling drops each order from its session's list, so walk a copy
             for o in sorted(orders.values(), key=lambda o: o.order_id):
                 if o.leaves:
                     self._cancel_resting(o, ev, ts, "disconnect")
+        self._cod.pop(cmd.session, None)
         return ev
 
     def _restarted(self, cmd: Restarted, member: str, ts: int, session: int, throttled: bool) -> list:
         ev: list = []
         orders = [o for group in self._cod.values() for o in group.values()]
-        self._cod.clear()
         for o in sorted(orders, key=lambda o: o.order_id):
             if o.leaves:
                 self._cancel_resting(o, ev, ts, "disconnect")
+        self._cod.clear()
         return ev
 
     # -----------------------------------------------------------------------------------------

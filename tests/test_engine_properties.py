@@ -1,0 +1,392 @@
+"""Property-based stress test: random command sequences against the engine (hypothesis, stateful).
+
+After every step the engine's own ``check()`` must pass, and an independent model built only
+from the events must agree with the engine:
+
+- every maker fill is the head of the best level of the model's queue (price, then time) and
+  at the resting order's price; the taker's fill has the same price and is within its limit;
+- report seqs are gap-free per member, md_seq gap-free per instrument;
+- a market-data consumer that applies only ``BookUpdate``s sees the engine's book;
+- reservations equal what the model's open orders need; no balance is negative;
+- cash and allowances across members and the fee account equal net deposits;
+- FOK is all or nothing, IOC and market orders never rest;
+- every settlement report nets to zero.
+
+At teardown the same commands on a fresh engine give identical events and the same state hash,
+and a snapshot restores to the same state hash.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+
+from hypothesis import HealthCheck, settings, strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
+
+from engine import (
+    AdminAck, BookUpdate, CancelOrder, CloseMarket, DayEnded, Deposit, Engine, EndOfDay, Fill, Halt,
+    InstrumentStatus, MassCancel, NewOrder, OpenMarket, OrderAccepted, OrderCancelled, OrderRejected,
+    OrderReplaced, ReinstateMember, ReplaceOrder, Resume, SessionEnded, SuspendMember, Trade, Withdraw,
+    price_band,
+)
+from engine_support import MEMBERS, OPS, config
+
+CONFIG = config()
+INSTRUMENTS = {i.symbol: i for i in CONFIG.instruments}
+SYMBOLS = list(INSTRUMENTS)
+FEE_ACCOUNT = CONFIG.market.fee_account
+
+members = st.sampled_from(MEMBERS)
+symbols = st.sampled_from(SYMBOLS)
+sides = st.sampled_from(["buy", "sell"])
+rarely = st.sampled_from([False] * 12 + [True])
+
+
+def fee_reserve(price: int, qty: int, fee_bp: int) -> int:
+    return -(-price * qty * fee_bp // 10_000)
+
+
+class ModelOrder:
+    __slots__ = ("oid", "member", "symbol", "side", "price", "qty", "leaves", "tif", "filled_now", "rank")
+
+    def __init__(self, oid, member, symbol, side, price, qty, tif):
+        self.oid, self.member, self.symbol, self.side = oid, member, symbol, side
+        self.price, self.qty, self.leaves, self.tif = price, qty, qty, tif
+        self.filled_now = 0
+        self.rank = None  # entry time in the book; None while not resting
+
+
+class EngineMachine(RuleBasedStateMachine):
+    def __init__(self):
+        super().__init__()
+        self.engine = Engine(CONFIG)
+        self.log: list = []          # (command, member, ts, session, throttled)
+        self.events: list = []       # every event, in order
+        self.ts = 1_000
+        self.next_id = defaultdict(int)
+        self.used_ids = defaultdict(list)
+        self.refs: list[str] = []
+        # the model
+        self.orders: dict[int, ModelOrder] = {}
+        self.rank = 0
+        self.seq = defaultdict(int)
+        self.md_seq = defaultdict(int)
+        self.md_book = {s: {"buy": {}, "sell": {}} for s in SYMBOLS}
+        self.external_cash = defaultdict(int)
+        self.external_qty = defaultdict(int)
+        for n, m in enumerate(MEMBERS):
+            for asset, amount in (("CNY", 2_000_000), ("EUR", 40_000_000), ("CEA", 60), ("EUA", 2_000)):
+                self.do(OPS, Deposit(f"init-{n}-{asset}", m, asset, amount))
+        self.do(OPS, OpenMarket())
+
+    # -----------------------------------------------------------------------------------------
+    # Driving the engine and following its events
+
+    def do(self, member, command, session=0, throttled=False):
+        self.ts += 1
+        self.log.append((command, member, self.ts, session, throttled))
+        events = self.engine.execute(command, member, self.ts, session=session, throttled=throttled)
+        self.events.extend(events)
+        self.follow(command, events)
+        return events
+
+    def follow(self, command, events):
+        pending: list[ModelOrder] = []
+        taker_fill: Fill | None = None
+        accepted = 0
+        for e in events:
+            if hasattr(e, "seq"):
+                assert e.seq == self.seq[e.member] + 1, f"seq gap for {e.member}: {e}"
+                self.seq[e.member] = e.seq
+                assert e.ts == self.ts
+            if isinstance(e, (BookUpdate, Trade, InstrumentStatus)):
+                assert e.md_seq == self.md_seq[e.instrument] + 1, f"md_seq gap: {e}"
+                self.md_seq[e.instrument] = e.md_seq
+            if isinstance(e, OrderAccepted):
+                accepted += 1
+                assert e.order_id not in self.orders
+                o = ModelOrder(e.order_id, e.member, e.instrument, e.side, e.price, e.qty, e.tif)
+                self.orders[e.order_id] = o
+                pending.append(o)
+            elif isinstance(e, Fill):
+                o = self.orders[e.order_id]
+                if e.liquidity == "taker":
+                    assert taker_fill is None
+                    taker_fill = e
+                    assert o.rank is None, "a taker is never resting"
+                else:
+                    self.check_maker(o, e, taker_fill)
+                    taker_fill = None
+                assert e.qty > 0 and o.leaves - e.qty == e.leaves_qty
+                o.leaves = e.leaves_qty
+                o.filled_now += e.qty
+                ins = INSTRUMENTS[o.symbol]
+                assert e.fee == e.price * e.qty * ins.fee_bp // 10_000
+                if not o.leaves:
+                    o.rank = None
+            elif isinstance(e, OrderCancelled):
+                o = self.orders[e.order_id]
+                assert e.cancelled_qty == o.leaves > 0 and e.leaves_qty == 0
+                o.leaves = 0
+                o.rank = None
+            elif isinstance(e, OrderReplaced):
+                o = self.orders[e.order_id]
+                filled = o.qty - o.leaves
+                assert e.leaves_qty == e.qty - filled > 0
+                keeps = e.price == o.price and e.qty <= o.qty
+                o.qty, o.leaves = e.qty, e.leaves_qty
+                if not keeps:
+                    o.price = e.price
+                    o.rank = None
+                    pending.append(o)
+            elif isinstance(e, BookUpdate):
+                levels = self.md_book[e.instrument][e.side]
+                if e.qty:
+                    assert e.orders > 0
+                    levels[e.price] = (e.qty, e.orders)
+                else:
+                    assert e.orders == 0
+                    levels.pop(e.price, None)
+            elif isinstance(e, DayEnded):
+                for sym in SYMBOLS:
+                    lines = [l for l in e.settlement if l.instrument == sym]
+                    assert sum(l.net_qty for l in lines) == 0
+                    assert sum(l.net_cash for l in lines) == 0
+            elif isinstance(e, AdminAck) and e.request in ("Deposit", "Withdraw") and e.duplicate is not True:
+                sign = 1 if e.request == "Deposit" else -1
+                if e.asset in INSTRUMENTS:
+                    self.external_qty[e.asset] += sign * e.amount
+                else:
+                    self.external_cash[e.asset] += sign * e.amount
+        assert taker_fill is None, "a taker fill without its maker fill"
+        if isinstance(command, NewOrder):
+            assert accepted <= 1
+            if accepted:
+                o = pending[0]
+                if o.tif == "fok":
+                    assert o.filled_now in (0, o.qty), "fok filled partly"
+                if o.tif in ("ioc", "fok") or o.price is None:
+                    assert o.leaves == 0, "ioc, fok and market orders never rest"
+        for o in pending:  # what is left of an entering order rests at the back of its level
+            o.filled_now = 0
+            if o.leaves:
+                self.rank += 1
+                o.rank = self.rank
+
+    def check_maker(self, o: ModelOrder, fill: Fill, taker: Fill | None):
+        assert taker is not None and taker.trade_id == fill.trade_id
+        assert fill.price == taker.price == o.price, "fills are at the resting order's price"
+        assert fill.qty == taker.qty and fill.side != taker.side
+        assert o.rank is not None, "a maker is resting"
+        queue = [q for q in self.orders.values()
+                 if q.rank is not None and q.leaves and q.symbol == o.symbol and q.side == o.side]
+        best = max(q.price for q in queue) if o.side == "buy" else min(q.price for q in queue)
+        assert o.price == best, "price priority"
+        assert o.rank == min(q.rank for q in queue if q.price == best), "time priority"
+        t = self.orders[taker.order_id]
+        lower, upper = price_band(self.engine.reference_price(o.symbol), INSTRUMENTS[o.symbol].band_bp,
+                                  INSTRUMENTS[o.symbol].tick)
+        limit = t.price if t.price is not None else (upper if t.side == "buy" else lower)
+        assert (fill.price <= limit) if t.side == "buy" else (fill.price >= limit), "taker's limit"
+
+    # -----------------------------------------------------------------------------------------
+    # Choosing inputs
+
+    def new_cl(self, member: str, dup: bool) -> str:
+        if dup and self.used_ids[member]:
+            return self.used_ids[member][-1]
+        self.next_id[member] += 1
+        cl = f"{member}-{self.next_id[member]}"
+        self.used_ids[member].append(cl)
+        return cl
+
+    def price(self, symbol: str, offset: int | None, odd: int) -> int | None:
+        if offset is None:
+            return None
+        ins = INSTRUMENTS[symbol]
+        p = self.engine.reference_price(symbol) + offset * ins.tick
+        if odd == 1:
+            p += 1 if ins.tick > 1 else 10_000  # off the tick, or far outside the band
+        return p
+
+    def qty(self, symbol: str, n: int, odd: int) -> int:
+        ins = INSTRUMENTS[symbol]
+        q = n * ins.qty_step
+        if odd == 2:
+            q += ins.qty_step // 2 if ins.qty_step > 1 else -q  # off the step, or zero
+        return q
+
+    def target(self, member: str, index: int) -> str:
+        live = self.engine.live_orders(member)
+        if live and index < 9:
+            return live[index % len(live)].cl_ord_id
+        used = self.used_ids[member]
+        return used[index % len(used)] if used else "none"
+
+    # -----------------------------------------------------------------------------------------
+    # Rules
+
+    @rule(member=members, symbol=symbols, side=sides, n=st.integers(1, 12),
+          offset=st.one_of(st.none(), st.integers(-4, 4), st.integers(-4, 4)),
+          tif=st.sampled_from([None, None, "day", "gtc", "ioc", "fok"]),
+          stp=st.sampled_from(["cancel_incoming", "cancel_resting", "cancel_both"]),
+          session=st.sampled_from([0, 0, 1, 2]), odd=st.sampled_from([0] * 10 + [1, 2]),
+          dup=rarely, throttled=rarely)
+    def new_order(self, member, symbol, side, n, offset, tif, stp, session, odd, dup, throttled):
+        if offset is None and tif in ("day", "gtc") and odd == 0:
+            tif = None  # keep most market orders valid
+        cmd = NewOrder(self.new_cl(member, dup), symbol, side, self.qty(symbol, n, odd),
+                       self.price(symbol, offset, odd), tif, stp)
+        self.do(member, cmd, session=session, throttled=throttled)
+
+    @rule(member=members, index=st.sampled_from([0, 0, 1, 2, 3, 9]), dup=rarely, throttled=rarely)
+    def cancel(self, member, index, dup, throttled):
+        self.do(member, CancelOrder(self.new_cl(member, dup), self.target(member, index)), throttled=throttled)
+
+    @rule(member=members, index=st.sampled_from([0, 0, 1, 2, 3, 9]), n=st.integers(1, 12), offset=st.integers(-4, 4),
+          same_price=st.booleans(), odd=st.sampled_from([0] * 10 + [1, 2]), dup=rarely, throttled=rarely)
+    def replace(self, member, index, n, offset, same_price, odd, dup, throttled):
+        orig = self.target(member, index)
+        live = {o.cl_ord_id: o for o in self.engine.live_orders(member)}
+        symbol = live[orig].instrument if orig in live else "CEA"
+        price = live[orig].price if orig in live and same_price and not odd else self.price(symbol, offset, odd)
+        cmd = ReplaceOrder(self.new_cl(member, dup), orig, self.qty(symbol, n, odd), price)
+        self.do(member, cmd, throttled=throttled)
+
+    @rule(member=members, symbol=st.one_of(st.none(), symbols), side=st.one_of(st.none(), sides),
+          dup=rarely, throttled=rarely)
+    def mass_cancel(self, member, symbol, side, dup, throttled):
+        self.do(member, MassCancel(self.new_cl(member, dup), symbol, side), throttled=throttled)
+
+    @rule(member=members, symbol=symbols, side=sides, n=st.integers(1, 8), offset=st.integers(-3, 3),
+          tif=st.sampled_from(["day", "gtc"]), session=st.sampled_from([0, 0, 1, 2]))
+    def limit_order(self, member, symbol, side, n, offset, tif, session):
+        """Plain valid limit orders, so that books fill up and trade."""
+        cmd = NewOrder(self.new_cl(member, False), symbol, side, self.qty(symbol, n, 0),
+                       self.price(symbol, offset, 0), tif)
+        self.do(member, cmd, session=session)
+
+    @rule(member=members, symbol=symbols, side=sides, n=st.integers(1, 8), offset=st.integers(-3, 3),
+          tif=st.sampled_from(["day", "gtc"]))
+    def another_limit_order(self, member, symbol, side, n, offset, tif):
+        self.limit_order(member, symbol, side, n, offset, tif, 0)
+
+    @rule(action=st.sampled_from([
+        "halt CEA", "halt EUA", "halt-cancel CEA", "resume CEA", "resume EUA", "open", "close", "eod",
+        "cycle", "cycle"]))
+    def market_operations(self, action):
+        verb, _, symbol = action.partition(" ")
+        if verb == "halt":
+            self.do(OPS, Halt(symbol))
+        elif verb == "halt-cancel":
+            self.do(OPS, Halt(symbol, cancel_orders=True))
+        elif verb == "resume":
+            self.do(OPS, Resume(symbol))
+        elif verb == "open":
+            self.do(OPS, OpenMarket())
+        elif verb == "close":
+            self.do(OPS, CloseMarket())
+        elif verb == "eod":
+            self.do(OPS, EndOfDay())
+        else:  # a whole day cycle, so that most of the time the market is open
+            self.do(OPS, CloseMarket())
+            self.do(OPS, EndOfDay())
+            self.do(OPS, OpenMarket())
+
+    @rule(member=members, asset=st.sampled_from(["CNY", "EUR", "CEA", "EUA"]), deposit=st.booleans(),
+          amount=st.sampled_from([1, 5, 100, 10_000, 1_000_000, 50_000_000]), repeat=rarely)
+    def transfer(self, member, asset, deposit, amount, repeat):
+        if repeat and self.refs:
+            ref = self.refs[-1]
+        else:
+            ref = f"ref-{len(self.refs)}"
+            self.refs.append(ref)
+        self.do(OPS, (Deposit if deposit else Withdraw)(ref, member, asset, amount))
+
+    @rule(session=st.sampled_from([1, 2]))
+    def session_ended(self, session):
+        self.do("", SessionEnded(session))
+
+    @rule(member=members, suspend=st.sampled_from([True, False, False]))
+    def suspension(self, member, suspend):
+        self.do(OPS, (SuspendMember if suspend else ReinstateMember)(member))
+
+    @rule()
+    def snapshot_and_restore(self):
+        """Carry on with a restored engine: it must behave exactly like the original."""
+        before = self.engine.state_hash()
+        self.engine = Engine.restore(CONFIG, self.engine.snapshot())
+        assert self.engine.state_hash() == before
+
+    # -----------------------------------------------------------------------------------------
+    # Invariants, after every step
+
+    @invariant()
+    def engine_invariants(self):
+        self.engine.check()
+
+    @invariant()
+    def model_agrees_with_engine(self):
+        e = self.engine
+        for sym in SYMBOLS:
+            assert e.md_seq(sym) == self.md_seq[sym]
+            snap = e.book_snapshot(sym, depth=1_000)
+            # the market-data consumer's book
+            md_bids = sorted(((p, q, n) for p, (q, n) in self.md_book[sym]["buy"].items()), reverse=True)
+            md_asks = sorted((p, q, n) for p, (q, n) in self.md_book[sym]["sell"].items())
+            assert (snap.bids, snap.asks) == (md_bids, md_asks), "BookUpdates do not add up to the book"
+            # the model's book
+            levels = {"buy": defaultdict(lambda: [0, 0]), "sell": defaultdict(lambda: [0, 0])}
+            for o in self.orders.values():
+                if o.rank is not None and o.symbol == sym:
+                    lv = levels[o.side][o.price]
+                    lv[0] += o.leaves
+                    lv[1] += 1
+            assert snap.bids == sorted(((p, q, n) for p, (q, n) in levels["buy"].items()), reverse=True)
+            assert snap.asks == sorted((p, q, n) for p, (q, n) in levels["sell"].items())
+        # reservations from the model's open orders; nothing negative
+        for m in MEMBERS:
+            b = e.balances(m)
+            assert e.last_seq(m) == self.seq[m]
+            cash_need = defaultdict(int)
+            qty_need = defaultdict(int)
+            for o in self.orders.values():
+                if o.rank is not None and o.member == m:
+                    ins = INSTRUMENTS[o.symbol]
+                    if o.side == "buy":
+                        cash_need[ins.currency] += o.price * o.leaves + fee_reserve(o.price, o.leaves, ins.fee_bp)
+                    else:
+                        qty_need[o.symbol] += o.leaves
+            for c, v in b.cash.items():
+                assert v.reserved == cash_need[c]
+                assert min(v.total, v.reserved, v.available, v.withdrawable) >= 0
+            for s, h in b.allowances.items():
+                assert h.reserved == qty_need[s]
+                assert min(h.settled, h.unsettled, h.reserved, h.available) >= 0
+        # conservation against the deposits and withdrawals the operators were acknowledged
+        fees = e.fee_balances()
+        for c in ("CNY", "EUR"):
+            assert sum(e.balances(m).cash[c].total for m in MEMBERS) + fees[c] == self.external_cash[c]
+        for s in SYMBOLS:
+            total = sum(e.balances(m).allowances[s].settled + e.balances(m).allowances[s].unsettled for m in MEMBERS)
+            assert total == self.external_qty[s]
+
+    def teardown(self):
+        # the same commands on a fresh engine: the same events and the same state
+        fresh = Engine(CONFIG)
+        events = []
+        for command, member, ts, session, throttled in self.log:
+            events.extend(fresh.execute(command, member, ts, session=session, throttled=throttled))
+        assert events == self.events
+        assert fresh.state_hash() == self.engine.state_hash()
+        # and a snapshot restores to the same state
+        restored = Engine.restore(CONFIG, fresh.snapshot())
+        assert restored.state_hash() == fresh.state_hash()
+        restored.check()
+
+
+EngineMachine.TestCase.settings = settings(
+    max_examples=400, stateful_step_count=100, deadline=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much],
+)
+TestEngineProperties = EngineMachine.TestCase
