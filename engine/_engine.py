@@ -52,8 +52,8 @@ class _Instrument:
         self.tick = cfg.tick
         self.step = cfg.qty_step
         self.min_qty = cfg.min_qty
-        self.qty_floor = max(1, cfg.min_qty)  # the hot path's quick range check also rejects qty <= 0
         self.max_qty = cfg.max_qty if cfg.max_qty is not None else NO_PRICE
+        self.qty_floor = max(1, cfg.min_qty)  # the hot path's quick range check also rejects qty <= 0
         self.band_bp = cfg.band_bp
         self.fee_bp = cfg.fee_bp
         self.holding_limit = cfg.holding_limit
@@ -70,6 +70,9 @@ class _Instrument:
         self.reference = reference
         self.lower, self.upper = price_band(reference, self.band_bp, self.tick)
         self.price_floor = max(1, self.lower)  # ... and price <= 0
+
+
+_IMMEDIATE = frozenset(("ioc", "fok"))
 
 
 def _fee_reserve(price: int, qty: int, fee_bp: int) -> int:
@@ -264,8 +267,9 @@ class Engine:
         used.add(cl)
         if acct.suspended:
             return self._reject([], acct, ts, cl, "member_suspended", f"member {member} is suspended")
-        ins = self._instruments.get(cmd.instrument)
-        if ins is None:
+        try:
+            ins = self._instruments[cmd.instrument]
+        except KeyError:
             return self._reject([], acct, ts, cl, "unknown_instrument", f"no instrument {cmd.instrument!r}")
         if ins.status != OPEN:
             if ins.status == CLOSED:
@@ -318,7 +322,7 @@ class Engine:
         seq = acct.seq + 1
         acct.seq = seq
         accepted = OrderAccepted(seq, ts, member, cl, order_id, symbol, side, qty, price, tif)
-        if tif == "ioc" or tif == "fok" or price is None:
+        if tif in _IMMEDIATE or price is None:
             ev = [accepted]
             self._enter(o, ins, acct, ev, ts)
             return ev
