@@ -605,7 +605,7 @@ class Engine:
         if cl in used or cl in live:
             return self._cancel_reject([], acct, ts, cl, orig, "duplicate_cl_ord_id", f"cl_ord_id {cl!r} is already used")
         used.add(cl)
-        o = live.get(orig)
+        o = live.pop(orig, None)  # no longer live once cancelled
         if o is None:
             return self._cancel_reject([], acct, ts, cl, orig, "unknown_order", f"no live order {orig!r}")
         ins = self._instruments[o.instrument]
@@ -621,7 +621,6 @@ class Engine:
             acct.holdings[ins.symbol].reserved -= qty
             book = ins.asks
             key = o.price
-        del live[orig]
         if o.session:
             self._cod[o.session].pop(o.order_id, None)
         level = book.levels[key]
