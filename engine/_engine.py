@@ -737,6 +737,11 @@ class Engine:
         amount = cmd.amount
         if cmd.asset in acct.cash:
             cash = acct.cash[cmd.asset]
+            if sign > 0:
+                # Buys spend withdrawable cash first, then today's proceeds, so unspent proceeds
+                # never exceed the cash held. Trades move total and proceeds together; clamping
+                # before a deposit raises total alone keeps the deposit withdrawable.
+                cash.proceeds = min(cash.proceeds, cash.total)
             if sign < 0 and amount > cash.withdrawable:
                 return [AdminRejected(request, "insufficient_funds",
                                       f"{cash.withdrawable} {cmd.asset} withdrawable, {amount} asked")]
