@@ -256,6 +256,7 @@ class Engine:
             acct.used_ids.add(cl)
             return reject(ev, acct, ts, cl, "throttled", "over the session's message rate")
         if cl in acct.used_ids or cl in acct.live:
+            acct.used_ids.add(cl)  # a live order's id from a previous day: now used today too
             return reject(ev, acct, ts, cl, "duplicate_cl_ord_id", f"cl_ord_id {cl!r} is already used")
         acct.used_ids.add(cl)
         if acct.suspended:
@@ -504,6 +505,7 @@ class Engine:
             acct.used_ids.add(cl)
             return self._cancel_reject(ev, acct, ts, cl, orig, "throttled", "over the session's message rate")
         if cl in acct.used_ids or cl in acct.live:
+            acct.used_ids.add(cl)  # a live order's id from a previous day: now used today too
             return self._cancel_reject(ev, acct, ts, cl, orig, "duplicate_cl_ord_id", f"cl_ord_id {cl!r} is already used")
         acct.used_ids.add(cl)
         o = acct.live.get(orig)
@@ -522,6 +524,7 @@ class Engine:
             acct.used_ids.add(cl)
             return reject(ev, acct, ts, cl, "throttled", "over the session's message rate")
         if cl in acct.used_ids or cl in acct.live:
+            acct.used_ids.add(cl)  # a live order's id from a previous day: now used today too
             return reject(ev, acct, ts, cl, "duplicate_cl_ord_id", f"cl_ord_id {cl!r} is already used")
         acct.used_ids.add(cl)
         if acct.suspended:
@@ -610,6 +613,7 @@ class Engine:
             acct.used_ids.add(cl)
             return self._cancel_reject(ev, acct, ts, cl, None, "throttled", "over the session's message rate")
         if cl in acct.used_ids or cl in acct.live:
+            acct.used_ids.add(cl)  # a live order's id from a previous day: now used today too
             return self._cancel_reject(ev, acct, ts, cl, None, "duplicate_cl_ord_id", f"cl_ord_id {cl!r} is already used")
         acct.used_ids.add(cl)
         if cmd.instrument is not None and cmd.instrument not in self._instruments:
