@@ -5,7 +5,12 @@ from the events must agree with the engine:
 
 - every maker fill is the head of the best level of the model's queue (price, then time) and
   at the resting order's price; the taker's fill has the same price and is within its limit;
-- report seqs are gap-free per member, md_seq gap-free per instrument;
+- report seqs are gap-free per member, md_seq gap-free per instrument; each Trade is followed
+  by a BookUpdate of its level;
+- a request's cl_ord_id is refused as a duplicate exactly when the protocol says it is taken,
+  and a rejected request changes nothing;
+- end of day: the closing price is the VWAP of the day's Trades rounded half up to the tick
+  (or the previous close), and the settlement lines are the day's fills summed up;
 - a market-data consumer that applies only ``BookUpdate``s sees the engine's book;
 - reservations equal what the model's open orders need; no balance is negative;
 - cash and allowances across members and the fee account equal net deposits;
@@ -121,6 +126,7 @@ class EngineMachine(RuleBasedStateMachine):
         pending: list[ModelOrder] = []
         taker_fill: Fill | None = None
         accepted = 0
+        unreported: set = set()  # levels that traded and have not had their BookUpdate yet
         for e in events:
             if hasattr(e, "seq"):
                 assert e.seq == self.seq[e.member] + 1, f"seq gap for {e.member}: {e}"
@@ -177,6 +183,7 @@ class EngineMachine(RuleBasedStateMachine):
                     o.rank = None
                     pending.append(o)
             elif isinstance(e, BookUpdate):
+                unreported.discard((e.instrument, e.side, e.price))
                 levels = self.md_book[e.instrument][e.side]
                 if e.qty:
                     assert e.orders > 0
@@ -185,6 +192,7 @@ class EngineMachine(RuleBasedStateMachine):
                     assert e.orders == 0
                     levels.pop(e.price, None)
             elif isinstance(e, Trade):
+                unreported.add((e.instrument, "sell" if e.aggressor == "buy" else "buy", e.price))
                 self.day_trades[e.instrument][0] += e.price * e.qty
                 self.day_trades[e.instrument][1] += e.qty
             elif isinstance(e, DayEnded):
@@ -196,6 +204,7 @@ class EngineMachine(RuleBasedStateMachine):
                 else:
                     self.external_cash[e.asset] += sign * e.amount
         assert taker_fill is None, "a taker fill without its maker fill"
+        assert not unreported, "a Trade without a BookUpdate of its level after it"
         if isinstance(command, NewOrder):
             assert accepted <= 1
             if accepted:
