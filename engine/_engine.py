@@ -263,6 +263,7 @@ class Engine:
             used.add(cl)
             return self._reject([], acct, ts, cl, "throttled", "over the session's message rate")
         if cl in used or cl in live:
+            used.add(cl)  # a live order's id from a previous day: now used today too
             return self._reject([], acct, ts, cl, "duplicate_cl_ord_id", f"cl_ord_id {cl!r} is already used")
         used.add(cl)
         if acct.suspended:
@@ -603,6 +604,7 @@ class Engine:
             used.add(cl)
             return self._cancel_reject([], acct, ts, cl, orig, "throttled", "over the session's message rate")
         if cl in used or cl in live:
+            used.add(cl)  # a live order's id from a previous day: now used today too
             return self._cancel_reject([], acct, ts, cl, orig, "duplicate_cl_ord_id", f"cl_ord_id {cl!r} is already used")
         used.add(cl)
         o = live.pop(orig, None)  # no longer live once cancelled
@@ -651,6 +653,7 @@ class Engine:
             acct.used_ids.add(cl)
             return reject(ev, acct, ts, cl, "throttled", "over the session's message rate")
         if cl in acct.used_ids or cl in acct.live:
+            acct.used_ids.add(cl)  # a live order's id from a previous day: now used today too
             return reject(ev, acct, ts, cl, "duplicate_cl_ord_id", f"cl_ord_id {cl!r} is already used")
         acct.used_ids.add(cl)
         if acct.suspended:
@@ -739,6 +742,7 @@ class Engine:
             acct.used_ids.add(cl)
             return self._cancel_reject(ev, acct, ts, cl, None, "throttled", "over the session's message rate")
         if cl in acct.used_ids or cl in acct.live:
+            acct.used_ids.add(cl)  # a live order's id from a previous day: now used today too
             return self._cancel_reject(ev, acct, ts, cl, None, "duplicate_cl_ord_id", f"cl_ord_id {cl!r} is already used")
         acct.used_ids.add(cl)
         if cmd.instrument is not None and cmd.instrument not in self._instruments:
@@ -866,6 +870,11 @@ class Engine:
         amount = cmd.amount
         if cmd.asset in acct.cash:
             cash = acct.cash[cmd.asset]
+            if sign > 0:
+                # Buys spend withdrawable cash first, then today's proceeds, so unspent proceeds
+                # never exceed the cash held. Trades move total and proceeds together; clamping
+                # before a deposit raises total alone keeps the deposit withdrawable.
+                cash.proceeds = min(cash.proceeds, cash.total)
             if sign < 0 and amount > cash.withdrawable:
                 return [AdminRejected(request, "insufficient_funds",
                                       f"{cash.withdrawable} {cmd.asset} withdrawable, {amount} asked")]

@@ -503,3 +503,29 @@ def test_engine_needs_a_trading_day():
     with pytest.raises(ValueError):
         Engine(cfg)
     assert Engine(cfg, "2027-01-04").trading_day == "2027-01-04"
+
+
+def test_deposit_after_spending_sale_proceeds_is_withdrawable():
+    """Buys spend withdrawable cash first, then today's proceeds; a later deposit is free cash."""
+    m = Market(cash=0)
+    m.run(OPS, Deposit("d0", "M2", "CNY", 1_000_000))
+    m.run(OPS, Deposit("d00", "M3", "CNY", 1_000_000))
+    m.sell("M1", "s", 10, 9_255)
+    m.buy("M2", "b", 10, 9_255)          # M1: 92,550 of proceeds, none withdrawable
+    m.sell("M2", "s2", 10, 9_255)
+    m.buy("M1", "b2", 10, 9_255)         # M1 spends all of it
+    assert m.cash("M1").total == 0
+    m.run(OPS, Deposit("d1", "M1", "CNY", 500))
+    c = m.cash("M1")
+    assert (c.total, c.available, c.withdrawable) == (500, 500, 500)
+    assert kinds(m.run(OPS, Withdraw("w1", "M1", "CNY", 500))) == ["AdminAck"]
+    # part of the proceeds spent: the rest stays locked until end of day
+    m.sell("M1", "s3", 10, 9_255)        # sells the allowances it still holds settled
+    m.buy("M3", "b3", 10, 9_255)
+    m.sell("M3", "s4", 4, 9_255)
+    m.buy("M1", "b4", 4, 9_255)          # spends 37,020 of 92,550
+    m.run(OPS, Deposit("d2", "M1", "CNY", 1_000))
+    c = m.cash("M1")
+    assert (c.total, c.withdrawable) == (92_550 - 37_020 + 1_000, 1_000)
+    assert m.run(OPS, Withdraw("w2", "M1", "CNY", 1_001))[0].reason == "insufficient_funds"
+    m.e.check()

@@ -590,3 +590,67 @@ def test_replace_to_the_same_quantity_and_price_publishes_nothing():
     assert m.replace("M1", "a2", "a", 10, 9_000) == [OrderReplaced(2, T, "M1", "a2", 1, "a", 10, 9_000, 10)]
     assert m.mdseq() == md0
     assert m.e.live_orders("M1")[0].cl_ord_id == "a2"
+
+
+def test_reservations_are_exact_after_every_kind_of_event():
+    """M1's reserved cash and allowances on the fee-charging EUA, step by step."""
+    from engine import EndOfDay, OpenMarket, SessionEnded, SuspendMember
+
+    def r(price, qty):  # a buy's reservation: price x qty plus the ceil of its fee
+        return price * qty + -(-price * qty * 25 // 10_000)
+
+    m = Market()
+
+    def check(cash, allowances):
+        assert (m.cash("M1", "EUR").reserved, m.holding("M1", "EUA").reserved) == (cash, allowances)
+        m.e.check()
+
+    m.buy("M1", "b1", 200, 7_000, "EUA")
+    check(r(7_000, 200), 0)
+    m.buy("M1", "b2", 100, 7_010, "EUA", tif="gtc", session=5)
+    check(r(7_000, 200) + r(7_010, 100), 0)
+    m.sell("M2", "s1", 100, 6_990, "EUA")                      # fills b2 at 7,010
+    check(r(7_000, 200), 0)
+    m.sell("M2", "s2", 100, 7_000, "EUA")                      # half of b1
+    check(r(7_000, 100), 0)
+    m.replace("M1", "b1a", "b1", 300, 7_000)                   # higher qty: 200 open
+    check(r(7_000, 200), 0)
+    m.replace("M1", "b1b", "b1a", 300, 6_990)                  # lower price
+    check(r(6_990, 200), 0)
+    m.replace("M1", "b1c", "b1b", 200, 6_990)                  # lower qty keeps its place
+    check(r(6_990, 100), 0)
+    m.buy("M1", "mkt", 100, None, "EUA")                       # nothing to buy: all released
+    check(r(6_990, 100), 0)
+    m.sell("M3", "s3", 100, 7_100, "EUA")
+    m.buy("M1", "ioc", 200, 7_150, "EUA", tif="ioc")           # 100 at 7,100, rest cancelled
+    check(r(6_990, 100), 0)
+    m.buy("M1", "fok", 200, 7_150, "EUA", tif="fok")           # nothing to fill: cancelled whole
+    check(r(6_990, 100), 0)
+    m.sell("M1", "s4", 500, 7_300, "EUA")
+    m.sell("M1", "s5", 200, 7_200, "EUA", tif="gtc", session=5)
+    check(r(6_990, 100), 700)
+    m.buy("M3", "b3", 100, 7_200, "EUA")                       # fills half of s5
+    check(r(6_990, 100), 600)
+    m.run("", SessionEnded(5))                                 # cancels the rest of s5
+    check(r(6_990, 100), 500)
+    m.replace("M1", "s4a", "s4", 300, 7_300)
+    check(r(6_990, 100), 300)
+    m.sell("M1", "self", 100, 6_990, "EUA", tif="ioc", stp="cancel_resting")  # cancels own b1c
+    check(0, 300)
+    m.buy("M1", "gtc", 100, 7_000, "EUA", tif="gtc")
+    m.buy("M1", "day", 100, 7_001, "EUA")
+    check(r(7_000, 100) + r(7_001, 100), 300)
+    m.run(OPS, CloseMarket())
+    m.run(OPS, EndOfDay())                                     # DAY orders expire
+    check(r(7_000, 100), 0)
+    m.run(OPS, OpenMarket())
+    m.sell("M1", "s6", 100, 7_300, "EUA", tif="gtc")
+    m.run(OPS, Halt("EUA", cancel_orders=True))
+    check(0, 0)
+    m.run(OPS, Resume("EUA"))
+    m.buy("M1", "b9", 100, 7_000, "EUA")
+    m.mass_cancel("M1", "mc", "EUA", "buy")
+    check(0, 0)
+    m.buy("M1", "b10", 100, 7_000, "EUA")
+    m.run(OPS, SuspendMember("M1"))
+    check(0, 0)

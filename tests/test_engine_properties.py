@@ -5,7 +5,12 @@ from the events must agree with the engine:
 
 - every maker fill is the head of the best level of the model's queue (price, then time) and
   at the resting order's price; the taker's fill has the same price and is within its limit;
-- report seqs are gap-free per member, md_seq gap-free per instrument;
+- report seqs are gap-free per member, md_seq gap-free per instrument; each Trade is followed
+  by a BookUpdate of its level;
+- a request's cl_ord_id is refused as a duplicate exactly when the protocol says it is taken,
+  and a rejected request changes nothing;
+- end of day: the closing price is the VWAP of the day's Trades rounded half up to the tick
+  (or the previous close), and the settlement lines are the day's fills summed up;
 - a market-data consumer that applies only ``BookUpdate``s sees the engine's book;
 - reservations equal what the model's open orders need; no balance is negative;
 - cash and allowances across members and the fee account equal net deposits;
@@ -24,7 +29,7 @@ from hypothesis import HealthCheck, settings, strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
 
 from engine import (
-    AdminAck, BookUpdate, CancelOrder, CloseMarket, DayEnded, Deposit, Engine, EndOfDay, Fill, Halt,
+    AdminAck, BookUpdate, CancelOrder, CancelRejected, CloseMarket, DayEnded, Deposit, Engine, EndOfDay, Fill, Halt,
     InstrumentStatus, MassCancel, NewOrder, OpenMarket, OrderAccepted, OrderCancelled, OrderRejected,
     OrderReplaced, ReinstateMember, ReplaceOrder, Resume, SessionEnded, SuspendMember, Trade, Withdraw,
     price_band,
@@ -47,10 +52,10 @@ def fee_reserve(price: int, qty: int, fee_bp: int) -> int:
 
 
 class ModelOrder:
-    __slots__ = ("oid", "member", "symbol", "side", "price", "qty", "leaves", "tif", "filled_now", "rank")
+    __slots__ = ("oid", "cl", "member", "symbol", "side", "price", "qty", "leaves", "tif", "filled_now", "rank")
 
-    def __init__(self, oid, member, symbol, side, price, qty, tif):
-        self.oid, self.member, self.symbol, self.side = oid, member, symbol, side
+    def __init__(self, oid, cl, member, symbol, side, price, qty, tif):
+        self.oid, self.cl, self.member, self.symbol, self.side = oid, cl, member, symbol, side
         self.price, self.qty, self.leaves, self.tif = price, qty, qty, tif
         self.filled_now = 0
         self.rank = None  # entry time in the book; None while not resting
@@ -74,6 +79,10 @@ class EngineMachine(RuleBasedStateMachine):
         self.md_book = {s: {"buy": {}, "sell": {}} for s in SYMBOLS}
         self.external_cash = defaultdict(int)
         self.external_qty = defaultdict(int)
+        self.used_today = defaultdict(set)       # member -> cl_ord_ids used this trading day
+        self.day_trades = defaultdict(lambda: [0, 0])  # symbol -> [value, qty] of today's trades
+        self.day_figures = defaultdict(lambda: [0, 0, 0, 0, 0])  # (member, symbol) -> bought, sold, paid, received, fees
+        self.reference = {sym: ins.reference_price for sym, ins in INSTRUMENTS.items()}
         for n, m in enumerate(MEMBERS):
             for asset, amount in (("CNY", 2_000_000), ("EUR", 40_000_000), ("CEA", 60), ("EUA", 2_000)):
                 self.do(OPS, Deposit(f"init-{n}-{asset}", m, asset, amount))
@@ -85,15 +94,39 @@ class EngineMachine(RuleBasedStateMachine):
     def do(self, member, command, session=0, throttled=False):
         self.ts += 1
         self.log.append((command, member, self.ts, session, throttled))
+        cl = getattr(command, "cl_ord_id", None)
+        if cl is not None:
+            live_ids = {o.cl for o in self.orders.values() if o.rank is not None and o.member == member}
+            duplicate = cl in self.used_today[member] or cl in live_ids
+            before = self.visible_state(member)
         events = self.engine.execute(command, member, self.ts, session=session, throttled=throttled)
         self.events.extend(events)
+        if cl is not None:
+            first = events[0]
+            reject = isinstance(first, (OrderRejected, CancelRejected))
+            if throttled:
+                assert reject and first.reason == "throttled"
+            elif duplicate:
+                assert reject and first.reason == "duplicate_cl_ord_id", "this cl_ord_id is taken"
+            else:
+                assert not (reject and first.reason == "duplicate_cl_ord_id"), "this cl_ord_id is free"
+            if reject:
+                assert len(events) == 1 and first.cl_ord_id == cl
+                assert self.visible_state(member) == before, "a rejected request changed something"
+            self.used_today[member].add(cl)
         self.follow(command, events)
         return events
+
+    def visible_state(self, member):
+        e = self.engine
+        return ([e.book_snapshot(s, 1_000) for s in SYMBOLS], e.balances(member),
+                [(o.order_id, o.cl_ord_id, o.leaves, o.price) for o in e.live_orders(member)])
 
     def follow(self, command, events):
         pending: list[ModelOrder] = []
         taker_fill: Fill | None = None
         accepted = 0
+        unreported: set = set()  # levels that traded and have not had their BookUpdate yet
         for e in events:
             if hasattr(e, "seq"):
                 assert e.seq == self.seq[e.member] + 1, f"seq gap for {e.member}: {e}"
@@ -105,7 +138,7 @@ class EngineMachine(RuleBasedStateMachine):
             if isinstance(e, OrderAccepted):
                 accepted += 1
                 assert e.order_id not in self.orders
-                o = ModelOrder(e.order_id, e.member, e.instrument, e.side, e.price, e.qty, e.tif)
+                o = ModelOrder(e.order_id, e.cl_ord_id, e.member, e.instrument, e.side, e.price, e.qty, e.tif)
                 self.orders[e.order_id] = o
                 pending.append(o)
             elif isinstance(e, Fill):
@@ -122,6 +155,15 @@ class EngineMachine(RuleBasedStateMachine):
                 o.filled_now += e.qty
                 ins = INSTRUMENTS[o.symbol]
                 assert e.fee == e.price * e.qty * ins.fee_bp // 10_000
+                fig = self.day_figures[(e.member, e.instrument)]
+                if e.side == "buy":
+                    fig[0] += e.qty
+                    fig[2] += e.price * e.qty
+                else:
+                    fig[1] += e.qty
+                    fig[3] += e.price * e.qty
+                fig[4] += e.fee
+                self.day_figures[(FEE_ACCOUNT, e.instrument)][4] += e.fee
                 if not o.leaves:
                     o.rank = None
             elif isinstance(e, OrderCancelled):
@@ -134,12 +176,14 @@ class EngineMachine(RuleBasedStateMachine):
                 filled = o.qty - o.leaves
                 assert e.leaves_qty == e.qty - filled > 0
                 keeps = e.price == o.price and e.qty <= o.qty
-                o.qty, o.leaves = e.qty, e.leaves_qty
+                assert e.orig_cl_ord_id == o.cl
+                o.qty, o.leaves, o.cl = e.qty, e.leaves_qty, e.cl_ord_id
                 if not keeps:
                     o.price = e.price
                     o.rank = None
                     pending.append(o)
             elif isinstance(e, BookUpdate):
+                unreported.discard((e.instrument, e.side, e.price))
                 levels = self.md_book[e.instrument][e.side]
                 if e.qty:
                     assert e.orders > 0
@@ -147,11 +191,12 @@ class EngineMachine(RuleBasedStateMachine):
                 else:
                     assert e.orders == 0
                     levels.pop(e.price, None)
+            elif isinstance(e, Trade):
+                unreported.add((e.instrument, "sell" if e.aggressor == "buy" else "buy", e.price))
+                self.day_trades[e.instrument][0] += e.price * e.qty
+                self.day_trades[e.instrument][1] += e.qty
             elif isinstance(e, DayEnded):
-                for sym in SYMBOLS:
-                    lines = [l for l in e.settlement if l.instrument == sym]
-                    assert sum(l.net_qty for l in lines) == 0
-                    assert sum(l.net_cash for l in lines) == 0
+                self.check_day_ended(e)
             elif isinstance(e, AdminAck) and e.request in ("Deposit", "Withdraw") and e.duplicate is not True:
                 sign = 1 if e.request == "Deposit" else -1
                 if e.asset in INSTRUMENTS:
@@ -159,6 +204,7 @@ class EngineMachine(RuleBasedStateMachine):
                 else:
                     self.external_cash[e.asset] += sign * e.amount
         assert taker_fill is None, "a taker fill without its maker fill"
+        assert not unreported, "a Trade without a BookUpdate of its level after it"
         if isinstance(command, NewOrder):
             assert accepted <= 1
             if accepted:
@@ -172,6 +218,33 @@ class EngineMachine(RuleBasedStateMachine):
             if o.leaves:
                 self.rank += 1
                 o.rank = self.rank
+
+    def check_day_ended(self, d: DayEnded):
+        for sym in SYMBOLS:
+            lines = [l for l in d.settlement if l.instrument == sym]
+            assert sum(l.net_qty for l in lines) == 0
+            assert sum(l.net_cash for l in lines) == 0
+            # the closing price: VWAP of the day's trades rounded half up to the tick, else the old one
+            value, qty = self.day_trades[sym]
+            tick = INSTRUMENTS[sym].tick
+            expected = (2 * value + qty * tick) // (2 * qty * tick) * tick if qty else self.reference[sym]
+            assert d.closing_prices[sym] == expected
+            self.reference[sym] = expected
+        expected_lines = set()
+        for (member, sym), (bought, sold, paid, received, fees) in self.day_figures.items():
+            ins = INSTRUMENTS[sym]
+            if member == FEE_ACCOUNT:
+                if fees:
+                    expected_lines.add((member, sym, ins.currency, 0, 0, 0, 0, 0, 0, fees))
+            elif bought or sold or fees:
+                expected_lines.add((member, sym, ins.currency, bought, sold, paid, received, fees,
+                                    bought - sold, received - paid - fees))
+        got = {(l.member, l.instrument, l.currency, l.bought, l.sold, l.paid, l.received, l.fees, l.net_qty,
+                l.net_cash) for l in d.settlement}
+        assert got == expected_lines and len(got) == len(d.settlement)
+        self.day_trades.clear()
+        self.day_figures.clear()
+        self.used_today.clear()
 
     def check_maker(self, o: ModelOrder, fill: Fill, taker: Fill | None):
         assert taker is not None and taker.trade_id == fill.trade_id

@@ -499,3 +499,28 @@ def test_member_suspended():
     # other members were never affected
     accepted(m.buy("M2", "b1", 10, 9_000))
     m.e.check()
+
+
+def test_a_duplicate_of_a_previous_days_live_order_uses_the_id_up_for_today():
+    """Every request uses up its id for the day, the rejected duplicate included: once the
+    live order is gone, its id stays taken until the next end of day."""
+    for request in ("new", "cancel", "replace", "mass"):
+        m = Market()
+        accepted(m.buy("M1", "X", 10, 9_000, tif="gtc"))
+        m.run(OPS, CloseMarket())
+        m.run(OPS, EndOfDay())
+        m.run(OPS, OpenMarket())
+        if request == "new":
+            rejected(m.buy("M1", "X", 10, 9_000), "duplicate_cl_ord_id")
+        elif request == "cancel":
+            rejected(m.cancel("M1", "X", "nope"), "duplicate_cl_ord_id")
+        elif request == "replace":
+            rejected(m.replace("M1", "X", "X", 5, 9_000), "duplicate_cl_ord_id")
+        else:
+            rejected(m.mass_cancel("M1", "X", "EUA"), "duplicate_cl_ord_id")
+        assert kinds(m.cancel("M1", "c", "X")) == ["OrderCancelled", "BookUpdate"]
+        rejected(m.buy("M1", "X", 10, 9_000), "duplicate_cl_ord_id")
+        m.run(OPS, CloseMarket())
+        m.run(OPS, EndOfDay())
+        m.run(OPS, OpenMarket())
+        accepted(m.buy("M1", "X", 10, 9_000))
