@@ -54,8 +54,10 @@ SYMBOL = "CEA-BENCH"
 BUYERS = [f"B{i}" for i in range(1, 9)]
 SELLERS = [f"S{i}" for i in range(1, 9)]
 FEE_BP = 5  # 0.05% per side: fees are really computed and booked on every fill
-CASH = 10**16  # minor units per buyer and seller: never the limit
-ALLOWANCES = 10**12  # tonnes per seller
+# Funding per member, about 7x what the 1,000,000-event stream can need (a member's orders
+# total at most 1.4e12 minor units of buys or 1.5e8 t of sells), so it is never the limit.
+CASH = 10**13  # minor units (10^11 CNY)
+ALLOWANCES = 10**9  # tonnes
 
 
 def config() -> ExchangeConfig:
