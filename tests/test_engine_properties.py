@@ -45,6 +45,7 @@ members = st.sampled_from(MEMBERS)
 symbols = st.sampled_from(SYMBOLS)
 sides = st.sampled_from(["buy", "sell"])
 rarely = st.sampled_from([False] * 12 + [True])
+duplicate = st.sampled_from([None] * 8 + ["used", "live", "live"])
 
 
 def fee_reserve(price: int, qty: int, fee_bp: int) -> int:
@@ -265,7 +266,11 @@ class EngineMachine(RuleBasedStateMachine):
     # -----------------------------------------------------------------------------------------
     # Choosing inputs
 
-    def new_cl(self, member: str, dup: bool) -> str:
+    def new_cl(self, member: str, dup) -> str:
+        """A fresh id, or (dup) the id of a live order or the last id the member used."""
+        live = self.engine.live_orders(member)
+        if dup == "live" and live:
+            return live[0].cl_ord_id
         if dup and self.used_ids[member]:
             return self.used_ids[member][-1]
         self.next_id[member] += 1
@@ -304,7 +309,7 @@ class EngineMachine(RuleBasedStateMachine):
           tif=st.sampled_from([None, None, "day", "gtc", "ioc", "fok"]),
           stp=st.sampled_from(["cancel_incoming", "cancel_resting", "cancel_both"]),
           session=st.sampled_from([0, 0, 1, 2]), odd=st.sampled_from([0] * 10 + [1, 2]),
-          dup=rarely, throttled=rarely)
+          dup=duplicate, throttled=rarely)
     def new_order(self, member, symbol, side, n, offset, tif, stp, session, odd, dup, throttled):
         if offset is None and tif in ("day", "gtc") and odd == 0:
             tif = None  # keep most market orders valid
@@ -312,12 +317,12 @@ class EngineMachine(RuleBasedStateMachine):
                        self.price(symbol, offset, odd), tif, stp)
         self.do(member, cmd, session=session, throttled=throttled)
 
-    @rule(member=members, index=st.sampled_from([0, 0, 1, 2, 3, 9]), dup=rarely, throttled=rarely)
+    @rule(member=members, index=st.sampled_from([0, 0, 1, 2, 3, 9]), dup=duplicate, throttled=rarely)
     def cancel(self, member, index, dup, throttled):
         self.do(member, CancelOrder(self.new_cl(member, dup), self.target(member, index)), throttled=throttled)
 
     @rule(member=members, index=st.sampled_from([0, 0, 1, 2, 3, 9]), n=st.integers(1, 12), offset=st.integers(-4, 4),
-          same_price=st.booleans(), odd=st.sampled_from([0] * 10 + [1, 2]), dup=rarely, throttled=rarely)
+          same_price=st.booleans(), odd=st.sampled_from([0] * 10 + [1, 2]), dup=duplicate, throttled=rarely)
     def replace(self, member, index, n, offset, same_price, odd, dup, throttled):
         orig = self.target(member, index)
         live = {o.cl_ord_id: o for o in self.engine.live_orders(member)}
@@ -327,7 +332,7 @@ class EngineMachine(RuleBasedStateMachine):
         self.do(member, cmd, throttled=throttled)
 
     @rule(member=members, symbol=st.one_of(st.none(), symbols), side=st.one_of(st.none(), sides),
-          dup=rarely, throttled=rarely)
+          dup=duplicate, throttled=rarely)
     def mass_cancel(self, member, symbol, side, dup, throttled):
         self.do(member, MassCancel(self.new_cl(member, dup), symbol, side), throttled=throttled)
 
