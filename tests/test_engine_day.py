@@ -9,7 +9,7 @@ from engine import (
     EndOfDay, Halt, InstrumentStatus, OpenMarket, OrderCancelled, Restarted, Resume, SessionEnded,
     SettlementLine, Withdraw, load_config, parse_config,
 )
-from engine_support import CONFIG_TOML, OPS, T, Market, config, kinds, md, reports
+from engine_support import CONFIG_TOML, OPS, T, Market, config, kinds, reports
 
 
 def end_of_day(m: Market, ts: int = T) -> list:

@@ -4,7 +4,7 @@ prevention, fees, reservations and delivery versus payment, asserted event by ev
 from __future__ import annotations
 
 from engine import (
-    BookUpdate, Deposit, Fill, Halt, CloseMarket, MassCancelDone, OrderAccepted, OrderCancelled,
+    BookUpdate, Fill, Halt, CloseMarket, MassCancelDone, OrderAccepted, OrderCancelled,
     OrderReplaced, Resume, Trade,
 )
 from engine_support import OPS, T, Market, kinds, md, reports
@@ -38,6 +38,25 @@ def test_price_time_priority_fills_at_resting_prices_with_exact_events():
     m.sell("M3", "c", 7, 9_260)   # same price as a, later
     m.sell("M2", "d", 4, 9_265)
     assert m.book()[1] == [(9_255, 5, 1), (9_260, 17, 2), (9_265, 4, 1)]
+    md0 = m.mdseq()
+    t = T + 1
+    ev = m.buy("M3", "x", 12, 9_265, ts=t)
+    # best price first (b), then the oldest at 9,260 (a); each at the resting order's price
+    assert ev == [
+        OrderAccepted(2, t, "M3", "x", 5, "CEA", "buy", 12, 9_265, "day"),
+        Fill(3, t, "M3", "x", 5, 1, "CEA", "buy", 9_255, 5, 7, "taker", 0),
+        Fill(3, t, "M2", "b", 2, 1, "CEA", "sell", 9_255, 5, 0, "maker", 0),
+        Trade("CEA", md0 + 1, 1, 9_255, 5, "buy", t),
+        BookUpdate("CEA", md0 + 2, "sell", 9_255, 0, 0),
+        Fill(4, t, "M3", "x", 5, 2, "CEA", "buy", 9_260, 7, 0, "taker", 0),
+        Fill(2, t, "M1", "a", 1, 2, "CEA", "sell", 9_260, 7, 3, "maker", 0),
+        Trade("CEA", md0 + 3, 2, 9_260, 7, "buy", t),
+        BookUpdate("CEA", md0 + 4, "sell", 9_260, 10, 2),
+    ]
+    assert m.book()[1] == [(9_260, 10, 2), (9_265, 4, 1)]
+    # the buyer paid the resting prices, not its limit, and reserves nothing more
+    assert m.cash("M3").total == 100_000_000 - 5 * 9_255 - 7 * 9_260
+    assert m.cash("M3").reserved == 0
     m.e.check()
 
 

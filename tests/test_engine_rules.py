@@ -524,3 +524,26 @@ def test_a_duplicate_of_a_previous_days_live_order_uses_the_id_up_for_today():
         m.run(OPS, EndOfDay())
         m.run(OPS, OpenMarket())
         accepted(m.buy("M1", "X", 10, 9_000))
+
+
+@pytest.mark.parametrize("qty,price,reason", [
+    (2**64 - 1, 9_255, "qty_out_of_range"),
+    (-(2**63), 9_255, "invalid_qty"),
+    (10, 2**64 - 2, "invalid_price"),       # off the tick of 5
+    (10, 2**64 - 1, "price_out_of_band"),   # on the tick
+    (10, -(2**63), "invalid_price"),
+])
+def test_extreme_integers_are_judged_by_the_checks(qty, price, reason):
+    m = Market()
+    rejected(m.buy("M1", "b", qty, price), reason)
+    rejected(m.sell("M1", "s", qty, price), reason)
+    accepted(m.buy("M1", "ok", 10, 9_000))
+    rejected(m.replace("M1", "r", "ok", qty, price), reason)
+    m.e.check()
+
+
+def test_very_large_maximum_quantity():
+    from engine_support import CONFIG_TOML
+    m = Market(toml=CONFIG_TOML.replace("max_qty = 1_000\n", "max_qty = 1_000_000_000_000\n"), allowances=0)
+    rejected(m.buy("M1", "b", 10**12 + 1, 9_000), "qty_out_of_range")
+    rejected(m.buy("M1", "c", 10**12, 9_000), "insufficient_funds")
