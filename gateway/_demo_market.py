@@ -370,11 +370,13 @@ class DemoStats:
         st.volume += trade.qty
         st.value += trade.price * trade.qty
 
-    def sample(self, now: float, window: float = 3.0) -> None:
-        """Called about once a second: price history for the sparklines, rate window."""
-        for st in self.instruments.values():
-            if st.last is not None:
-                st.history.append(st.last)
+    def sample(self, now: float, window: float = 3.0, record_history: bool = True) -> None:
+        """Called for every redraw: the rate window; with ``record_history`` also a point of
+        each vintage's price history for the sparklines."""
+        if record_history:
+            for st in self.instruments.values():
+                if st.last is not None:
+                    st.history.append(st.last)
         self.rate_window.append((now, self.sent))
         while self.rate_window and now - self.rate_window[0][0] > window:
             self.rate_window.popleft()
