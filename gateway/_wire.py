@@ -133,7 +133,10 @@ def decode_client(body: bytes):
         return _decoder.decode(body)
     except msgspec.ValidationError as exc:
         # Only the error path pays for a second, untyped decode to tell the two kinds apart.
-        raw = _any.decode(body)
+        try:
+            raw = _any.decode(body)
+        except (msgspec.DecodeError, ValueError, RecursionError):
+            raise FrameError("not a valid MessagePack map") from None
         if not isinstance(raw, dict) or not isinstance(raw.get("type"), str):
             raise FrameError("a frame must be a map with a string `type`") from None
         if any(not isinstance(k, str) for k in raw):
@@ -141,7 +144,7 @@ def decode_client(body: bytes):
         if str(exc).startswith("Invalid value") and str(exc).endswith("`$.type`"):
             raise MessageError(f"type: unknown message type {raw['type']!r}", raw["type"]) from None
         raise MessageError(_describe(exc), raw["type"]) from None
-    except msgspec.DecodeError:
+    except (msgspec.DecodeError, ValueError, RecursionError):  # invalid UTF-8 is a ValueError
         raise FrameError("not a valid MessagePack map") from None
 
 
