@@ -51,8 +51,9 @@ class Record(NamedTuple):
 
 class StartRecord(msgspec.Struct, array_like=True, gc=False):
     format: int
-    trading_day: str
+    trading_day: str  # the first trading day: a full replay starts the engine on it
     config_sha256: str
+    fee_account: str
 
 
 class FillRecord(msgspec.Struct, array_like=True, gc=False):
