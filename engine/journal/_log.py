@@ -220,8 +220,9 @@ class ScanResult:
         self.end_offset = 0  # offset of the end of the last whole group in the last segment
 
 
-def _scan_last_segment(path: Path, first_seq: int, data: bytes, start: int, expect: int) -> tuple[int, int, int]:
-    """Walk the newest segment from ``start``; return (records seen, end of last whole group, its seq).
+def _scan_last_segment(path: Path, first_seq: int, data: bytes, start: int, expect: int) -> tuple[int, int, int, int]:
+    """Walk the newest segment from ``start``; return (records seen, end of the last whole group,
+    its last seq, offset of its last record or -1).
 
     Raises ``CorruptJournalError`` when a bad frame has valid records after it.
     """
@@ -230,6 +231,7 @@ def _scan_last_segment(path: Path, first_seq: int, data: bytes, start: int, expe
     off = start
     group_end = start
     group_seq = expect - 1
+    group_last = -1
     records = 0
     problem = None
     try:
@@ -249,17 +251,18 @@ def _scan_last_segment(path: Path, first_seq: int, data: bytes, start: int, expe
                 raise CorruptJournalError(path, off, f"seq {seq} where {expect} was expected")
             expect += 1
             records += 1
-            off = end
             if kind >= GROUP_END:
-                group_end = off
+                group_end = end
                 group_seq = seq
+                group_last = off
+            off = end
     finally:
         mv.release()
     if problem is not None:
         found = _find_valid_frame(data, off + 1, expect)
         if found is not None:
             raise CorruptJournalError(path, off, f"{problem}, with valid records after it (at offset {found})")
-    return records, group_end, group_seq
+    return records, group_end, group_seq, group_last
 
 
 def scan_journal(directory: str | Path) -> ScanResult:
@@ -288,7 +291,7 @@ def scan_journal(directory: str | Path) -> ScanResult:
             raise CorruptJournalError(path, 0, f"segment starts at seq {first}, {expect} expected")
         if last:
             data = path.read_bytes()
-            records, group_end, group_seq = _scan_last_segment(path, first, data, _HEADER_SIZE, expect)
+            records, group_end, group_seq, _ = _scan_last_segment(path, first, data, _HEADER_SIZE, expect)
             for rec in _iter_file(path, first, _HEADER_SIZE, group_end, expect, True):
                 result.kinds[rec.kind] = result.kinds.get(rec.kind, 0) + 1
             result.records += group_seq - expect + 1
@@ -409,6 +412,7 @@ class Journal:
             self._file_size = len(head)
             self._seg = 1
             self._seg_size = len(head)
+            self._last_position = 0
         else:
             for first in firsts[:-1]:
                 path = directory / segment_name(first)
@@ -418,7 +422,8 @@ class Journal:
             path = directory / segment_name(first)
             data = path.read_bytes()
             _check_header(path, data, first)
-            records, group_end, group_seq = _scan_last_segment(path, first, data, _HEADER_SIZE, first)
+            records, group_end, group_seq, group_last = _scan_last_segment(path, first, data, _HEADER_SIZE, first)
+            self._last_position = pack_position(first, group_last) if group_last >= 0 else 0
             if group_end < len(data):
                 log.warning("%s: torn tail of %d bytes after offset %d (seq %d) truncated",
                             path, len(data) - group_end, group_end, group_seq)
@@ -436,6 +441,8 @@ class Journal:
                     last_prev = rec
                 if last_prev is not None and last_prev.seq != first - 1:
                     raise CorruptJournalError(path, 0, f"segment starts at {first} after seq {last_prev.seq}")
+                if last_prev is not None:
+                    self._last_position = last_prev.position
             self._segments = firsts
             self._fd = ops.open_append(str(path))
             self._next_seq = group_seq + 1
@@ -443,7 +450,6 @@ class Journal:
             self._seg = first
             self._seg_size = group_end
             self.recovered = True
-        self._last_position = 0
         self.durable_seq = self._next_seq - 1
         self._durable_pos = pack_position(self._seg, self._file_size)
         self._chunks: list[list] = [[self._seg, bytearray()]]
@@ -461,7 +467,7 @@ class Journal:
 
     @property
     def last_position(self) -> int:
-        """Position of the last appended record (for ``read_at``)."""
+        """Position of the last appended record (for ``read_at``); 0 while the journal is empty."""
         return self._last_position
 
     def append_group(self, records: Iterable[tuple[int, bytes]]) -> int:
