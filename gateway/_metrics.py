@@ -1,0 +1,158 @@
+"""Plain counters on the order path, exported to Prometheus at scrape time.
+
+The order path only adds to dicts and ints in ``Stats`` (and can skip even that with
+``enabled=False``, to measure what it costs). ``KaboniCollector`` reads ``Stats``, the engine
+and the journal's ``stats`` when Prometheus scrapes, so the client library is never called per
+order. Metric names are the contract of issue 5 (see docs/operations.md).
+"""
+
+from __future__ import annotations
+
+import platform
+import time
+from collections import defaultdict
+
+from engine._histogram import LATENCY_BOUNDS, FixedHistogram
+
+__all__ = ["Stats", "KaboniCollector", "start_metrics_server", "VERSION"]
+
+VERSION = "0.1.0"
+STATES = ("open", "halted", "closed")
+
+
+class Stats:
+    """What the gateway counts; plain Python numbers, read by the collector."""
+
+    def __init__(self, enabled: bool = True) -> None:
+        self.enabled = enabled
+        self.orders: defaultdict[tuple[str, str], int] = defaultdict(int)   # (type, outcome)
+        self.rejects: defaultdict[str, int] = defaultdict(int)
+        self.trades: defaultdict[str, int] = defaultdict(int)
+        self.traded_qty: defaultdict[str, int] = defaultdict(int)
+        self.traded_value: defaultdict[str, int] = defaultdict(int)
+        self.order_to_report = FixedHistogram(LATENCY_BOUNDS)
+        self.throttled = 0
+        self.disconnects: defaultdict[str, int] = defaultdict(int)
+        self.start_time = time.time()
+
+
+def _histogram(name: str, doc: str, hist: FixedHistogram):
+    from prometheus_client.core import HistogramMetricFamily
+
+    return HistogramMetricFamily(name, doc, buckets=hist.cumulative(), sum_value=hist.sum)
+
+
+class KaboniCollector:
+    """A custom collector: everything is computed from plain state at scrape time."""
+
+    def __init__(self, exchange, runner=None) -> None:
+        self.exchange = exchange
+        # The engine and the counters belong to the event loop's thread; the HTTP server's
+        # thread asks the loop to build the families (``runner``) instead of racing it.
+        self.runner = runner or (lambda fn: fn())
+
+    def describe(self):
+        return []
+
+    def collect(self):
+        return iter(self.runner(lambda: list(self._families())))
+
+    def _families(self):
+        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+        ex = self.exchange
+        st: Stats = ex.stats
+        engine = ex.ledger.engine
+        config = ex.config
+        currency = {i.symbol: i.currency for i in config.instruments}
+
+        m = CounterMetricFamily("kaboni_orders_received", "Order-entry messages received, by type and outcome.",
+                                labels=["type", "outcome"])
+        for (typ, outcome), n in list(st.orders.items()):
+            m.add_metric([typ, outcome], n)
+        yield m
+        m = CounterMetricFamily("kaboni_rejects", "Rejected order-entry requests, by reason.", labels=["reason"])
+        for reason, n in list(st.rejects.items()):
+            m.add_metric([reason], n)
+        yield m
+        trades = CounterMetricFamily("kaboni_trades", "Trades, per instrument.", labels=["instrument"])
+        qty = CounterMetricFamily("kaboni_traded_quantity_tonnes", "Traded quantity in tonnes.", labels=["instrument"])
+        value = CounterMetricFamily("kaboni_traded_value_minor_units", "Traded value in minor currency units.",
+                                    labels=["instrument", "currency"])
+        for sym in engine.instruments:
+            trades.add_metric([sym], st.trades.get(sym, 0))
+            qty.add_metric([sym], st.traded_qty.get(sym, 0))
+            value.add_metric([sym, currency[sym]], st.traded_value.get(sym, 0))
+        yield trades
+        yield qty
+        yield value
+        yield _histogram("kaboni_order_to_report_latency_seconds",
+                         "From an order's bytes arriving to its first report leaving (after the journal made it durable).",
+                         st.order_to_report)
+        js = ex.ledger.stats
+        yield _histogram("kaboni_journal_append_to_durable_seconds", "From a journal append to its fsync completing.",
+                         js.append_to_durable_seconds)
+        from prometheus_client.core import HistogramMetricFamily
+
+        batch = js.batch_records
+        yield HistogramMetricFamily("kaboni_journal_batch_records", "Records per journal group commit.",
+                                    buckets=[(str(b) if b == "+Inf" else repr(float(b)), n) for b, n in batch.cumulative()],
+                                    sum_value=batch.sum)
+        yield _histogram("kaboni_journal_fsync_seconds", "Duration of one journal fsync.", js.fsync_seconds)
+        yield CounterMetricFamily("kaboni_journal_bytes_written", "Bytes appended to the journal.", value=js.bytes)
+        yield GaugeMetricFamily("kaboni_journal_records_pending", "Records appended but not yet durable.",
+                                value=js.pending)
+        g = GaugeMetricFamily("kaboni_sessions", "Sessions logged on, by role.", labels=["role"])
+        roles = ex.session_counts()
+        for role in ("member", "operator"):
+            g.add_metric([role], roles.get(role, 0))
+        yield g
+        yield CounterMetricFamily("kaboni_throttled_messages", "Order-entry messages refused by the throttle.",
+                                  value=st.throttled)
+        m = CounterMetricFamily("kaboni_disconnects", "Connections ended, by cause.", labels=["cause"])
+        for cause in ("client_close", "heartbeat_timeout", "slow_consumer", "framing_error", "logout",
+                      "logon_timeout", "shutdown"):
+            m.add_metric([cause], st.disconnects.get(cause, 0))
+        yield m
+        bid = GaugeMetricFamily("kaboni_best_bid_price_minor_units", "Best bid price.", labels=["instrument"])
+        ask = GaugeMetricFamily("kaboni_best_ask_price_minor_units", "Best ask price.", labels=["instrument"])
+        resting = GaugeMetricFamily("kaboni_resting_orders", "Orders resting in the book.", labels=["instrument"])
+        rqty = GaugeMetricFamily("kaboni_resting_quantity_tonnes", "Open quantity resting in the book.",
+                                 labels=["instrument"])
+        state = GaugeMetricFamily("kaboni_instrument_state", "1 for the instrument's current state.",
+                                  labels=["instrument", "state"])
+        for sym in engine.instruments:
+            b, a = engine.best_prices(sym)
+            if b is not None:
+                bid.add_metric([sym], b)
+            if a is not None:
+                ask.add_metric([sym], a)
+            n, q = engine.resting(sym)
+            resting.add_metric([sym], n)
+            rqty.add_metric([sym], q)
+            current = engine.status(sym)
+            for s in STATES:
+                state.add_metric([sym, s], 1 if s == current else 0)
+        yield bid
+        yield ask
+        yield resting
+        yield rqty
+        yield state
+        g = GaugeMetricFamily("kaboni_trading_day_info", "The current trading day.", labels=["trading_day"])
+        g.add_metric([engine.trading_day], 1)
+        yield g
+        g = GaugeMetricFamily("kaboni_build_info", "Kaboni version and Python.", labels=["version", "python"])
+        g.add_metric([VERSION, platform.python_version()], 1)
+        yield g
+        yield GaugeMetricFamily("kaboni_start_time_seconds", "Start time of the server (Unix seconds).",
+                                value=st.start_time)
+
+
+def start_metrics_server(exchange, port: int, host: str = "127.0.0.1", runner=None):
+    """Serve /metrics on its own registry: our collector plus the process collector."""
+    from prometheus_client import CollectorRegistry, ProcessCollector, start_http_server
+
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(KaboniCollector(exchange, runner))
+    ProcessCollector(registry=registry)
+    return start_http_server(port, addr=host, registry=registry)
