@@ -73,6 +73,7 @@ def _port(preferred: int | None, default: int) -> int:
         return preferred
     for port in (default, 0):
         with socket.socket() as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the server binds
             try:
                 s.bind(("127.0.0.1", port))
             except OSError:
@@ -191,10 +192,10 @@ async def _watch_market(run: _Run, client) -> None:
 
 
 async def _firm_reports(run: _Run, firm, client) -> None:
-    loop = asyncio.get_running_loop()
+    clock = time.perf_counter  # loop.time() is millisecond-coarse under uvloop
     while True:
         msg = await client.reports.get()
-        now = loop.time()
+        now = clock()
         try:
             report = _decode(msg, _Incoming)
         except msgspec.ValidationError:
@@ -221,7 +222,7 @@ async def _firm_orders(run: _Run, firm, client, rate: float) -> None:
         now = loop.time()
         next_at = max(next_at + interval, now - 0.05)  # catch up a little, never burst
         for command in firm.decide(run.view):
-            run.sent_at[command.cl_ord_id] = now
+            run.sent_at[command.cl_ord_id] = time.perf_counter()
             client.send_nowait(command)
             run.stats.on_sent(command)
         if client.writer.transport.get_write_buffer_size() > 1 << 20:
@@ -252,7 +253,7 @@ async def _show(run: _Run, tty: bool) -> None:
         record = now >= next_history
         if record:
             next_history = now + history_every
-        run.stats.sample(now, record_history=record)
+        run.stats.sample(time.perf_counter(), record_history=record)  # the latencies' clock
         if tty:
             width = shutil.get_terminal_size((100, 24)).columns
             lines = render_screen(run.stats, run.books, run.reference, run.elapsed, total, run.trading_day,
@@ -357,9 +358,12 @@ def run_demo(args) -> int:
     metrics_port = _port(args.metrics_port, 9101)
     if metrics_port == port:
         metrics_port = _port(None, 0)
-    run_dir = Path(tempfile.mkdtemp(prefix="kaboni-demo-"))
-    data_dir = Path(args.data_dir) if args.data_dir else run_dir / "journal"
-    log_path = run_dir / "exchange.log"
+    if args.data_dir:
+        data_dir = Path(args.data_dir).absolute()
+        log_path = data_dir.with_name(data_dir.name + ".log")
+    else:
+        run_dir = Path(tempfile.mkdtemp(prefix="kaboni-demo-"))
+        data_dir, log_path = run_dir / "journal", run_dir / "exchange.log"
     metrics_url = f"http://127.0.0.1:{metrics_port}/metrics"
     print(f"Starting the demo exchange: order entry on 127.0.0.1:{port}, metrics on {metrics_url},\n"
           f"journal (fsync on) in {data_dir}, log in {log_path}", flush=True)

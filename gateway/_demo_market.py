@@ -530,7 +530,9 @@ def render_summary(stats: DemoStats, reference: dict[str, int], elapsed: float, 
     if by_type:
         lines.append(f"Messages: {by_type}.")
     if stats.rejects:
-        lines.append("Rejected: " + ", ".join(f"{n:,} {r}" for r, n in sorted(stats.rejects.items())) + ".")
+        lines.append("Rejected: " + ", ".join(f"{n:,} {r}" for r, n in sorted(stats.rejects.items())) + "."
+                     + (" (unknown_order: a cancel or replace that crossed a fill of the same order on"
+                        " the wire, as happens in any fast market.)" if "unknown_order" in stats.rejects else ""))
     else:
         lines.append("Rejected: none.")
     lines += ["", f"{'vintage':<9} {'ref':>8} {'open':>8} {'high':>8} {'low':>8} {'last':>8} {'VWAP':>8} {'trades':>8} {'volume t':>10}"]
