@@ -244,9 +244,9 @@ async def _show(run: _Run, tty: bool) -> None:
     out = sys.stdout
     total = run.args.seconds
     drawn = 0
-    next_history = next_line = 0.0
     history_every = max(0.25, total / 48)
     line_every = max(1.0, min(10.0, total / 12))
+    next_history, next_line = 0.0, loop.time() + line_every
     while True:
         now = loop.time()
         run.elapsed = min(total, now - run.started)
@@ -262,7 +262,7 @@ async def _show(run: _Run, tty: bool) -> None:
             out.write(text)
             out.flush()
             drawn = len(lines)
-        elif now >= next_line:
+        elif now >= next_line or run.stop.is_set():
             next_line = now + line_every
             print(render_line(run.stats, run.books, run.elapsed, total), flush=True)
         if run.stop.is_set():
