@@ -138,6 +138,17 @@ class ExchangeProcess:
 class _Run:
     """State shared by the demo's tasks."""
 
+    # stay under the demo configuration's per-session throttle (gateway.max_msgs_per_s = 1000)
+    MAX_FIRM_RATE = 900.0
+
+    def firm_rate(self, firm) -> float:
+        weight = sum(f.weight for f in self.firms)
+        return min(self.MAX_FIRM_RATE, self.args.rate * firm.weight / weight)
+
+    @property
+    def rate(self) -> float:
+        return sum(self.firm_rate(f) for f in self.firms)
+
     def __init__(self, args, port: int, metrics_url: str) -> None:
         self.args = args
         self.port = port
@@ -298,12 +309,11 @@ async def _simulate(run: _Run, tty: bool) -> None:
         await asyncio.gather(*(c.logon(f.member, f"{f.member}-token", cancel_on_disconnect=True)
                                for f, c in zip(run.firms, firm_clients)))
         run.stats.sessions = len(firm_clients)
-        weight = sum(f.weight for f in run.firms)
         run.started = loop.time()
         tasks.append(loop.create_task(_drift(run)))
         for firm, client in zip(run.firms, firm_clients):
             tasks.append(loop.create_task(_firm_reports(run, firm, client)))
-            tasks.append(loop.create_task(_firm_orders(run, firm, client, run.args.rate * firm.weight / weight)))
+            tasks.append(loop.create_task(_firm_orders(run, firm, client, run.firm_rate(firm))))
         view = loop.create_task(_show(run, tty))
         closed = [loop.create_task(c.closed.wait()) for c in clients]
         timer = loop.create_task(asyncio.sleep(run.args.seconds))
@@ -375,7 +385,8 @@ def run_demo(args) -> int:
         exchange.wait_ready()
         run = _Run(args, port, metrics_url)
         print(f"Exchange ready in {time.monotonic() - t0:.1f} s. {len(run.firms)} member firms log on and trade "
-              f"{', '.join(run.symbols)} for {args.seconds:g} s (seed {run.seed}).\n", flush=True)
+              f"{', '.join(run.symbols)} for {args.seconds:g} s at about {run.rate:,.0f} orders/s "
+              f"(seed {run.seed}).\n", flush=True)
         if tty:
             out.write("\x1b[?25l")
         try:

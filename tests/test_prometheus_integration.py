@@ -242,6 +242,15 @@ def test_prometheus_scrapes_what_the_exchange_did(exchange, prometheus):
         families.add(base_name if base_name in HISTOGRAMS else name)
     assert families == CONTRACT
     assert query(base, 'process_cpu_seconds_total{job="kaboni"}')
+    # every dashboard query is valid PromQL, and all but the empty-book ones have data
+    dashboard = json.loads((ROOT / "deploy" / "grafana" / "kaboni.json").read_text())
+    empty = []
+    for title, expr in _dashboard_queries(dashboard["panels"]):
+        expr = (expr.replace("$__rate_interval", "1m").replace('"$instance"', '".*"')
+                    .replace('"$instrument"', '".*"'))
+        if not query(base, expr):
+            empty.append(title)
+    assert empty == [], empty
     # the alert rules evaluate cleanly against the real series, and none fires
     def evaluated():
         rules = _rules(base)
@@ -251,6 +260,13 @@ def test_prometheus_scrapes_what_the_exchange_did(exchange, prometheus):
     assert len(rules) == 8
     assert all(rule["health"] == "ok" for rule in rules), rules
     assert [r["name"] for r in rules if r["type"] == "alerting" and r["state"] != "inactive"] == []
+
+
+def _dashboard_queries(panels):
+    for panel in panels:
+        for target in panel.get("targets", []):
+            yield panel["title"], target["expr"]
+        yield from _dashboard_queries(panel.get("panels", []))
 
 
 def _rules(base: str) -> list[dict]:
