@@ -131,6 +131,8 @@ class Server:
         self.stopping: asyncio.Event | None = None
         self.exit_code = 0
         self.started = None  # threading.Event set once listening (for in-process tests)
+        self.metrics_port_bound = None
+        self.errors: list[dict] = []  # exceptions that reached the loop (a bug; logged)
 
     # -----------------------------------------------------------------------------------------
     def _on_durable(self, seq: int) -> None:
@@ -157,6 +159,11 @@ class Server:
         except RuntimeError:
             pass
 
+    def _loop_error(self, loop, context) -> None:
+        self.errors.append(context)
+        logging.getLogger("kaboni").error("event=internal_error message=%r exception=%r",
+                                          context.get("message"), context.get("exception"))
+
     def _run_in_loop(self, fn):
         """Run ``fn`` on the loop thread and wait (the metrics thread reads engine state so)."""
         fut = asyncio.run_coroutine_threadsafe(self._call(fn), self.loop)
@@ -176,6 +183,7 @@ class Server:
     async def run(self) -> int:
         self.loop = loop = asyncio.get_running_loop()
         self.stopping = asyncio.Event()
+        loop.set_exception_handler(self._loop_error)
         gw = self.config.gateway
         today = _dt.datetime.now(_dt.timezone.utc).date().isoformat()
         ledger = self.ledger_factory(
@@ -193,6 +201,7 @@ class Server:
         metrics_server = None
         if self.metrics:
             metrics_server = start_metrics_server(exchange, self.metrics_port, self.host, self._run_in_loop)
+            self.metrics_port_bound = metrics_server[0].server_port
         server = await loop.create_server(lambda: Connection(self), self.host, self.port,
                                           ssl=self._ssl_context(), backlog=4096, reuse_address=True)
         self.port = server.sockets[0].getsockname()[1]

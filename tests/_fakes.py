@@ -233,6 +233,8 @@ class ThreadServer:
 
     def __exit__(self, *exc):
         self.stop()
+        if exc[0] is None:
+            assert self.server.errors == [], self.server.errors  # nothing reached the loop's handler
 
 
 def write_config_toml(path, port=0, metrics_port=0, **gateway):

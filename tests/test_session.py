@@ -1,5 +1,7 @@
 """The sans-IO core without sockets: framing, decoding, the transition table, the throttle."""
 
+import re
+
 import msgspec
 import pytest
 from hypothesis import given, settings, strategies as st
@@ -110,7 +112,7 @@ def test_well_framed_maps_never_give_bad_frame(typ, fields):
     try:
         decode_client(msgspec.msgpack.encode({**fields, "type": typ}))
     except MessageError as exc:
-        assert str(exc).split(":")[0] in {"type", *fields} or "missing" in str(exc)
+        assert re.split(r"[:\[.]", str(exc))[0] in {"type", *fields} or "missing" in str(exc)
     except FrameError:
         pytest.fail("a map with a string type is well framed")
 
