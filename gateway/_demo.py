@@ -32,7 +32,7 @@ from engine._messages import (
 )
 
 from ._demo_market import (
-    DemoStats, FairPrice, LocalBook, MarketView, demo_instruments, make_firms, render_line,
+    DemoStats, ExchangeFigures, FairPrice, parse_metrics, LocalBook, MarketView, demo_instruments, make_firms, render_line,
     render_screen, render_summary,
 )
 
@@ -171,6 +171,26 @@ class _Run:
         self.failed: str | None = None
         self.started = 0.0
         self.elapsed = 0.0
+        self.exchange: ExchangeFigures | None = None
+
+
+def scrape(url: str) -> ExchangeFigures | None:
+    """The exchange's own figures from its metrics endpoint (None if it does not answer)."""
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(url, timeout=2) as response:
+            return parse_metrics(response.read().decode())
+    except (OSError, ValueError):
+        return None
+
+
+async def _scrape_every(run: "_Run", seconds: float) -> None:
+    while True:
+        figures = await asyncio.to_thread(scrape, run.metrics_url)
+        if figures is not None:
+            run.exchange = figures
+        await asyncio.sleep(seconds)
 
 
 def _base36(n: int) -> str:
@@ -268,7 +288,7 @@ async def _show(run: _Run, tty: bool) -> None:
         if tty:
             width = shutil.get_terminal_size((100, 24)).columns
             lines = render_screen(run.stats, run.books, run.reference, run.elapsed, total, run.trading_day,
-                                  run.metrics_url, color=True, width=width)
+                                  run.metrics_url, color=True, width=width, exchange=run.exchange)
             text = (f"\x1b[{drawn}F" if drawn else "") + "".join(f"\x1b[2K{line}\n" for line in lines)
             out.write(text)
             out.flush()
@@ -311,6 +331,7 @@ async def _simulate(run: _Run, tty: bool) -> None:
         run.stats.sessions = len(firm_clients)
         run.started = loop.time()
         tasks.append(loop.create_task(_drift(run)))
+        tasks.append(loop.create_task(_scrape_every(run, 2.0)))
         for firm, client in zip(run.firms, firm_clients):
             tasks.append(loop.create_task(_firm_reports(run, firm, client)))
             tasks.append(loop.create_task(_firm_orders(run, firm, client, run.firm_rate(firm))))
@@ -395,6 +416,7 @@ def run_demo(args) -> int:
             if tty:
                 out.write("\x1b[?25h")
                 out.flush()
+        run.exchange = scrape(metrics_url) or run.exchange   # after the firms logged out
         if run.failed:
             print(f"\nkaboni demo: {run.failed}. Exchange log:\n{exchange.log_tail()}", file=sys.stderr)
             code = 1
@@ -417,7 +439,7 @@ def run_demo(args) -> int:
                  f"  kaboni serve --demo --data-dir {data_dir} --port {port} --metrics-port {metrics_port}",
                  f"Verify the journal: kaboni journal verify {data_dir}   exchange log: {log_path}"]
         for line in render_summary(run.stats, run.reference, run.elapsed or args.seconds, metrics_url,
-                                   str(data_dir), extra):
+                                   str(data_dir), extra, exchange=run.exchange):
             print(line)
     if exit_code not in (0, None) and code == 0:
         print(f"kaboni demo: the exchange exited with {exit_code}:\n{exchange.log_tail()}", file=sys.stderr)

@@ -21,7 +21,7 @@ from engine._messages import (
 )
 
 __all__ = [
-    "FairPrice", "Quote", "Firm", "LocalBook", "MarketView", "DemoStats", "make_firms",
+    "ExchangeFigures", "parse_metrics", "FairPrice", "Quote", "Firm", "LocalBook", "MarketView", "DemoStats", "make_firms",
     "demo_instruments", "render_screen", "render_line", "render_summary", "sparkline",
     "format_price", "format_int", "format_seconds",
 ]
@@ -417,6 +417,71 @@ def _quantile(values: list[float], q: float) -> float | None:
     return values[rank - 1]
 
 
+@dataclass
+class ExchangeFigures:
+    """What the exchange itself reports on its metrics endpoint (the operator's view)."""
+
+    orders: int = 0
+    accepted: int = 0
+    rejected: int = 0
+    trades: int = 0
+    order_to_report_p99: float | None = None    # upper bound of the bucket holding p99
+    fsync_p99: float | None = None
+    fsyncs: int = 0
+    records: int = 0                            # journal records made durable in those fsyncs
+    bytes_written: int = 0
+
+    def describe(self) -> tuple[str, str]:
+        """(orders line, journal line)."""
+        per = f"{self.records / self.fsyncs:.1f}" if self.fsyncs else "-"
+        return (f"{self.orders:,} orders received ({self.rejected:,} rejected), {self.trades:,} trades, "
+                f"order-to-report p99 <= {format_seconds(self.order_to_report_p99)}",
+                f"{self.records:,} records durable in {self.fsyncs:,} fsyncs ({per} per fsync), "
+                f"fsync p99 <= {format_seconds(self.fsync_p99)}, {self.bytes_written / 1e6:,.1f} MB written")
+
+
+def _bucket_quantile(buckets: list[tuple[float, float]], q: float) -> float | None:
+    """Upper bound of the first bucket whose cumulative count reaches ``q`` of the total."""
+    if not buckets or not buckets[-1][1]:
+        return None
+    target = q * buckets[-1][1]
+    for bound, count in sorted(buckets):
+        if count >= target:
+            return bound
+    return None
+
+
+def parse_metrics(text: str) -> ExchangeFigures:
+    """Read the figures the demo shows from a Prometheus text exposition."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    fig = ExchangeFigures()
+    hist: dict[str, list[tuple[float, float]]] = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            name, labels, value = sample.name, sample.labels, sample.value
+            if name == "kaboni_orders_received_total":
+                fig.orders += int(value)
+                if labels.get("outcome") == "accepted":
+                    fig.accepted += int(value)
+                elif labels.get("outcome") == "rejected":
+                    fig.rejected += int(value)
+            elif name == "kaboni_trades_total":
+                fig.trades += int(value)
+            elif name == "kaboni_journal_bytes_written_total":
+                fig.bytes_written = int(value)
+            elif name == "kaboni_journal_fsync_seconds_count":
+                fig.fsyncs = int(value)
+            elif name == "kaboni_journal_batch_records_sum":
+                fig.records = int(value)
+            elif name.endswith("_bucket") and name in ("kaboni_order_to_report_latency_seconds_bucket",
+                                                       "kaboni_journal_fsync_seconds_bucket"):
+                hist.setdefault(name, []).append((float(labels["le"]), value))
+    fig.order_to_report_p99 = _bucket_quantile(hist.get("kaboni_order_to_report_latency_seconds_bucket", []), 0.99)
+    fig.fsync_p99 = _bucket_quantile(hist.get("kaboni_journal_fsync_seconds_bucket", []), 0.99)
+    return fig
+
+
 _BLOCKS = "▁▂▃▄▅▆▇█"
 
 
@@ -459,7 +524,7 @@ def _c(text: str, code: str, color: bool) -> str:
 
 def render_screen(stats: DemoStats, books: dict[str, LocalBook], reference: dict[str, int],
                   elapsed: float, total: float, trading_day: str, metrics_url: str,
-                  color: bool = True, width: int = 100) -> list[str]:
+                  color: bool = True, width: int = 100, exchange: ExchangeFigures | None = None) -> list[str]:
     """The live view, one string per line (no trailing newlines, no cursor movement)."""
     done = min(1.0, elapsed / total) if total else 1.0
     bar_w = 40
@@ -496,7 +561,9 @@ def render_screen(stats: DemoStats, books: dict[str, LocalBook], reference: dict
             f" {sym:<9} {format_price(bid):>9} {format_price(ask):>9} {format_price(st.last):>9} {chg:>7}"
             f" {format_int(st.trades):>8} {format_int(st.volume):>10}  {sparkline(st.history)}{status}"
         )
-    lines += ["", _c(f" metrics {metrics_url}   (Ctrl-C stops early)", _DIM, color)]
+    orders, journal = exchange.describe() if exchange else ("(first scrape pending)", "")
+    lines += ["", _c(f" exchange {orders}", _DIM, color), _c(f" journal  {journal}", _DIM, color),
+              _c(f" metrics  {metrics_url}   (Ctrl-C stops early)", _DIM, color)]
     return [line[: width + 40] for line in lines]  # ANSI codes do not take room
 
 
@@ -514,7 +581,7 @@ def render_line(stats: DemoStats, books: dict[str, LocalBook], elapsed: float, t
 
 
 def render_summary(stats: DemoStats, reference: dict[str, int], elapsed: float, metrics_url: str,
-                   data_dir: str, extra: list[str] = ()) -> list[str]:
+                   data_dir: str, extra: list[str] = (), exchange: ExchangeFigures | None = None) -> list[str]:
     """What happened, in numbers, and where to look next."""
     rate = stats.sent / elapsed if elapsed > 0 else 0.0
     lines = [
@@ -526,6 +593,9 @@ def render_summary(stats: DemoStats, reference: dict[str, int], elapsed: float, 
         f"p50 {format_seconds(stats.quantile(0.5))}, p99 {format_seconds(stats.quantile(0.99))}, "
         f"p99.9 {format_seconds(stats.quantile(0.999))}, max {format_seconds(stats.quantile(1.0))}.",
     ]
+    if exchange is not None:
+        orders, journal = exchange.describe()
+        lines += [f"The exchange's own metrics: {orders}.", f"Its journal: {journal}."]
     by_type = ", ".join(f"{n:,} {t}" for t, n in sorted(stats.sent_by_type.items()))
     if by_type:
         lines.append(f"Messages: {by_type}.")

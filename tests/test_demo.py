@@ -203,3 +203,47 @@ def test_summary_says_what_happened_and_where_to_look():
     for sym in SYMBOLS:
         vwap = round(stats.instruments[sym].value / stats.instruments[sym].volume)
         assert f"{vwap / 100:,.2f}" in text
+
+
+METRICS_TEXT = """\
+# TYPE kaboni_orders_received_total counter
+kaboni_orders_received_total{type="NewOrder",outcome="accepted"} 90.0
+kaboni_orders_received_total{type="NewOrder",outcome="rejected"} 4.0
+kaboni_orders_received_total{type="CancelOrder",outcome="accepted"} 6.0
+kaboni_orders_received_total{type="NewOrder",outcome="invalid"} 1.0
+# TYPE kaboni_trades_total counter
+kaboni_trades_total{instrument="CEA24"} 30.0
+kaboni_trades_total{instrument="CEA25"} 12.0
+# TYPE kaboni_order_to_report_latency_seconds histogram
+kaboni_order_to_report_latency_seconds_bucket{le="0.001"} 50.0
+kaboni_order_to_report_latency_seconds_bucket{le="0.0025"} 98.0
+kaboni_order_to_report_latency_seconds_bucket{le="0.005"} 99.0
+kaboni_order_to_report_latency_seconds_bucket{le="+Inf"} 100.0
+kaboni_order_to_report_latency_seconds_count 100.0
+kaboni_order_to_report_latency_seconds_sum 0.1
+# TYPE kaboni_journal_fsync_seconds histogram
+kaboni_journal_fsync_seconds_bucket{le="0.001"} 10.0
+kaboni_journal_fsync_seconds_bucket{le="+Inf"} 10.0
+kaboni_journal_fsync_seconds_count 10.0
+kaboni_journal_fsync_seconds_sum 0.005
+# TYPE kaboni_journal_batch_records histogram
+kaboni_journal_batch_records_bucket{le="1.0"} 0.0
+kaboni_journal_batch_records_bucket{le="+Inf"} 10.0
+kaboni_journal_batch_records_count 10.0
+kaboni_journal_batch_records_sum 123.0
+# TYPE kaboni_journal_bytes_written_total counter
+kaboni_journal_bytes_written_total 2500000.0
+"""
+
+
+def test_exchange_figures_from_the_metrics_endpoint():
+    from gateway._demo_market import parse_metrics
+
+    fig = parse_metrics(METRICS_TEXT)
+    assert (fig.orders, fig.accepted, fig.rejected, fig.trades) == (101, 96, 4, 42)
+    assert fig.order_to_report_p99 == 0.005 and fig.fsync_p99 == 0.001
+    assert (fig.fsyncs, fig.records, fig.bytes_written) == (10, 123, 2_500_000)
+    orders, journal = fig.describe()
+    assert "101 orders received (4 rejected), 42 trades" in orders and "<= 5.0 ms" in orders
+    assert "123 records durable in 10 fsyncs (12.3 per fsync)" in journal and "2.5 MB" in journal
+    assert parse_metrics("").order_to_report_p99 is None

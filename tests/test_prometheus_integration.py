@@ -293,6 +293,10 @@ def test_kaboni_demo_runs_end_to_end(tmp_path):
     sent, rate, trades = (int(g.replace(",", "")) for g in m.groups())
     assert 1_000 <= sent <= 2_400 and 200 <= rate <= 480 and trades > 100
     assert re.search(r"p99 [\d.]+ (ms|µs)", out)
+    # the exchange's own metrics count every message the firms sent, and the same trades
+    assert f"The exchange's own metrics: {sent:,} orders received" in out, out
+    assert f", {trades:,} trades, order-to-report p99" in out
+    assert re.search(r"Its journal: [\d,]+ records durable in [\d,]+ fsyncs", out)
     assert "/metrics" in out and str(data) in out and "exit code 0" in out
     # the journal it leaves behind is whole, and settles
     verify = subprocess.run([sys.executable, "-m", "gateway", "journal", "verify", str(data)],
