@@ -32,7 +32,7 @@ from engine._messages import (
 )
 
 from ._demo_market import (
-    DemoStats, ExchangeFigures, FairPrice, parse_metrics, LocalBook, MarketView, demo_instruments, make_firms, render_line,
+    DemoStats, ExchangeFigures, FairPrice, format_price, parse_metrics, LocalBook, MarketView, demo_instruments, make_firms, render_line,
     render_screen, render_summary,
 )
 
@@ -58,6 +58,9 @@ def add_demo_command(subparsers) -> None:
     p.add_argument("--data-dir", help="journal directory (default: a new temporary directory)")
     p.add_argument("--seed", type=int, help="random seed (default: a new one each run)")
     p.add_argument("--plain", action="store_true", help="progress lines instead of the live screen")
+    p.add_argument("--no-end-of-day", dest="end_of_day", action="store_false",
+                   help="leave the trading day open at the end (default: close the market, end the day "
+                        "and check the settlement report)")
     p.add_argument("--keep-running", action="store_true",
                    help="leave the exchange running after the firms stop (Ctrl-C to stop it)")
     p.set_defaults(func=run_demo)
@@ -172,6 +175,10 @@ class _Run:
         self.started = 0.0
         self.elapsed = 0.0
         self.exchange: ExchangeFigures | None = None
+        self.closed_day: str | None = None
+        self.next_day: str | None = None
+        self.closing: dict[str, int | None] = {}
+        self.eod_error: str | None = None
 
 
 def scrape(url: str) -> ExchangeFigures | None:
@@ -324,6 +331,9 @@ async def _simulate(run: _Run, tty: bool) -> None:
             if loop.time() > deadline:
                 raise RuntimeError("no market data snapshot from the exchange")
             await asyncio.sleep(0.01)
+        await _open_for_trading(run, watcher)
+        run.reference = {s: b.reference_price for s, b in run.books.items()}
+        run.fair.rebase(run.reference, {s: run.config.instrument(s).band_bp for s in run.symbols})
         firm_clients = await asyncio.gather(*(Client.connect("127.0.0.1", run.port) for _ in run.firms))
         clients += firm_clients
         await asyncio.gather(*(c.logon(f.member, f"{f.member}-token", cancel_on_disconnect=True)
@@ -352,12 +362,74 @@ async def _simulate(run: _Run, tty: bool) -> None:
         while run.sent_at and loop.time() < deadline and not run.failed:
             await asyncio.sleep(0.02)
         await view
+        await asyncio.gather(*(_logout(c) for c in firm_clients), return_exceptions=True)
+        if run.args.end_of_day and not run.failed:
+            await _end_of_day(run, watcher)
     finally:
         run.stop.set()
         for t in tasks:
             t.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
         await asyncio.gather(*(_logout(c) for c in clients), return_exceptions=True)
+
+
+async def _open_for_trading(run: _Run, ops) -> None:
+    """A journal reused with --data-dir may have closed or halted instruments: open them."""
+    if any(b.status == "closed" for b in run.books.values()):
+        reply = await ops.request({"type": "OpenMarket"})
+        if reply.get("type") != "AdminAck":
+            raise RuntimeError(f"OpenMarket: {reply}")
+    for sym, book in run.books.items():
+        if book.status == "halted":
+            reply = await ops.request({"type": "Resume", "instrument": sym})
+            if reply.get("type") != "AdminAck":
+                raise RuntimeError(f"Resume {sym}: {reply}")
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + 5
+    while any(b.status != "open" for b in run.books.values()):
+        if loop.time() > deadline:
+            raise RuntimeError("the instruments did not open")
+        await asyncio.sleep(0.01)
+
+
+async def _end_of_day(run: _Run, ops) -> None:
+    """Close the market and end the day as an operator would; the new reference prices (the
+    day's closing prices) arrive as InstrumentStatus market data."""
+    day = run.trading_day
+    for request in ({"type": "CloseMarket"}, {"type": "EndOfDay"}):
+        reply = await ops.request(request)
+        if reply.get("type") != "AdminAck":
+            run.eod_error = f"{request['type']}: {reply.get('reason')} {reply.get('text', '')}".strip()
+            return
+    run.next_day = reply.get("trading_day")
+    # EndOfDay's InstrumentStatus messages follow its AdminAck closely; wait for them
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + 2
+    seen = {s: b.md_seq for s, b in run.books.items()}
+    while loop.time() < deadline:
+        await asyncio.sleep(0.02)
+        if all(b.md_seq > seen[s] for s, b in run.books.items()):
+            break
+    run.closing = {s: b.reference_price for s, b in run.books.items()}
+    run.closed_day = day
+
+
+def settlement_check(report: dict) -> list[str]:
+    """Summary lines for a ``kaboni settle --format json`` report: that it balances."""
+    lines = report.get("lines", [])
+    totals = report.get("totals", {})
+    members = {line["member"] for line in lines}
+    balanced = all(t.get("net_qty") == 0 and t.get("net_cash") == 0 for t in totals.values())
+    # recompute rather than trust the report's own totals
+    sums: dict[str, list[int]] = {}
+    for line in lines:
+        acc = sums.setdefault(line["instrument"], [0, 0])
+        acc[0] += line["net_qty"]
+        acc[1] += line["net_cash"]
+    balanced = balanced and all(q == 0 and c == 0 for q, c in sums.values())
+    return [f"Settlement of {report.get('trading_day')} from the journal alone: {len(lines)} lines for "
+            f"{len(members)} accounts across {len(sums)} vintages; net tonnes and net cash "
+            f"per vintage sum to zero: {'yes' if balanced else 'NO'}."]
 
 
 async def _logout(client) -> None:
@@ -368,6 +440,22 @@ async def _logout(client) -> None:
         await client.logout(timeout=5)
     except Exception:  # noqa: BLE001 - the connection may already be gone; close it anyway
         await client.close()
+
+
+def _settle(data_dir: Path, day: str) -> list[str]:
+    """Run ``kaboni settle`` on the journal the exchange left behind and check it balances."""
+    import json
+
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(_ROOT), env.get("PYTHONPATH")]))
+    try:
+        result = subprocess.run([sys.executable, "-m", "gateway", "settle", str(data_dir), "--day", day,
+                                 "--format", "json"], capture_output=True, text=True, timeout=60, env=env)
+        if result.returncode != 0:
+            return [f"kaboni settle failed: {result.stderr.strip()[:300]}"]
+        return settlement_check(json.loads(result.stdout))
+    except (OSError, ValueError, subprocess.TimeoutExpired) as exc:
+        return [f"kaboni settle failed: {exc}"]
 
 
 def _run_loop(coro) -> None:
@@ -435,9 +523,21 @@ def run_demo(args) -> int:
     finally:
         exit_code = exchange.stop()
     if run is not None and run.stats.sent:
-        extra = [f"The exchange drained and stopped (exit code {exit_code}); restart it on the same journal with:",
-                 f"  kaboni serve --demo --data-dir {data_dir} --port {port} --metrics-port {metrics_port}",
-                 f"Verify the journal: kaboni journal verify {data_dir}   exchange log: {log_path}"]
+        extra = []
+        if run.closed_day:
+            closes = ", ".join(f"{s} {format_price(p)}" for s, p in run.closing.items())
+            extra += [f"End of day {run.closed_day}: market closed, day orders expired, purchases settled. "
+                      f"Closing prices (the day's VWAP), {run.next_day}'s reference prices: {closes}."]
+            extra += _settle(data_dir, run.closed_day) if exit_code == 0 else []
+            extra += [""]
+        elif run.eod_error:
+            extra += [f"End of day was refused: {run.eod_error}", ""]
+        extra += [f"The exchange drained and stopped (exit code {exit_code}); restart it on the same journal with:",
+                  f"  kaboni serve --demo --data-dir {data_dir} --port {port} --metrics-port {metrics_port}"
+                  + ("   (then: kaboni admin OpenMarket)" if run.closed_day else ""),
+                  f"Verify the journal: kaboni journal verify {data_dir}   settlement: kaboni settle {data_dir} "
+                  f"--day {run.closed_day or run.trading_day}",
+                  f"Exchange log: {log_path}"]
         for line in render_summary(run.stats, run.reference, run.elapsed or args.seconds, metrics_url,
                                    str(data_dir), extra, exchange=run.exchange):
             print(line)

@@ -60,6 +60,12 @@ class FairPrice:
         self.wobble = {s: 0.0 for s in symbols}
         self.time = 0.0
 
+    def rebase(self, references: dict[str, int], band_bp: dict[str, int]) -> None:
+        """Centre on today's reference prices (yesterday's close, after an end of day)."""
+        for s, ref in references.items():
+            self.reference[s] = ref
+            self.band[s] = price_band(ref, band_bp[s], self.tick[s])
+
     def step(self, dt: float) -> None:
         rng, root = self.rng, math.sqrt(dt)
         self.time += dt

@@ -247,3 +247,23 @@ def test_exchange_figures_from_the_metrics_endpoint():
     assert "101 orders received (4 rejected), 42 trades" in orders and "<= 5.0 ms" in orders
     assert "123 records durable in 10 fsyncs (12.3 per fsync)" in journal and "2.5 MB" in journal
     assert parse_metrics("").order_to_report_p99 is None
+
+
+def test_fair_price_rebases_on_a_new_reference():
+    fair = FairPrice(CONFIG, SYMBOLS, random.Random(1))
+    fair.rebase({"CEA25": 10_000}, {"CEA25": 1_000})
+    assert fair.band["CEA25"] == (9_000, 11_000)
+    assert abs(fair.fair("CEA25") - 10_000) < 700
+
+
+def test_settlement_check_recomputes_the_nets():
+    from gateway._demo import settlement_check
+
+    line = dict(instrument="CEA25", currency="CNY", bought=0, sold=0, paid=0, received=0, fees=0)
+    good = {"trading_day": "2026-11-24", "totals": {"CEA25": {"net_qty": 0, "net_cash": 0}}, "lines": [
+        {**line, "member": "M01", "net_qty": -40, "net_cash": 370_000},
+        {**line, "member": "M02", "net_qty": 40, "net_cash": -370_000}]}
+    assert "2 lines for 2 accounts across 1 vintages" in settlement_check(good)[0]
+    assert settlement_check(good)[0].endswith("sum to zero: yes.")
+    bad = {**good, "lines": good["lines"][:1]}       # totals claim zero, the lines do not
+    assert settlement_check(bad)[0].endswith("sum to zero: NO.")

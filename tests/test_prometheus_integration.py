@@ -299,6 +299,9 @@ def test_kaboni_demo_runs_end_to_end(tmp_path):
     assert f", {trades:,} trades, order-to-report p99" in out
     assert re.search(r"Its journal: [\d,]+ records durable in [\d,]+ fsyncs", out)
     assert "/metrics" in out and str(data) in out and "exit code 0" in out
+    # the day is closed by the operator and the settlement report, read back from the journal, balances
+    assert re.search(r"End of day \d{4}-\d\d-\d\d: market closed.*CEA25 \d+\.\d\d", out), out
+    assert re.search(r"Settlement of .* sum to zero: yes\.", out), out
     # the journal it leaves behind is whole, and settles
     verify = subprocess.run([sys.executable, "-m", "gateway", "journal", "verify", str(data)],
                             cwd=ROOT, env=env(), capture_output=True, text=True, timeout=60)
