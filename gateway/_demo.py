@@ -257,6 +257,8 @@ async def _firm_orders(run: _Run, firm, client, rate: float) -> None:
         delay = next_at - loop.time()
         if delay > 0:
             await asyncio.sleep(delay)
+            if run.stop.is_set():
+                return
         now = loop.time()
         next_at = max(next_at + interval, now - 0.05)  # catch up a little, never burst
         for command in firm.decide(run.view):
@@ -342,9 +344,11 @@ async def _simulate(run: _Run, tty: bool) -> None:
         run.started = loop.time()
         tasks.append(loop.create_task(_drift(run)))
         tasks.append(loop.create_task(_scrape_every(run, 2.0)))
+        senders = []
         for firm, client in zip(run.firms, firm_clients):
             tasks.append(loop.create_task(_firm_reports(run, firm, client)))
-            tasks.append(loop.create_task(_firm_orders(run, firm, client, run.firm_rate(firm))))
+            senders.append(loop.create_task(_firm_orders(run, firm, client, run.firm_rate(firm))))
+        tasks += senders
         view = loop.create_task(_show(run, tty))
         closed = [loop.create_task(c.closed.wait()) for c in clients]
         timer = loop.create_task(asyncio.sleep(run.args.seconds))
@@ -357,6 +361,9 @@ async def _simulate(run: _Run, tty: bool) -> None:
             t.cancel()
         run.elapsed = min(run.args.seconds, loop.time() - run.started)
         run.stop.set()
+        for t in senders:
+            t.cancel()
+        await asyncio.gather(*senders, return_exceptions=True)
         # let the last answers arrive before the firms log out
         deadline = loop.time() + 2
         while run.sent_at and loop.time() < deadline and not run.failed:
