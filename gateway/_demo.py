@@ -403,20 +403,24 @@ async def _end_of_day(run: _Run, ops) -> None:
     """Close the market and end the day as an operator would; the new reference prices (the
     day's closing prices) arrive as InstrumentStatus market data."""
     day = run.trading_day
-    for request in ({"type": "CloseMarket"}, {"type": "EndOfDay"}):
-        reply = await ops.request(request)
-        if reply.get("type") != "AdminAck":
-            run.eod_error = f"{request['type']}: {reply.get('reason')} {reply.get('text', '')}".strip()
-            return
-    run.next_day = reply.get("trading_day")
-    # EndOfDay's InstrumentStatus messages follow its AdminAck closely; wait for them
     loop = asyncio.get_running_loop()
-    deadline = loop.time() + 2
-    seen = {s: b.md_seq for s, b in run.books.items()}
-    while loop.time() < deadline:
-        await asyncio.sleep(0.02)
-        if all(b.md_seq > seen[s] for s, b in run.books.items()):
-            break
+
+    async def until(condition) -> None:
+        deadline = loop.time() + 3
+        while not condition() and loop.time() < deadline:
+            await asyncio.sleep(0.01)
+
+    reply = await ops.request({"type": "CloseMarket"})
+    if reply.get("type") == "AdminAck":
+        await until(lambda: all(b.status == "closed" for b in run.books.values()))
+        seen = {s: b.md_seq for s, b in run.books.items()}
+        reply = await ops.request({"type": "EndOfDay"})
+    if reply.get("type") != "AdminAck":
+        run.eod_error = f"{reply.get('request')}: {reply.get('reason')} {reply.get('text', '')}".strip()
+        return
+    run.next_day = reply.get("trading_day")
+    # one InstrumentStatus per instrument carries its new reference price
+    await until(lambda: all(b.md_seq > seen[s] for s, b in run.books.items()))
     run.closing = {s: b.reference_price for s, b in run.books.items()}
     run.closed_day = day
 

@@ -614,7 +614,7 @@ def render_summary(stats: DemoStats, reference: dict[str, int], elapsed: float, 
     lines += ["", f"{'vintage':<9} {'ref':>8} {'open':>8} {'high':>8} {'low':>8} {'last':>8} {'VWAP':>8} {'trades':>8} {'volume t':>10}"]
     for sym in stats.symbols:
         st = stats.instruments[sym]
-        vwap = round(st.value / st.volume) if st.volume else None
+        vwap = (2 * st.value + st.volume) // (2 * st.volume) if st.volume else None  # half up, as end of day
         lines.append(
             f"{sym:<9} {format_price(reference.get(sym)):>8} {format_price(st.open):>8} {format_price(st.high):>8}"
             f" {format_price(st.low):>8} {format_price(st.last):>8} {format_price(vwap):>8}"

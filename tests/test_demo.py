@@ -201,7 +201,7 @@ def test_summary_says_what_happened_and_where_to_look():
     assert "http://127.0.0.1:9101/metrics" in text and "/tmp/kaboni-demo-x" in text
     assert "deploy/prometheus/prometheus.yml" in text and "deploy/grafana/kaboni.json" in text
     for sym in SYMBOLS:
-        vwap = round(stats.instruments[sym].value / stats.instruments[sym].volume)
+        vwap = (2 * stats.instruments[sym].value + stats.instruments[sym].volume) // (2 * stats.instruments[sym].volume)
         assert f"{vwap / 100:,.2f}" in text
 
 

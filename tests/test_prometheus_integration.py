@@ -302,6 +302,10 @@ def test_kaboni_demo_runs_end_to_end(tmp_path):
     # the day is closed by the operator and the settlement report, read back from the journal, balances
     assert re.search(r"End of day \d{4}-\d\d-\d\d: market closed.*CEA25 \d+\.\d\d", out), out
     assert re.search(r"Settlement of .* sum to zero: yes\.", out), out
+    # the engine's closing prices are the VWAPs the demo computed from the public trade feed
+    closes = dict(re.findall(r"(CEA[\d-]+) (\d+\.\d\d)[,.]", out.split("Closing prices")[1].splitlines()[0]))
+    vwaps = {m[0]: m[1] for m in re.findall(r"^(CEA[\d-]+)(?: +[\d.,]+){5} +([\d.]+) ", out, re.M)}
+    assert closes == vwaps and len(closes) == 6, (closes, vwaps)
     # the journal it leaves behind is whole, and settles
     verify = subprocess.run([sys.executable, "-m", "gateway", "journal", "verify", str(data)],
                             cwd=ROOT, env=env(), capture_output=True, text=True, timeout=60)
