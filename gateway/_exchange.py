@@ -342,6 +342,7 @@ class Exchange:
         self.release(seq)
 
     def release(self, durable: int) -> None:
+        """Send everything queued up to journal seq ``durable``: one write per session."""
         out = self.outbox
         if not out or out[0][0] > durable:
             return
@@ -350,6 +351,8 @@ class Exchange:
         latency = self.stats.order_to_report
         now = monotonic()
         closed = State.CLOSED
+        batches: dict[Session, list[bytes]] = {}
+        get = batches.get
         while out and out[0][0] <= durable:
             _, kind, target, a, data = out.popleft()
             if kind == _REPORT:
@@ -358,23 +361,38 @@ class Exchange:
                 if group:
                     for s in group:
                         if a >= s.min_seq and s.state is not closed:
-                            s.last_tx = now
-                            s.sink.write(data)
+                            b = get(s)
+                            if b is None:
+                                batches[s] = [data]
+                            else:
+                                b.append(data)
             elif kind == _MARKET:
                 for s in target:
                     if a in s.subscriptions and s.state is not closed:
-                        s.last_tx = now
-                        s.sink.write(data)
+                        b = get(s)
+                        if b is None:
+                            batches[s] = [data]
+                        else:
+                            b.append(data)
             elif kind == _SESSION:
                 if target.state is not closed:
-                    target.last_tx = now
-                    target.sink.write(data)
+                    b = get(target)
+                    if b is None:
+                        batches[target] = [data]
+                    else:
+                        b.append(data)
             elif kind == _CLOSE:
+                b = batches.pop(target, None)
+                if b:
+                    target.sink.write(b"".join(b))
                 if target.state is not closed:
                     target.state = State.CLOSING
                     target.sink.close()
             else:
                 latency.observe(now - a)
+        for s, frames in batches.items():
+            s.last_tx = now
+            s.sink.write(frames[0] if len(frames) == 1 else b"".join(frames))
 
     # -----------------------------------------------------------------------------------------
     # Shutdown

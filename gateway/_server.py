@@ -211,6 +211,8 @@ class Server:
             except (NotImplementedError, RuntimeError, ValueError):
                 pass  # not the main thread (tests run servers in threads)
         ticker = loop.create_task(self._ticker())
+        # Start-up objects (config, books, accounts, the journal's index) never become garbage:
+        # freeze them so collections only scan what the order path allocates.
         gc.collect()
         gc.freeze()
         log_event("start", host=self.host, port=self.port, metrics_port=self.metrics_port if self.metrics else "off",

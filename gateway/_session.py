@@ -65,6 +65,7 @@ for _event in (E.LOGON, E.LOGON_INVALID, E.MESSAGE, E.LOGOUT, E.INVALID, E.BAD_F
     # After a close decision nothing more the peer sends is read.
     TABLE[(S.CLOSING, _event)] = (S.CLOSING, "ignore", None)
     TABLE[(S.CLOSED, _event)] = (S.CLOSED, "ignore", None)
+_ACTIVE_MESSAGE = TABLE[(S.ACTIVE, E.MESSAGE)][1:]
 
 
 class TokenBucket:
@@ -118,6 +119,8 @@ class Session:
         self.pending: deque = deque()
 
     def handle(self, event: Event) -> tuple[str, str | None]:
+        if event is E.MESSAGE and self.state is S.ACTIVE:  # the hot path, same table entry
+            return _ACTIVE_MESSAGE
         try:
             next_state, action, reason = TABLE[(self.state, event)]
         except KeyError:

@@ -45,6 +45,7 @@ class FakeLedger:
         self._closed = False
         self.last_seq = 0
         self.durable_seq = 0
+        self.fail_writes = False  # tests set this to make the writer fail
 
     @classmethod
     def open(cls, config, directory, *, durability="fsync", today=None, snapshot_every=100_000,
@@ -126,6 +127,8 @@ class FakeLedger:
                 buf, self._buf = self._buf, []
                 seq = self.last_seq
             try:
+                if self.fail_writes:
+                    raise OSError(28, "No space left on device (injected)")
                 data = b"".join(buf)
                 self._file.write(data)
                 self._file.flush()
@@ -193,7 +196,8 @@ class ThreadServer:
     def __init__(self, config, data_dir, **kwargs):
         from gateway._server import Server
 
-        self.server = Server(config, data_dir, ledger_factory=ledger_factory(), metrics=kwargs.pop("metrics", False),
+        factory = kwargs.pop("ledger_factory", None) or ledger_factory()
+        self.server = Server(config, data_dir, ledger_factory=factory, metrics=kwargs.pop("metrics", False),
                              **kwargs)
         self.server.started = threading.Event()
         self.thread = threading.Thread(target=self._run, daemon=True)

@@ -303,3 +303,29 @@ def test_subscribe_unknown_instrument_subscribes_nothing(server):
         await m.logout()
         await other.logout()
     run(main())
+
+
+def test_journal_failure_stops_the_server_without_reporting(tmp_path):
+    from _fakes import FakeLedger
+
+    ledgers = []
+
+    def factory(*a, **kw):
+        ledger = FakeLedger.open(*a, **kw)
+        ledgers.append(ledger)
+        return ledger
+
+    s = ThreadServer(make_config(), tmp_path / "d", ledger_factory=factory)
+    with s:
+        async def main():
+            a = await logon(s.port, "M01")
+            await a.send(NewOrder("ok", "CEA25", "buy", 1, 9000))
+            assert (await a.next_report())["type"] == "OrderAccepted"
+            ledgers[0].fail_writes = True
+            await a.send(NewOrder("lost", "CEA25", "buy", 1, 9000))
+            with pytest.raises(Exception) as err:
+                await a.next_report(5)
+            assert "closed" in str(err.value)
+        run(main())
+        s.thread.join(10)
+    assert s.code == 1

@@ -149,3 +149,52 @@ def test_sigkill_under_load_loses_nothing_acknowledged(tmp_path):
         assert srv.wait() == 0
     finally:
         srv.kill()
+
+
+def test_serve_demo_and_resume(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    from _fakes import REPO
+
+    port, mport = free_port(), free_port()
+    cmd = [sys.executable, "-m", "gateway", "serve", "--demo", "--data-dir", str(tmp_path / "demo"),
+           "--port", str(port), "--metrics-port", str(mport)]
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+
+    def start():
+        p = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        srv = ProcessServer("-", "-", port)
+        srv.proc = p
+        srv._wait_listening()
+        return srv
+
+    srv = start()
+    try:
+        async def first():
+            c = await logon(port, "M20")
+            bal = await c.request({"type": "QueryBalances"})
+            assert bal["cash"]["CNY"]["total"] == 1_000_000_000 and bal["allowances"]["CEA19-20"]["settled"] == 1_000_000
+            await c.send(NewOrder("d1", "CEA19-20", "sell", 5, 8600))
+            assert (await c.next_report())["seq"] == 1
+            await c.logout()
+        run(first())
+        srv.signal(signal.SIGTERM)
+        assert srv.wait() == 0
+        for line in ("event=start", "event=logon member=M20", "event=logoff member=M20", "event=stopped exit_code=0"):
+            assert line in srv.output, srv.output
+        srv = start()
+
+        async def second():
+            c = await logon(port, "M20")
+            assert c.logon_reply["next_seq"] == 2
+            snap = await book(c, "CEA19-20")
+            assert snap["asks"] == [[8600, 5, 1]] and snap["status"] == "open"
+            await c.logout()
+        run(second())
+        srv.signal(signal.SIGTERM)
+        assert srv.wait() == 0
+        assert "event=journal_recovered" in srv.output
+    finally:
+        srv.kill()

@@ -328,16 +328,23 @@ class Ledger:
     def _snapshot_worker(self) -> None:
         while True:
             body = self._snap_queue.get()
-            if body is None:
-                return
-            if not self.journal.wait_durable(body.seq):
-                log.warning("snapshot at seq %d dropped: the journal did not make it durable", body.seq)
-                continue
             try:
-                write_snapshot(self.directory, body, self._sync)
-                prune_snapshots(self.directory)
-            except OSError:
-                log.exception("writing the snapshot at seq %d failed", body.seq)
+                if body is None:
+                    return
+                if not self.journal.wait_durable(body.seq):
+                    log.warning("snapshot at seq %d dropped: the journal did not make it durable", body.seq)
+                    continue
+                try:
+                    write_snapshot(self.directory, body, self._sync)
+                    prune_snapshots(self.directory)
+                except OSError:
+                    log.exception("writing the snapshot at seq %d failed", body.seq)
+            finally:
+                self._snap_queue.task_done()
+
+    def wait_snapshots(self) -> None:
+        """Block until every snapshot asked for so far is written (or dropped)."""
+        self._snap_queue.join()
 
     def close(self) -> None:
         """Snapshot if anything changed, flush and sync, stop the writer and snapshot threads."""

@@ -334,17 +334,14 @@ def read_records(directory: str | Path, from_seq: int = 1) -> Iterator[Record]:
         _check_header(path, head, first)
         if first != expect:
             raise CorruptJournalError(path, 0, f"segment starts at seq {first}, {expect} expected")
-        group: list[Record] = []
-        for rec in _iter_file(path, first, _HEADER_SIZE, None, expect, not last):
+        limit = None
+        if last:
+            # the newest segment may end in a torn tail: read up to its last whole group
+            # (damage with valid records after it still raises)
+            _, limit, _, _ = _scan_last_segment(path, first, path.read_bytes(), _HEADER_SIZE, expect)
+        for rec in _iter_file(path, first, _HEADER_SIZE, limit, expect, True):
             expect = rec.seq + 1
-            if rec.seq < from_seq:
-                continue
-            if last:
-                group.append(rec)
-                if rec.group_end:
-                    yield from group
-                    group.clear()
-            else:
+            if rec.seq >= from_seq:
                 yield rec
 
 
