@@ -87,7 +87,7 @@ def test_promtool_check_rules():
 
 
 def test_promtool_unit_tests_for_the_alerts_pass():
-    result = promtool("test", "rules", "alerts_test.yml")
+    result = promtool("test", "rules", "alerts_test.yml", "alerts_weekend_test.yml")
     assert result.returncode == 0, result.stdout + result.stderr
 
 
