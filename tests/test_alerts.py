@@ -217,3 +217,15 @@ def test_dashboard_json_is_what_its_builder_prints():
     out = subprocess.run([sys.executable, str(DASHBOARD.parent / "build_dashboard.py")],
                          capture_output=True, text=True, timeout=30, check=True).stdout
     assert json.loads(out) == json.loads(DASHBOARD.read_text())
+
+
+def test_dashboard_panels_fit_the_grid_without_overlapping():
+    dash = json.loads(DASHBOARD.read_text())
+    cells = {}
+    for panel in dash["panels"]:
+        g = panel["gridPos"]
+        assert g["x"] >= 0 and g["w"] > 0 and g["x"] + g["w"] <= 24, panel["title"]
+        for x in range(g["x"], g["x"] + g["w"]):
+            for y in range(g["y"], g["y"] + g["h"]):
+                assert (x, y) not in cells, (panel["title"], cells.get((x, y)))
+                cells[(x, y)] = panel["title"]
