@@ -229,3 +229,14 @@ def test_dashboard_panels_fit_the_grid_without_overlapping():
             for y in range(g["y"], g["y"] + g["h"]):
                 assert (x, y) not in cells, (panel["title"], cells.get((x, y)))
                 cells[(x, y)] = panel["title"]
+
+
+def test_the_configuration_example_in_the_operations_guide_is_valid():
+    from engine import parse_config
+
+    text = OPERATIONS.read_text()
+    example = re.search(r"```toml\n(.*?)```", text, re.S).group(1)
+    config = parse_config(example, "docs/operations.md")
+    assert [i.symbol for i in config.instruments] == ["CEA25"]
+    assert {m.id: m.role for m in config.members} == {"M01": "member", "ops": "operator"}
+    assert config.gateway.durability == "fsync" and config.gateway.data_dir == "/var/lib/kaboni"
