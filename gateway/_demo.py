@@ -85,6 +85,18 @@ def _port(preferred: int | None, default: int) -> int:
     raise OSError("no free port")
 
 
+def _die_with_parent() -> None:
+    """In the child, on Linux: SIGTERM (an orderly drain) if the demo itself dies, so a killed
+    demo never leaves an exchange holding the ports."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        try:
+            ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+        except (OSError, AttributeError):
+            pass
+
+
 class ExchangeProcess:
     """``python -m gateway serve --demo`` in a subprocess, its log in a file."""
 
@@ -98,6 +110,7 @@ class ExchangeProcess:
              "--port", str(port), "--metrics-port", str(metrics_port)],
             stdin=subprocess.DEVNULL, stdout=self.log, stderr=subprocess.STDOUT, env=env, cwd=str(_ROOT),
             start_new_session=True,  # Ctrl-C reaches the demo, which then stops the exchange in order
+            preexec_fn=_die_with_parent,
         )
 
     def wait_ready(self, timeout: float = 30.0) -> None:
@@ -314,7 +327,7 @@ async def _simulate(run: _Run, tty: bool) -> None:
     from .client import Client
 
     loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
         try:
             loop.add_signal_handler(sig, run.stop.set)
         except (NotImplementedError, RuntimeError, ValueError):
@@ -472,10 +485,19 @@ def _settle(data_dir: Path, day: str) -> list[str]:
 def _run_loop(coro) -> None:
     try:
         import uvloop
-
-        uvloop.run(coro)
     except ImportError:
-        asyncio.run(coro)
+        uvloop = None
+    try:
+        (uvloop.run if uvloop else asyncio.run)(coro)
+    finally:
+        # uvloop leaves its own (now dead) handlers installed: give Ctrl-C and SIGTERM back
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        signal.signal(signal.SIGTERM, _terminate)
+        signal.signal(signal.SIGHUP, _terminate)
+
+
+def _terminate(signum, frame) -> None:
+    raise KeyboardInterrupt
 
 
 def run_demo(args) -> int:

@@ -342,3 +342,30 @@ def test_kaboni_demo_redraws_in_place_on_a_terminal_and_stops_cleanly_on_ctrl_c(
     # a summary for the part that ran, and the exchange drained
     assert re.search(r"Kaboni demo: \d+\.\d s, 20 member firms", out), out
     assert "exit code 0" in out
+
+
+def test_kaboni_demo_keep_running_leaves_the_exchange_up_until_ctrl_c(tmp_path):
+    metrics_port = free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "gateway", "demo", "--seconds", "1", "--rate", "200", "--no-end-of-day",
+         "--keep-running", "--data-dir", str(tmp_path / "journal"), "--port", str(free_port()),
+         "--metrics-port", str(metrics_port)],
+        cwd=ROOT, env=env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )
+    try:
+        lines = []
+        for line in proc.stdout:
+            lines.append(line)
+            if "keeps running" in line:
+                break
+        assert "keeps running" in "".join(lines), "".join(lines)
+        with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=5) as r:
+            assert b"kaboni_trades_total" in r.read()
+        proc.send_signal(signal.SIGINT)
+        out = proc.stdout.read()
+        assert proc.wait(30) == 0, out
+        assert "drained and stopped (exit code 0)" in out, out
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
