@@ -98,6 +98,14 @@ class Exchange:
     def data_received(self, session: Session, data: bytes, now: float) -> None:
         if self.draining:
             return
+        try:
+            self._data_received(session, data, now)
+        except Exception as exc:  # noqa: BLE001 - a bug or a failed journal: this connection goes, the server stays
+            log.exception("event=internal_error member=%s session=%d error=%r", session.member or "-", session.sid, exc)
+            session.sink.abort()
+        self.release(self.ledger.durable_seq)
+
+    def _data_received(self, session: Session, data: bytes, now: float) -> None:
         actions = session.receive_data(data, now)
         while actions:
             for action, value in actions:
@@ -122,7 +130,6 @@ class Exchange:
                     self._close_after_flush(session)
             # frames that arrived with a Logon wait for its decision
             actions = session.receive_data(b"", now) if session.pending else None
-        self.release(self.ledger.durable_seq)
 
     def connection_lost(self, session: Session, cause: str, now: float) -> None:
         """The connection ended for any reason; clean up once and cancel its orders if asked."""
@@ -320,8 +327,6 @@ class Exchange:
                     stats.trades[sym] += 1
                     stats.traded_qty[sym] += ev.qty
                     stats.traded_value[sym] += ev.qty * ev.price
-                elif t is E.InstrumentStatus and ev.status == "halted":
-                    log_event("halted", instrument=ev.instrument)
             elif t is E.AdminAck or t is E.AdminRejected or t is E.Balances:
                 if session is not None:
                     out.append((seq, _SESSION, session, None, frame(encode(ev))))
