@@ -431,6 +431,56 @@ def pct(sorted_ns: list[int], q: float) -> float:
 # ---------------------------------------------------------------------------------------------
 
 
+def inprocess_stats_cost(orders: int = 20_000, reps: int = 4) -> tuple[float, float]:
+    """CPU microseconds per order through the exchange core (real Ledger, durability "none",
+    sinks that drop bytes), with and without the order-path counters: (on, off), best of reps.
+    Deterministic enough on a shared machine, unlike two separate server runs."""
+    from engine import demo_config
+    from engine.journal import Ledger
+    from gateway._exchange import Exchange
+    from gateway._metrics import Stats
+
+    class Sink:
+        def write(self, b): pass
+        def close(self): pass
+        abort = close
+
+    def frame_(m):
+        b = _enc.encode(m)
+        return len(b).to_bytes(4, "big") + b
+
+    cfg = demo_config()
+    cfg = msgspec.structs.replace(cfg, gateway=msgspec.structs.replace(cfg.gateway, max_msgs_per_s=10**9))
+
+    def one(enabled: bool) -> float:
+        with tempfile.TemporaryDirectory() as d:
+            ledger = Ledger.open(cfg, d, durability="none", today="2026-11-24")
+            ex = Exchange(cfg, ledger, clock_ns=time.time_ns, stats=Stats(enabled))
+            sessions = []
+            for m in ("M01", "M02"):
+                sess = ex.connect(Sink(), 0.0)
+                ex.data_received(sess, frame_({"type": "Logon", "member": m, "token": m + "-token"}), 0.0)
+                sessions.append(sess)
+            frames = [[frame_({"type": "NewOrder", "cl_ord_id": f"{k}-{i}", "instrument": "CEA25",
+                               "side": "buy" if k == 0 else "sell", "qty": 1, "price": 9250})
+                       for i in range(orders)] for k in range(2)]
+            gc.collect()
+            t = time.process_time()
+            for i in range(0, orders, 10):
+                for k in range(2):
+                    ex.data_received(sessions[k], b"".join(frames[k][i:i + 10]), 0.0)
+                ex.release(ledger.last_seq)
+            dt = time.process_time() - t
+            ledger.close()
+            return dt / (2 * orders) * 1e6
+
+    runs: dict[bool, list[float]] = {True: [], False: []}
+    for _ in range(reps):
+        for enabled in (False, True):
+            runs[enabled].append(one(enabled))
+    return min(runs[True]), min(runs[False])
+
+
 def cpu_seconds(pid: int) -> float:
     """utime + stime of a process (all its threads), from /proc."""
     try:
@@ -540,6 +590,9 @@ def main() -> int:
         print(f"metrics N={nm}: orders/s on {on_rate:,.0f} off {off_rate:,.0f} ({(off_rate - on_rate) / off_rate * 100:+.1f}%); "
               f"server CPU/order on {on_cpu:.1f} us off {off_cpu:.1f} us ({(on_cpu - off_cpu) / off_cpu * 100:+.1f}%); "
               f"best of {reps} alternating runs each", flush=True)
+        on_us, off_us = inprocess_stats_cost(reps=2 if args.quick else 4)
+        print(f"metrics in-process (exchange core + ledger, no IO): {on_us:.2f} us/order on, {off_us:.2f} us/order off "
+              f"({(on_us - off_us) / off_us * 100:+.1f}%)", flush=True)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     print(f"# load average after: {' '.join(f'{x:.2f}' for x in os.getloadavg())}", flush=True)
