@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hmac
 import logging
+import struct
 from time import monotonic
 from collections import deque
 from typing import Callable
@@ -35,6 +36,10 @@ log = logging.getLogger("kaboni")
 
 REPORT_TYPES = frozenset((E.OrderAccepted, E.OrderRejected, E.Fill, E.OrderCancelled, E.OrderReplaced,
                           E.CancelRejected, E.MassCancelDone))
+MARKET_TYPES = frozenset((E.BookUpdate, E.Trade, E.InstrumentStatus))
+REPLY_TYPES = frozenset((E.AdminAck, E.AdminRejected, E.Balances))
+_OrderRejected, _CancelRejected, _Trade = E.OrderRejected, E.CancelRejected, E.Trade
+_hdr = struct.Struct(">I").pack
 ORDER_TYPES = frozenset(E.ORDER_COMMANDS)
 ORDER_NAMES = frozenset(c.__name__ for c in E.ORDER_COMMANDS)
 OPERATOR_TYPES = frozenset(E.OPERATOR_COMMANDS)
@@ -318,23 +323,25 @@ class Exchange:
                 m, body = next(rep)
                 if first:
                     first = False
-                    out.append((seq, _REPORT, m, ev.seq, frame(body), now))
+                    out.append((seq, _REPORT, m, ev.seq, _hdr(len(body)) + body, now))
                     stats.received[cls] += 1
-                    if t is E.OrderRejected or t is E.CancelRejected:
+                    if t is _OrderRejected or t is _CancelRejected:
                         stats.rejected[cls] += 1
                         stats.rejects[ev.reason] += 1
                 else:
-                    out.append((seq, _REPORT, m, ev.seq, frame(body), None))
-            elif t is E.BookUpdate or t is E.Trade or t is E.InstrumentStatus:
-                subs = self.subscribers[ev.instrument]
+                    out.append((seq, _REPORT, m, ev.seq, _hdr(len(body)) + body, None))
+            elif t in MARKET_TYPES:
+                sym = ev.instrument
+                subs = self.subscribers[sym]
                 if subs:
-                    out.append((seq, _MARKET, subs, ev.instrument, frame(encode(ev)), None))
-                if t is E.Trade and stats.enabled:
-                    acc = stats.trades[ev.instrument]
+                    body = encode(ev)
+                    out.append((seq, _MARKET, subs, sym, _hdr(len(body)) + body, None))
+                if t is _Trade and stats.enabled:
+                    acc = stats.trades[sym]
                     acc[0] += 1
                     acc[1] += ev.qty
                     acc[2] += ev.qty * ev.price
-            elif t is E.AdminAck or t is E.AdminRejected or t is E.Balances:
+            elif t in REPLY_TYPES:
                 if session is not None:
                     out.append((seq, _SESSION, session, None, frame(encode(ev)), None))
         return events
