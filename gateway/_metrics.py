@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import platform
 import time
+from bisect import bisect_left
 from collections import defaultdict
 
 from engine._histogram import LATENCY_BOUNDS, FixedHistogram
@@ -21,19 +22,48 @@ STATES = ("open", "halted", "closed")
 
 
 class Stats:
-    """What the gateway counts; plain Python numbers, read by the collector."""
+    """What the gateway counts; plain Python numbers, read by the collector.
+
+    Keyed for the order path's convenience (message classes, instrument symbols); the collector
+    turns keys into labels. ``received[type] - rejected[type] - invalid[type]`` is accepted.
+    """
 
     def __init__(self, enabled: bool = True) -> None:
+        from engine import ORDER_COMMANDS
+
         self.enabled = enabled
-        self.orders: defaultdict[tuple[str, str], int] = defaultdict(int)   # (type, outcome)
+        self.received = {cls: 0 for cls in ORDER_COMMANDS}   # well-formed requests run
+        self.rejected = {cls: 0 for cls in ORDER_COMMANDS}
+        self.invalid: defaultdict[str, int] = defaultdict(int)  # by type name (never decoded)
         self.rejects: defaultdict[str, int] = defaultdict(int)
-        self.trades: defaultdict[str, int] = defaultdict(int)
-        self.traded_qty: defaultdict[str, int] = defaultdict(int)
-        self.traded_value: defaultdict[str, int] = defaultdict(int)
-        self.order_to_report = FixedHistogram(LATENCY_BOUNDS)
+        self.trades: defaultdict[str, list[int]] = defaultdict(lambda: [0, 0, 0])  # count, qty, value
+        self.latencies: list[float] = []   # folded into order_to_report at scrape time
+        self._order_to_report = FixedHistogram(LATENCY_BOUNDS)
         self.throttled = 0
         self.disconnects: defaultdict[str, int] = defaultdict(int)
         self.start_time = time.time()
+
+    @property
+    def order_to_report(self) -> FixedHistogram:
+        """The histogram, with the latencies noted since the last look folded in."""
+        pending, self.latencies = self.latencies, []
+        hist = self._order_to_report
+        bounds, counts = hist.bounds, hist.counts
+        for v in pending:
+            counts[bisect_left(bounds, v)] += 1
+        hist.sum += sum(pending)
+        hist.count += len(pending)
+        return hist
+
+    def orders(self) -> dict[tuple[str, str], int]:
+        out: dict[tuple[str, str], int] = {}
+        for cls, n in self.received.items():
+            name = cls.__name__
+            rejected = self.rejected[cls]
+            out[(name, "accepted")] = n - rejected
+            out[(name, "rejected")] = rejected
+            out[(name, "invalid")] = self.invalid.get(name, 0)
+        return out
 
 
 def _histogram(name: str, doc: str, hist: FixedHistogram):
@@ -68,7 +98,7 @@ class KaboniCollector:
 
         m = CounterMetricFamily("kaboni_orders_received", "Order-entry messages received, by type and outcome.",
                                 labels=["type", "outcome"])
-        for (typ, outcome), n in list(st.orders.items()):
+        for (typ, outcome), n in st.orders().items():
             m.add_metric([typ, outcome], n)
         yield m
         m = CounterMetricFamily("kaboni_rejects", "Rejected order-entry requests, by reason.", labels=["reason"])
@@ -80,9 +110,10 @@ class KaboniCollector:
         value = CounterMetricFamily("kaboni_traded_value_minor_units", "Traded value in minor currency units.",
                                     labels=["instrument", "currency"])
         for sym in engine.instruments:
-            trades.add_metric([sym], st.trades.get(sym, 0))
-            qty.add_metric([sym], st.traded_qty.get(sym, 0))
-            value.add_metric([sym, currency[sym]], st.traded_value.get(sym, 0))
+            n, q, v = st.trades.get(sym, (0, 0, 0))
+            trades.add_metric([sym], n)
+            qty.add_metric([sym], q)
+            value.add_metric([sym, currency[sym]], v)
         yield trades
         yield qty
         yield value

@@ -13,11 +13,14 @@ from __future__ import annotations
 import asyncio
 import datetime as _dt
 import gc
+import sys
 import logging
 import signal
 import ssl
 import time
 from pathlib import Path
+
+from engine import Restarted
 
 from ._exchange import Exchange, log_event
 from ._metrics import Stats, start_metrics_server
@@ -186,17 +189,21 @@ class Server:
         loop.set_exception_handler(self._loop_error)
         gw = self.config.gateway
         today = _dt.datetime.now(_dt.timezone.utc).date().isoformat()
-        ledger = self.ledger_factory(
-            self.config, self.data_dir, durability=gw.durability, today=today,
-            snapshot_every=gw.snapshot_every, on_durable=self._on_durable, on_error=self._on_error,
-        )
+        try:
+            ledger = self.ledger_factory(
+                self.config, self.data_dir, durability=gw.durability, today=today,
+                snapshot_every=gw.snapshot_every, on_durable=self._on_durable, on_error=self._on_error,
+            )
+        except Exception as exc:  # noqa: BLE001 - a journal we cannot open: say so, exit non-zero
+            logging.getLogger("kaboni").error('event=journal_open_failed data_dir=%s error="%s"', self.data_dir, exc)
+            return 1
         exchange = self.exchange = Exchange(self.config, ledger, clock_ns=time.time_ns,
                                             stats=Stats(self.stats_enabled))
         if ledger.recovered:
             log_event("journal_recovered", data_dir=self.data_dir, last_seq=ledger.last_seq,
                       trading_day=ledger.engine.trading_day)
             # Every connection ended with the old process: cancel-on-disconnect orders go now.
-            exchange._execute(__import__("engine").Restarted(), "", None, time.monotonic())
+            exchange._execute(Restarted(), "", None, time.monotonic())
             exchange.release(ledger.durable_seq)
         metrics_server = None
         if self.metrics:
@@ -215,6 +222,9 @@ class Server:
         # freeze them so collections only scan what the order path allocates.
         gc.collect()
         gc.freeze()
+        # The journal's writer thread needs the GIL twice per batch (to write, and to report the
+        # fsync); with the default 5 ms switch interval a busy loop delays it by up to that.
+        sys.setswitchinterval(0.0005)
         log_event("start", host=self.host, port=self.port, metrics_port=self.metrics_port if self.metrics else "off",
                   data_dir=self.data_dir, trading_day=ledger.engine.trading_day, recovered=ledger.recovered,
                   tls=bool(gw.tls_cert), members=len(ledger.engine.members))
@@ -261,7 +271,10 @@ class Server:
         ex = self.exchange
         while True:
             await asyncio.sleep(0.25)
-            ex.tick(time.monotonic())
+            try:
+                ex.tick(time.monotonic())
+            except Exception:  # noqa: BLE001 - a bug here must not stop heartbeats for good
+                logging.getLogger("kaboni").exception("event=internal_error where=tick")
 
 
 def setup_logging(level: int = logging.INFO) -> None:
