@@ -578,7 +578,10 @@ class Engine:
         """Drop a finished order from the member's live orders and its session's list."""
         acct.live.pop(o.cl_ord_id, None)
         if o.session:
-            self._cod[o.session].pop(o.order_id, None)
+            # SessionEnded / Restarted have already taken the session's list away
+            orders = self._cod.get(o.session)
+            if orders is not None:
+                orders.pop(o.order_id, None)
 
     def _cancel_resting(self, o: Order, ev: list, ts: int, reason: str, cl: str | None = None) -> None:
         """Cancel a resting order: off the book, reservation released, reported."""
@@ -718,7 +721,10 @@ class Engine:
             return ev
         # loses priority: the old entry dies in place, a new one goes to the back (or trades)
         if o.session:
-            self._cod[o.session].pop(o.order_id, None)
+            # SessionEnded / Restarted have already taken the session's list away
+            orders = self._cod.get(o.session)
+            if orders is not None:
+                orders.pop(o.order_id, None)
         level = side.remove(o)
         ins.md_seq += 1
         ev_update = BookUpdate(ins.symbol, ins.md_seq, o.side, level.price, level.qty, level.count)

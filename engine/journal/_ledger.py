@@ -1,0 +1,367 @@
+"""The engine with its journal: what the gateway drives (no asyncio inside).
+
+``Ledger.execute`` runs a command through the engine and appends one group to the journal:
+a FILL settlement record per fill, then the command's ENTRY (time, origin, the command and
+the exact msgpack bodies of the member reports it produced). Reports may be sent once
+``on_durable`` has announced the entry's seq. Restart = newest valid snapshot + replay of the
+entries after it; without a snapshot, a replay from the journal's first record.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import queue
+import threading
+from array import array
+from bisect import bisect_right
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import msgspec
+
+from .._config import ExchangeConfig
+from .._engine import Engine
+from .._messages import (
+    CancelRejected, DayEnded, Deposit, EndOfDay, Fill, MassCancelDone, OpenMarket, OrderAccepted,
+    OrderCancelled, OrderRejected, OrderReplaced, QueryBalances,
+)
+from ._format import (
+    FORMAT_VERSION, KIND_ENTRY, KIND_FILL, KIND_START, EntryRecord, FillRecord, StartRecord,
+)
+from ._log import FileOps, Journal, JournalError, JournalStats
+from ._snapshot import SnapshotBody, list_snapshots, prune_snapshots, read_snapshot, snapshot_name, write_snapshot
+
+__all__ = ["Ledger", "config_digest", "INDEX_STEP"]
+
+log = logging.getLogger("kaboni.journal")
+
+REPORT_TYPES = frozenset((OrderAccepted, OrderRejected, Fill, OrderCancelled, OrderReplaced, CancelRejected,
+                          MassCancelDone))
+INDEX_STEP = 32  # a member's report index has an entry at least every INDEX_STEP reports
+
+
+class _EntryReports(msgspec.Struct, array_like=True, gc=False):
+    """An ENTRY with its command left undecoded: all ``reports`` needs."""
+
+    ts: int
+    member: str
+    session: int
+    throttled: bool
+    command: msgspec.Raw
+    reports: list[tuple[str, int, bytes]]
+
+
+_entry_decoder = msgspec.msgpack.Decoder(EntryRecord)
+_entry_reports_decoder = msgspec.msgpack.Decoder(_EntryReports)
+_start_decoder = msgspec.msgpack.Decoder(StartRecord)
+
+
+def config_digest(config: ExchangeConfig) -> str:
+    """SHA-256 of what decides replay: instruments, members and market rules."""
+    enc = msgspec.msgpack.encode([config.instruments, config.members, config.market])
+    return hashlib.sha256(enc).hexdigest()
+
+
+class Ledger:
+    """The engine with its journal: what the gateway drives. No asyncio inside."""
+
+    def __init__(self) -> None:  # use Ledger.open
+        raise TypeError("use Ledger.open(config, directory, ...)")
+
+    @classmethod
+    def open(cls, config: ExchangeConfig, directory: str | Path, *, durability: str = "fsync",
+             today: str | None = None, snapshot_every: int = 100_000,
+             on_durable: Callable[[int], None] | None = None,
+             on_error: Callable[[BaseException], None] | None = None,
+             segment_bytes: int = 64 << 20, file_ops: FileOps | None = None) -> "Ledger":
+        """Recover (newest valid snapshot + replay of the records after it), or create a new
+        journal: trading day = config.market.first_trading_day or ``today``. A new journal also
+        journals the initial funding and OpenMarket if config.open_on_start."""
+        if snapshot_every <= 0:
+            raise ValueError("snapshot_every must be positive")
+        self = object.__new__(cls)
+        self.config = config
+        self.directory = Path(directory)
+        self.snapshot_every = snapshot_every
+        self._sync = durability == "fsync"
+        self._encode = msgspec.msgpack.Encoder().encode
+        self._currency = {ins.symbol: ins.currency for ins in config.instruments}
+        self._idx_seq: dict[str, array] = {}
+        self._idx_pos: dict[str, array] = {}
+        self._snap_queue: queue.Queue = queue.Queue()
+        self._snap_thread: threading.Thread | None = None
+        self._closed = False
+        self.journal = Journal.open(self.directory, durability=durability, segment_bytes=segment_bytes,
+                                    on_durable=on_durable, on_error=on_error, file_ops=file_ops)
+        try:
+            if self.journal.last_seq == 0:
+                self.recovered = False
+                self._create(today)
+            else:
+                self.recovered = True
+                self._recover()
+        except BaseException:
+            self.journal.close()
+            raise
+        self._snap_thread = threading.Thread(target=self._snapshot_worker, name="kaboni-snapshots", daemon=True)
+        self._snap_thread.start()
+        return self
+
+    # ------------------------------------------------------------------------------------------
+    # Creation and recovery
+
+    def _create(self, today: str | None) -> None:
+        config = self.config
+        day = config.market.first_trading_day or today
+        if day is None:
+            raise ValueError("a new journal needs a trading day: market.first_trading_day or today")
+        self.engine = Engine(config, day)
+        start = StartRecord(FORMAT_VERSION, day, config_digest(config), config.market.fee_account)
+        records = [(KIND_START, self._encode(start))]
+        setup: list = []
+        for m in config.members:
+            if m.role != "member":
+                continue
+            if config.initial_cash:
+                for currency in config.currencies:
+                    setup.append(Deposit(f"init-cash-{m.id}-{currency}", m.id, currency, config.initial_cash))
+            if config.initial_allowances:
+                for ins in config.instruments:
+                    setup.append(Deposit(f"init-allowances-{m.id}-{ins.symbol}", m.id, ins.symbol,
+                                         config.initial_allowances))
+        if config.open_on_start:
+            setup.append(OpenMarket())
+        # The start record and the set-up are one group: a crash leaves all of it or none.
+        for command in setup:
+            self.engine.execute(command, "", 0)
+            records.append((KIND_ENTRY, self._encode(EntryRecord(0, "", 0, False, command, []))))
+        self.journal.append_group(records)
+        self.journal.sync()
+        self._snap_seq = 0
+
+    def _recover(self) -> None:
+        journal = self.journal
+        config = self.config
+        start = None
+        for body in self._snapshots():
+            try:
+                first = next(iter(journal.read_at(body.position)), None)
+            except JournalError as exc:
+                log.warning("snapshot at seq %d does not match the journal (%s); trying an older one", body.seq, exc)
+                continue
+            if first is None or first.seq != body.seq or first.kind != KIND_ENTRY:
+                log.warning("snapshot at seq %d does not match the journal; trying an older one", body.seq)
+                continue
+            start = body
+            break
+        if start is not None:
+            self.engine = Engine.restore(config, start.engine)
+            for member, (seqs, positions) in start.index.items():
+                a = array("q")
+                a.frombytes(seqs)
+                b = array("q")
+                b.frombytes(positions)
+                self._idx_seq[member] = a
+                self._idx_pos[member] = b
+            records = journal.read_at(start.position)
+            next(records)
+            self._snap_seq = start.seq
+            log.info("restored snapshot at seq %d; replaying %d records", start.seq, journal.last_seq - start.seq)
+        else:
+            records = journal.records(1)
+            first = next(records)
+            if first.kind != KIND_START:
+                raise JournalError(f"record 1 of {self.directory} is not a START record")
+            head = _start_decoder.decode(first.payload)
+            if head.config_sha256 != config_digest(config):
+                log.warning("the configuration differs from the one this journal was started with")
+            self.engine = Engine(config, head.trading_day)
+            self._snap_seq = 0
+        self._replay(records)
+
+    def _snapshots(self) -> Iterator[SnapshotBody]:
+        last = self.journal.last_seq
+        for seq in list_snapshots(self.directory):
+            if seq > last:
+                log.warning("snapshot at seq %d is beyond the journal's end (%d); ignored", seq, last)
+                continue
+            body = read_snapshot(self.directory / snapshot_name(seq))
+            if body is not None:
+                yield body
+
+    def _replay(self, records) -> None:
+        execute = self.engine.execute
+        decode = _entry_decoder.decode
+        index = self._index
+        for rec in records:
+            if rec.kind != KIND_ENTRY:
+                continue
+            e = decode(rec.payload)
+            execute(e.command, e.member, e.ts, e.session, e.throttled)
+            if e.reports:
+                index(e.reports, rec.position)
+
+    # ------------------------------------------------------------------------------------------
+    # The order path
+
+    @property
+    def last_seq(self) -> int:
+        return self.journal.last_seq
+
+    @property
+    def durable_seq(self) -> int:
+        return self.journal.durable_seq
+
+    @property
+    def stats(self) -> JournalStats:
+        return self.journal.stats
+
+    def execute(self, command, member: str, ts: int, session: int = 0,
+                throttled: bool = False) -> tuple[int, list, list[tuple[str, bytes]]]:
+        """Run the command through the engine and append it to the journal. Returns (journal
+        seq of the entry, events, [(member, report body)]); QueryBalances and commands with no
+        events at all are not journaled and return seq = last_seq."""
+        engine = self.engine
+        day = engine.trading_day
+        events = engine.execute(command, member, ts, session, throttled)
+        if not events or type(command) is QueryBalances:
+            return self.journal.last_seq, events, []
+        encode = self._encode
+        reports: list[tuple[str, bytes]] = []
+        rows: list[tuple[str, int, bytes]] = []
+        records: list[tuple[int, bytes]] = []
+        taker = None
+        end_of_day = False
+        for ev in events:
+            t = type(ev)
+            if t in REPORT_TYPES:
+                body = encode(ev)
+                reports.append((ev.member, body))
+                rows.append((ev.member, ev.seq, body))
+                if t is Fill:
+                    if taker is None:
+                        taker = ev
+                    else:
+                        if taker.side == "buy":
+                            buy, sell = taker, ev
+                        else:
+                            buy, sell = ev, taker
+                        records.append((KIND_FILL, encode(FillRecord(
+                            day, ev.trade_id, ev.instrument, self._currency[ev.instrument], ev.price, ev.qty,
+                            buy.member, sell.member, buy.fee, sell.fee, buy.order_id, sell.order_id,
+                            taker.side, ts))))
+                        taker = None
+            elif t is DayEnded:
+                end_of_day = True
+        records.append((KIND_ENTRY, encode(EntryRecord(ts, member, session, throttled, command, rows))))
+        journal = self.journal
+        seq = journal.append_group(records)
+        if rows:
+            self._index(rows, journal.last_position)
+        if end_of_day or seq - self._snap_seq >= self.snapshot_every:
+            self.snapshot()
+        return seq, events, reports
+
+    def _index(self, rows, position: int) -> None:
+        """Note the entry's position for each member whose reports reach a new index step."""
+        seen = None
+        for member, seq, _ in rows:
+            if seen is not None and member in seen:
+                continue
+            seqs = self._idx_seq.get(member)
+            if seqs is None:
+                seqs = self._idx_seq[member] = array("q")
+                self._idx_pos[member] = array("q")
+            if not seqs or seq - seqs[-1] >= INDEX_STEP:
+                seqs.append(seq)
+                self._idx_pos[member].append(position)
+            if seen is None:
+                seen = {member}
+            else:
+                seen.add(member)
+
+    def reports(self, member: str, after_seq: int, through_seq: int) -> Iterator[bytes]:
+        """Bodies of the member's reports with after_seq < seq <= through_seq, in order, read
+        from the journal through the sparse per-member index (durable entries only)."""
+        seqs = self._idx_seq.get(member)
+        if not seqs or through_seq <= after_seq:
+            return
+        i = bisect_right(seqs, after_seq + 1) - 1
+        if i < 0:
+            i = 0
+        decode = _entry_reports_decoder.decode
+        for rec in self.journal.read_at(self._idx_pos[member][i]):
+            if rec.kind != KIND_ENTRY:
+                continue
+            for m, seq, body in decode(rec.payload).reports:
+                if m == member and seq > after_seq:
+                    if seq > through_seq:
+                        return
+                    yield body
+                    if seq == through_seq:
+                        return
+
+    # ------------------------------------------------------------------------------------------
+    # Snapshots
+
+    def snapshot(self) -> None:
+        """Write a snapshot of the state after the last appended entry.
+
+        The state is captured now; a background thread writes the file once the journal is
+        durable through that entry, so a snapshot never gets ahead of the journal on disk.
+        """
+        journal = self.journal
+        seq = journal.last_seq
+        if seq == self._snap_seq or seq == 0:
+            return
+        body = self._snapshot_body()
+        self._snap_seq = seq
+        self._snap_queue.put(body)
+
+    def _snapshot_body(self) -> SnapshotBody:
+        journal = self.journal
+        index = {m: (self._idx_seq[m].tobytes(), self._idx_pos[m].tobytes()) for m in self._idx_seq}
+        return SnapshotBody(journal.last_seq, journal.last_position, self.engine.trading_day,
+                            self.engine.snapshot(), INDEX_STEP, index)
+
+    def _snapshot_worker(self) -> None:
+        while True:
+            body = self._snap_queue.get()
+            try:
+                if body is None:
+                    return
+                if not self.journal.wait_durable(body.seq):
+                    log.warning("snapshot at seq %d dropped: the journal did not make it durable", body.seq)
+                    continue
+                try:
+                    write_snapshot(self.directory, body, self._sync)
+                    prune_snapshots(self.directory)
+                except OSError:
+                    log.exception("writing the snapshot at seq %d failed", body.seq)
+            finally:
+                self._snap_queue.task_done()
+
+    def wait_snapshots(self) -> None:
+        """Block until every snapshot asked for so far is written (or dropped)."""
+        self._snap_queue.join()
+
+    def close(self) -> None:
+        """Snapshot if anything changed, flush and sync, stop the writer and snapshot threads."""
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            if self.journal.failed is None:
+                self.snapshot()
+        finally:
+            self._snap_queue.put(None)
+            if self._snap_thread is not None:
+                self._snap_thread.join()
+            self.journal.close()
+
+    def __enter__(self) -> "Ledger":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

@@ -1,0 +1,742 @@
+"""The generic log: append-only segment files, CRC32C frames, group commit, recovery, readers.
+
+Appends go into an in-memory buffer under a lock; one writer thread takes everything pending
+(adaptive batching: whatever arrived while the previous flush ran), writes it with ``os.write``
+and makes it durable with ``os.fdatasync`` before it calls ``on_durable(seq)``. A write or sync
+failure is final: ``on_error`` is called, nothing more is reported durable and appends raise.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import struct
+import threading
+import time
+from bisect import bisect_right
+from collections.abc import Callable, Iterable, Iterator
+from pathlib import Path
+
+from crc32c import crc32c
+
+from .._histogram import LATENCY_BOUNDS, SIZE_BOUNDS, FixedHistogram
+from ._format import (
+    FORMAT_VERSION, FRAME, FRAME_SIZE, GROUP_END, KIND_MASK, MAX_PAYLOAD, SEGMENT_HEADER,
+    SEGMENT_MAGIC, Record, pack_position, parse_segment_name, segment_name, unpack_position,
+)
+
+__all__ = [
+    "Journal", "JournalStats", "JournalError", "CorruptJournalError", "JournalFailedError",
+    "FileOps", "DURABILITY_MODES", "list_segments", "read_records", "scan_journal", "ScanResult",
+]
+
+log = logging.getLogger("kaboni.journal")
+
+DURABILITY_MODES = ("fsync", "none")
+_READ_CHUNK = 4 << 20
+_HEAD_PACK = struct.Struct("<IQB").pack  # the frame after its CRC: length, seq, kind
+_CRC_PACK = struct.Struct("<I").pack
+_HEADER_SIZE = SEGMENT_HEADER.size
+_unpack_frame = FRAME.unpack_from
+
+
+class JournalError(Exception):
+    """The journal cannot be used as asked."""
+
+
+class CorruptJournalError(JournalError):
+    """A damaged record that is not a torn tail: startup stops, nothing is skipped."""
+
+    def __init__(self, path: str | Path, offset: int, what: str) -> None:
+        super().__init__(f"{path}: offset {offset}: {what}")
+        self.path = str(path)
+        self.offset = offset
+        self.what = what
+
+
+class JournalFailedError(JournalError):
+    """A write or sync failed earlier; the journal takes no more appends."""
+
+
+class FileOps:
+    """The system calls the writer makes. Tests pass a subclass that records or fails them."""
+
+    def create(self, path: str) -> int:
+        return os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+
+    def open_append(self, path: str) -> int:
+        return os.open(path, os.O_WRONLY | os.O_APPEND)
+
+    def write(self, fd: int, data) -> int:
+        return os.write(fd, data)
+
+    def sync(self, fd: int) -> None:
+        os.fdatasync(fd)
+
+    def sync_dir(self, path: str) -> None:
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+    def close(self, fd: int) -> None:
+        os.close(fd)
+
+
+class JournalStats:
+    """Plain counters and histograms for the metrics collector (read without a lock)."""
+
+    def __init__(self) -> None:
+        self.records = 0  # records made durable (or written, in durability "none")
+        self.bytes = 0  # bytes written
+        self.batches = 0
+        self.pending = 0  # records appended, not yet durable
+        self.batch_records = FixedHistogram(SIZE_BOUNDS)
+        self.fsync_seconds = FixedHistogram(LATENCY_BOUNDS)
+        # per batch: from the first append of the batch until it is durable
+        self.append_to_durable_seconds = FixedHistogram(LATENCY_BOUNDS)
+
+
+def _segment_header(first_seq: int) -> bytes:
+    head = SEGMENT_HEADER.pack(SEGMENT_MAGIC, FORMAT_VERSION, _HEADER_SIZE, first_seq, 0)
+    crc = crc32c(head[:16])
+    return SEGMENT_HEADER.pack(SEGMENT_MAGIC, FORMAT_VERSION, _HEADER_SIZE, first_seq, crc)
+
+
+def _check_header(path: Path, data: bytes, first_seq: int) -> None:
+    if len(data) < _HEADER_SIZE:
+        raise CorruptJournalError(path, 0, f"segment header is {len(data)} bytes, {_HEADER_SIZE} expected")
+    magic, version, size, seq, crc = SEGMENT_HEADER.unpack_from(data)
+    if magic != SEGMENT_MAGIC or crc != crc32c(data[:16]):
+        raise CorruptJournalError(path, 0, "not a journal segment header (bad magic or checksum)")
+    if version != FORMAT_VERSION:
+        raise CorruptJournalError(path, 0, f"format version {version}; this build reads {FORMAT_VERSION}")
+    if seq != first_seq:
+        raise CorruptJournalError(path, 0, f"header says first seq {seq}, file name says {first_seq}")
+
+
+def list_segments(directory: str | Path) -> list[int]:
+    """First seqs of the segment files in ``directory``, ascending."""
+    firsts = []
+    for name in os.listdir(directory):
+        seq = parse_segment_name(name)
+        if seq is not None:
+            firsts.append(seq)
+    firsts.sort()
+    return firsts
+
+
+def _iter_file(path: Path, segment: int, offset: int, limit: int | None, expect: int | None,
+               strict: bool) -> Iterator[Record]:
+    """Frames of one segment from ``offset`` up to ``limit`` (file end if None), CRC-checked.
+
+    A frame cut off at the end is an error if ``strict``, else the iteration just stops there.
+    """
+    base = segment << 32
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        end_of_file = os.fstat(fd).st_size
+        stop = end_of_file if limit is None else min(limit, end_of_file)
+        if limit is not None and end_of_file < limit:
+            raise CorruptJournalError(path, end_of_file, f"file ends before offset {limit}")
+        buf = b""
+        buf_start = offset  # file offset of buf[0]
+        while True:
+            want = min(_READ_CHUNK, stop - (buf_start + len(buf)))
+            if want > 0:
+                more = os.pread(fd, want, buf_start + len(buf))
+                buf = buf + more if buf else more
+            n = len(buf)
+            if n == 0:
+                return
+            mv = memoryview(buf)
+            off = 0
+            while off + FRAME_SIZE <= n:
+                crc, length, seq, kind = _unpack_frame(buf, off)
+                end = off + FRAME_SIZE + length
+                if end > n:
+                    if length > MAX_PAYLOAD:
+                        raise CorruptJournalError(path, buf_start + off, f"record length {length} is impossible")
+                    break
+                if crc32c(mv[off + 4:end]) != crc:
+                    raise CorruptJournalError(path, buf_start + off, f"checksum mismatch in record (seq field {seq})")
+                if expect is not None:
+                    if seq != expect:
+                        raise CorruptJournalError(path, buf_start + off, f"seq {seq} where {expect} was expected")
+                    expect += 1
+                yield Record(seq, kind & KIND_MASK, kind >= GROUP_END, buf[off + FRAME_SIZE:end], base | (buf_start + off))
+                off = end
+            mv.release()
+            consumed_to = buf_start + off
+            buf = buf[off:]
+            buf_start = consumed_to
+            if buf_start + len(buf) >= stop:
+                if buf:
+                    if strict:
+                        raise CorruptJournalError(path, buf_start, f"record cut off after {len(buf)} bytes")
+                return
+    finally:
+        os.close(fd)
+
+
+def _find_valid_frame(data: bytes, start: int, next_seq: int) -> int | None:
+    """Offset of a whole, valid frame after ``start`` with seq >= next_seq, if any.
+
+    Used to tell a torn tail (nothing valid follows) from corruption (valid records follow).
+    Candidates are found by their seq field, so this is quick even for long tails.
+    """
+    mv = memoryview(data)
+    n = len(data)
+    try:
+        for seq in range(next_seq, next_seq + 256):
+            key = seq.to_bytes(8, "little")
+            pos = data.find(key, start + 8)
+            while pos != -1:
+                off = pos - 8
+                if off + FRAME_SIZE <= n:
+                    crc, length, fseq, _ = _unpack_frame(data, off)
+                    end = off + FRAME_SIZE + length
+                    if fseq == seq and length <= MAX_PAYLOAD and end <= n and crc32c(mv[off + 4:end]) == crc:
+                        return off
+                pos = data.find(key, pos + 1)
+    finally:
+        mv.release()
+    return None
+
+
+class ScanResult:
+    """What a full scan found: records, the last whole group, and any torn tail."""
+
+    def __init__(self) -> None:
+        self.records = 0
+        self.first_seq = 0
+        self.last_seq = 0  # seq of the last record of the last whole group
+        self.segments = 0
+        self.bytes = 0
+        self.kinds: dict[int, int] = {}
+        self.tail_bytes = 0  # bytes after the last whole group (a torn tail)
+        self.tail_path: str | None = None
+        self.end_offset = 0  # offset of the end of the last whole group in the last segment
+
+
+def _scan_last_segment(path: Path, first_seq: int, data: bytes, start: int, expect: int) -> tuple[int, int, int, int]:
+    """Walk the newest segment from ``start``; return (records seen, end of the last whole group,
+    its last seq, offset of its last record or -1).
+
+    Raises ``CorruptJournalError`` when a bad frame has valid records after it.
+    """
+    n = len(data)
+    mv = memoryview(data)
+    off = start
+    group_end = start
+    group_seq = expect - 1
+    group_last = -1
+    records = 0
+    problem = None
+    try:
+        while off < n:
+            if n - off < FRAME_SIZE:
+                problem = "cut-off frame header"
+                break
+            crc, length, seq, kind = _unpack_frame(data, off)
+            end = off + FRAME_SIZE + length
+            if length > MAX_PAYLOAD or end > n:
+                problem = "cut-off record"
+                break
+            if crc32c(mv[off + 4:end]) != crc:
+                problem = "checksum mismatch"
+                break
+            if seq != expect:
+                raise CorruptJournalError(path, off, f"seq {seq} where {expect} was expected")
+            expect += 1
+            records += 1
+            if kind >= GROUP_END:
+                group_end = end
+                group_seq = seq
+                group_last = off
+            off = end
+    finally:
+        mv.release()
+    if problem is not None:
+        found = _find_valid_frame(data, off + 1, expect)
+        if found is not None:
+            raise CorruptJournalError(path, off, f"{problem}, with valid records after it (at offset {found})")
+    return records, group_end, group_seq, group_last
+
+
+def scan_journal(directory: str | Path) -> ScanResult:
+    """Check every record of a journal without changing it (``journal verify``).
+
+    Raises ``CorruptJournalError`` for damage anywhere but a torn tail, which is reported.
+    """
+    directory = Path(directory)
+    result = ScanResult()
+    firsts = list_segments(directory)
+    result.segments = len(firsts)
+    expect = firsts[0] if firsts else 1
+    result.first_seq = expect
+    result.last_seq = expect - 1
+    for i, first in enumerate(firsts):
+        path = directory / segment_name(first)
+        with open(path, "rb") as f:
+            head = f.read(_HEADER_SIZE)
+        last = i == len(firsts) - 1
+        if last and len(head) < _HEADER_SIZE:
+            result.tail_bytes = len(head)
+            result.tail_path = str(path)
+            break
+        _check_header(path, head, first)
+        if first != expect:
+            raise CorruptJournalError(path, 0, f"segment starts at seq {first}, {expect} expected")
+        if last:
+            data = path.read_bytes()
+            records, group_end, group_seq, _ = _scan_last_segment(path, first, data, _HEADER_SIZE, expect)
+            for rec in _iter_file(path, first, _HEADER_SIZE, group_end, expect, True):
+                result.kinds[rec.kind] = result.kinds.get(rec.kind, 0) + 1
+            result.records += group_seq - expect + 1
+            result.last_seq = group_seq
+            result.end_offset = group_end
+            result.bytes += group_end
+            if group_end < len(data):
+                result.tail_bytes = len(data) - group_end
+                result.tail_path = str(path)
+        else:
+            for rec in _iter_file(path, first, _HEADER_SIZE, None, expect, True):
+                result.kinds[rec.kind] = result.kinds.get(rec.kind, 0) + 1
+                expect = rec.seq + 1
+                result.records += 1
+            result.bytes += path.stat().st_size
+            result.last_seq = expect - 1
+    return result
+
+
+def read_records(directory: str | Path, from_seq: int = 1) -> Iterator[Record]:
+    """Every whole, valid record from ``from_seq`` on, read without opening the journal for writing.
+
+    Stops quietly at a torn tail (an incomplete last group is not yielded); raises
+    ``CorruptJournalError`` for damage before it.
+    """
+    directory = Path(directory)
+    firsts = list_segments(directory)
+    if not firsts:
+        return
+    i = max(0, bisect_right(firsts, from_seq) - 1)
+    expect = firsts[i]
+    for j in range(i, len(firsts)):
+        first = firsts[j]
+        path = directory / segment_name(first)
+        last = j == len(firsts) - 1
+        with open(path, "rb") as f:
+            head = f.read(_HEADER_SIZE)
+        if last and len(head) < _HEADER_SIZE:
+            return
+        _check_header(path, head, first)
+        if first != expect:
+            raise CorruptJournalError(path, 0, f"segment starts at seq {first}, {expect} expected")
+        limit = None
+        if last:
+            # the newest segment may end in a torn tail: read up to its last whole group
+            # (damage with valid records after it still raises)
+            _, limit, _, _ = _scan_last_segment(path, first, path.read_bytes(), _HEADER_SIZE, expect)
+        for rec in _iter_file(path, first, _HEADER_SIZE, limit, expect, True):
+            expect = rec.seq + 1
+            if rec.seq >= from_seq:
+                yield rec
+
+
+class Journal:
+    """A segmented, checksummed, group-committed append-only log. See the module docstring."""
+
+    def __init__(self) -> None:  # use Journal.open
+        raise TypeError("use Journal.open(directory, ...)")
+
+    @classmethod
+    def open(cls, directory: str | Path, *, durability: str = "fsync", segment_bytes: int = 64 << 20,
+             on_durable: Callable[[int], None] | None = None,
+             on_error: Callable[[BaseException], None] | None = None,
+             file_ops: FileOps | None = None) -> "Journal":
+        """Open (recovering a torn tail) or create the journal in ``directory``."""
+        if durability not in DURABILITY_MODES:
+            raise ValueError(f"durability must be one of {DURABILITY_MODES}, got {durability!r}")
+        self = object.__new__(cls)
+        self.directory = Path(directory)
+        self.directory.mkdir(parents=True, exist_ok=True)
+        self.durability = durability
+        self._sync = durability == "fsync"
+        self._segment_bytes = segment_bytes
+        self._on_durable = on_durable
+        self._on_error = on_error
+        self._ops = file_ops or FileOps()
+        self.stats = JournalStats()
+        self._lock = threading.Lock()
+        self._cond = threading.Condition(self._lock)
+        self._error: BaseException | None = None
+        self._closing = False
+        self._closed = False
+        self.recovered = False
+        self._recover()
+        self._thread = threading.Thread(target=self._writer, name="kaboni-journal-writer", daemon=True)
+        self._thread.start()
+        return self
+
+    # ------------------------------------------------------------------------------------------
+    # Recovery
+
+    def _recover(self) -> None:
+        directory = self.directory
+        firsts = list_segments(directory)
+        ops = self._ops
+        # A crash while rolling can leave a newest segment without a whole header: drop it.
+        while firsts:
+            path = directory / segment_name(firsts[-1])
+            if path.stat().st_size >= _HEADER_SIZE:
+                break
+            log.warning("%s: segment without a whole header (crash while rolling); removing it", path)
+            path.unlink()
+            firsts.pop()
+        if not firsts:
+            path = directory / segment_name(1)
+            fd = ops.create(str(path))
+            head = _segment_header(1)
+            self._write_all(fd, head)
+            if self._sync:
+                ops.sync(fd)
+                ops.sync_dir(str(directory))
+            self._segments = [1]
+            self._fd = fd
+            self._next_seq = 1
+            self._file_size = len(head)
+            self._seg = 1
+            self._seg_size = len(head)
+            self._last_position = 0
+        else:
+            for first in firsts[:-1]:
+                path = directory / segment_name(first)
+                with open(path, "rb") as f:
+                    _check_header(path, f.read(_HEADER_SIZE), first)
+            first = firsts[-1]
+            path = directory / segment_name(first)
+            data = path.read_bytes()
+            _check_header(path, data, first)
+            records, group_end, group_seq, group_last = _scan_last_segment(path, first, data, _HEADER_SIZE, first)
+            self._last_position = pack_position(first, group_last) if group_last >= 0 else 0
+            if group_end < len(data):
+                log.warning("%s: torn tail of %d bytes after offset %d (seq %d) truncated",
+                            path, len(data) - group_end, group_end, group_seq)
+                os.truncate(path, group_end)
+                fd = os.open(path, os.O_RDONLY)
+                try:
+                    os.fsync(fd)
+                finally:
+                    os.close(fd)
+            if group_seq == first - 1 and len(firsts) > 1:
+                # an empty newest segment: check it continues its predecessor
+                prev = firsts[-2]
+                last_prev = None
+                for rec in _iter_file(directory / segment_name(prev), prev, _HEADER_SIZE, None, prev, True):
+                    last_prev = rec
+                if last_prev is not None and last_prev.seq != first - 1:
+                    raise CorruptJournalError(path, 0, f"segment starts at {first} after seq {last_prev.seq}")
+                if last_prev is not None:
+                    self._last_position = last_prev.position
+            self._segments = firsts
+            self._fd = ops.open_append(str(path))
+            self._next_seq = group_seq + 1
+            self._file_size = group_end
+            self._seg = first
+            self._seg_size = group_end
+            self.recovered = True
+        self.durable_seq = self._next_seq - 1
+        self._durable_pos = pack_position(self._seg, self._file_size)
+        self._chunks: list[list] = [[self._seg, bytearray()]]
+        self._buf = self._chunks[-1][1]
+        self._t0: float | None = None
+        self._pending_records = 0
+
+    # ------------------------------------------------------------------------------------------
+    # Appending
+
+    @property
+    def last_seq(self) -> int:
+        """Seq of the last appended record."""
+        return self._next_seq - 1
+
+    @property
+    def last_position(self) -> int:
+        """Position of the last appended record (for ``read_at``); 0 while the journal is empty."""
+        return self._last_position
+
+    def append_group(self, records: Iterable[tuple[int, bytes]]) -> int:
+        """Append records that stand or fall together (recovery keeps whole groups only).
+
+        Returns the seq of the group's last record. Durability follows via ``on_durable``.
+        """
+        head_pack = _HEAD_PACK
+        crc_pack = _CRC_PACK
+        with self._lock:
+            if self._error is not None:
+                raise JournalFailedError(f"journal failed: {self._error!r}") from self._error
+            if self._closing:
+                raise JournalError("journal is closed")
+            if self._seg_size >= self._segment_bytes:
+                self._roll()
+            buf = self._buf
+            seq = self._next_seq
+            start = len(buf)
+            offset = self._seg_size
+            items = records if isinstance(records, (list, tuple)) else list(records)
+            if not items:
+                raise ValueError("an empty group")
+            last = len(items) - 1
+            pos = offset
+            for i, (kind, payload) in enumerate(items):
+                if i == last:
+                    kind |= GROUP_END
+                pos = offset + len(buf) - start
+                rec = head_pack(len(payload), seq, kind) + payload
+                buf += crc_pack(crc32c(rec))
+                buf += rec
+                seq += 1
+            n = seq - self._next_seq
+            self._next_seq = seq
+            self._seg_size = offset + len(buf) - start
+            self._last_position = (self._seg << 32) | pos
+            self.stats.pending += n
+            if self._t0 is None:
+                self._t0 = time.monotonic()
+                self._cond.notify()
+            return seq - 1
+
+    def append(self, kind: int, payload: bytes) -> int:
+        """Append one record as a group of its own; returns its seq. The hot path."""
+        with self._lock:
+            if self._error is None and not self._closing and self._seg_size < self._segment_bytes:
+                seq = self._next_seq
+                rec = _HEAD_PACK(len(payload), seq, kind | GROUP_END) + payload
+                buf = self._buf
+                pos = self._seg_size
+                buf += _CRC_PACK(crc32c(rec))
+                buf += rec
+                self._seg_size = pos + FRAME_SIZE + len(payload)
+                self._next_seq = seq + 1
+                self._last_position = (self._seg << 32) | pos
+                self.stats.pending += 1
+                if self._t0 is None:
+                    self._t0 = time.monotonic()
+                    self._cond.notify()
+                return seq
+        return self.append_group(((kind, payload),))
+
+    def _roll(self) -> None:
+        """Start a new segment at the next seq (lock held). Groups never straddle segments."""
+        first = self._next_seq
+        head = _segment_header(first)
+        self._chunks.append([first, bytearray(head)])
+        self._buf = self._chunks[-1][1]
+        self._seg = first
+        self._seg_size = len(head)
+
+    def sync(self, timeout: float | None = None) -> int:
+        """Wait until everything appended so far is durable; returns the durable seq."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        with self._cond:
+            target = self._next_seq - 1
+            while self.durable_seq < target:
+                if self._error is not None:
+                    raise JournalFailedError(f"journal failed: {self._error!r}") from self._error
+                if self._closed:
+                    raise JournalError("journal closed before the records were durable")
+                remaining = None if deadline is None else deadline - time.monotonic()
+                if remaining is not None and remaining <= 0:
+                    raise TimeoutError(f"seq {target} not durable after {timeout} s")
+                self._cond.wait(remaining)
+            return self.durable_seq
+
+    def wait_durable(self, seq: int, timeout: float | None = None) -> bool:
+        """Wait until ``seq`` is durable; False on timeout, failure or close."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        with self._cond:
+            while self.durable_seq < seq:
+                if self._error is not None or self._closed:
+                    return False
+                remaining = None if deadline is None else deadline - time.monotonic()
+                if remaining is not None and remaining <= 0:
+                    return False
+                self._cond.wait(remaining)
+            return True
+
+    @property
+    def failed(self) -> BaseException | None:
+        return self._error
+
+    def close(self) -> None:
+        """Flush and sync what is pending, stop the writer thread, close the file."""
+        with self._cond:
+            if self._closed:
+                return
+            self._closing = True
+            self._cond.notify_all()
+        self._thread.join()
+        with self._cond:
+            self._closed = True
+            self._cond.notify_all()
+        try:
+            self._ops.close(self._fd)
+        except OSError:
+            pass
+
+    def __enter__(self) -> "Journal":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # ------------------------------------------------------------------------------------------
+    # The writer thread
+
+    def _write_all(self, fd: int, data) -> None:
+        view = memoryview(data)
+        try:
+            while view:
+                n = self._ops.write(fd, view)
+                if n <= 0:
+                    raise OSError(f"write returned {n}")
+                view = view[n:]
+        finally:
+            view.release()
+
+    def _writer(self) -> None:
+        ops = self._ops
+        cond = self._cond
+        stats = self.stats
+        sync = self._sync
+        monotonic = time.monotonic
+        while True:
+            with cond:
+                while self._t0 is None and not self._closing:
+                    cond.wait()
+                if self._t0 is None:
+                    return
+                chunks = self._chunks
+                self._chunks = [[self._seg, bytearray()]]
+                self._buf = self._chunks[-1][1]
+                end_seq = self._next_seq - 1
+                t0 = self._t0
+                self._t0 = None
+                count = end_seq - self.durable_seq
+            try:
+                written = 0
+                new_files = False
+                for seg, data in chunks:
+                    if seg != self._segments[-1]:
+                        # roll: the old segment is whole and synced before the new one exists
+                        if sync:
+                            ops.sync(self._fd)
+                        ops.close(self._fd)
+                        self._fd = ops.create(str(self.directory / segment_name(seg)))
+                        self._segments.append(seg)
+                        self._file_size = 0
+                        new_files = True
+                    if data:
+                        self._write_all(self._fd, data)
+                        self._file_size += len(data)
+                        written += len(data)
+                if sync:
+                    t1 = monotonic()
+                    ops.sync(self._fd)
+                    if new_files:
+                        ops.sync_dir(str(self.directory))
+                    t2 = monotonic()
+                    stats.fsync_seconds.observe(t2 - t1)
+                else:
+                    t2 = monotonic()
+            except BaseException as exc:  # noqa: BLE001 - any failure ends the journal
+                self._fail(exc)
+                return
+            with cond:
+                self.durable_seq = end_seq
+                self._durable_pos = pack_position(self._segments[-1], self._file_size)
+                stats.pending -= count
+                cond.notify_all()
+            stats.records += count
+            stats.bytes += written
+            stats.batches += 1
+            stats.batch_records.observe(count)
+            stats.append_to_durable_seconds.observe(t2 - t0)
+            if self._on_durable is not None:
+                try:
+                    self._on_durable(end_seq)
+                except Exception:  # a callback bug must not stop the journal
+                    log.exception("on_durable callback failed")
+
+    def _fail(self, exc: BaseException) -> None:
+        log.error("journal write or sync failed; no further appends: %r", exc)
+        with self._cond:
+            self._error = exc
+            self._cond.notify_all()
+        if self._on_error is not None:
+            try:
+                self._on_error(exc)
+            except Exception:
+                log.exception("on_error callback failed")
+
+    # ------------------------------------------------------------------------------------------
+    # Reading (durable records only)
+
+    def _read_range(self, start: int, limit: int, expect: int | None) -> Iterator[Record]:
+        """Records from position ``start`` up to position ``limit`` (exclusive)."""
+        seg, off = unpack_position(start)
+        lim_seg, lim_off = unpack_position(limit)
+        segments = self._segments
+        i = segments.index(seg)
+        while True:
+            seg = segments[i]
+            path = self.directory / segment_name(seg)
+            last = seg == lim_seg
+            for rec in _iter_file(path, seg, off, lim_off if last else None, expect, True):
+                expect = rec.seq + 1
+                yield rec
+            if last or i + 1 >= len(segments):
+                return
+            i += 1
+            off = _HEADER_SIZE
+
+    def read_at(self, position: int) -> Iterator[Record]:
+        """Durable records from ``position`` (a record's position) on."""
+        return self._read_range(position, self._durable_pos, None)
+
+    def records(self, from_seq: int = 1, through_seq: int | None = None) -> Iterator[Record]:
+        """Durable records with seq >= ``from_seq`` (and <= ``through_seq``), in order."""
+        limit = self._durable_pos
+        segments = list(self._segments)
+        if not segments:
+            return
+        i = max(0, bisect_right(segments, from_seq) - 1)
+        for rec in self._read_range(pack_position(segments[i], _HEADER_SIZE), limit, segments[i]):
+            if rec.seq < from_seq:
+                continue
+            if through_seq is not None and rec.seq > through_seq:
+                return
+            yield rec
+
+    def follow(self, from_seq: int = 1, *, idle_timeout: float | None = None) -> Iterator[Record]:
+        """Records from ``from_seq`` on as they become durable; ends when the journal closes,
+        fails, or (if ``idle_timeout`` is given) when nothing new arrives for that long."""
+        next_seq = from_seq
+        cursor: int | None = None  # position just after the last record yielded
+        while True:
+            if cursor is None:
+                batch = self.records(next_seq)
+            else:
+                batch = self._read_range(cursor, self._durable_pos, next_seq)
+            for rec in batch:
+                next_seq = rec.seq + 1
+                cursor = rec.position + FRAME_SIZE + len(rec.payload)
+                yield rec
+            with self._cond:
+                while self.durable_seq < next_seq:
+                    if self._error is not None or self._closed or self._closing:
+                        return
+                    if not self._cond.wait(idle_timeout) and self.durable_seq < next_seq:
+                        return

@@ -1,0 +1,193 @@
+"""``kaboni journal verify|dump|stats DIR`` and ``kaboni settle DIR --day YYYY-MM-DD``.
+
+Read-only tools over a journal directory: they never truncate or repair anything (opening the
+journal for writing does that).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import datetime as _dt
+import json
+import sys
+from pathlib import Path
+
+import msgspec
+
+from engine.journal import (
+    KIND_ENTRY, KIND_FILL, KIND_START, CorruptJournalError, JournalError, read_records, scan_journal,
+)
+from engine.journal._format import KIND_NAMES
+from engine.journal._settle import settlement_report
+from engine.journal._snapshot import list_snapshots, read_snapshot, snapshot_name
+
+__all__ = ["add_journal_commands"]
+
+_SETTLE_FIELDS = ("member", "instrument", "currency", "bought", "sold", "paid", "received", "fees",
+                  "net_qty", "net_cash")
+
+
+def add_journal_commands(subparsers) -> None:
+    """Register ``journal verify|dump|stats DIR`` and ``settle DIR --day D`` on ``subparsers``."""
+    journal = subparsers.add_parser("journal", help="inspect a settlement journal")
+    jsub = journal.add_subparsers(dest="journal_command", required=True)
+    p = jsub.add_parser("verify", help="check every record and snapshot; exit 1 on damage")
+    p.add_argument("dir", type=Path)
+    p.set_defaults(func=_verify)
+    p = jsub.add_parser("dump", help="print records as JSON lines")
+    p.add_argument("dir", type=Path)
+    p.add_argument("--from", dest="from_seq", type=int, default=1, help="first seq (default 1)")
+    p.add_argument("--kind", choices=["START", "FILL", "ENTRY"], help="only records of this kind")
+    p.add_argument("--limit", type=int, default=None, help="at most this many records")
+    p.set_defaults(func=_dump)
+    p = jsub.add_parser("stats", help="counts of records, fills, bytes, segments and snapshots")
+    p.add_argument("dir", type=Path)
+    p.set_defaults(func=_stats)
+    s = subparsers.add_parser("settle", help="end-of-day settlement report from a journal")
+    s.add_argument("dir", type=Path)
+    s.add_argument("--day", required=True, type=_day, help="trading day, YYYY-MM-DD")
+    s.add_argument("--format", choices=["csv", "json"], default="csv")
+    s.set_defaults(func=_settle)
+
+
+def _day(text: str) -> str:
+    try:
+        _dt.date.fromisoformat(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a YYYY-MM-DD date") from None
+    return text
+
+
+def _check_dir(path: Path) -> bool:
+    if not path.is_dir():
+        print(f"error: {path} is not a directory", file=sys.stderr)
+        return False
+    return True
+
+
+def _verify(args) -> int:
+    if not _check_dir(args.dir):
+        return 2
+    try:
+        result = scan_journal(args.dir)
+    except CorruptJournalError as exc:
+        print(f"CORRUPT: {exc}", file=sys.stderr)
+        return 1
+    status = 0
+    print(f"{result.records} records (seq {result.first_seq}-{result.last_seq}) in {result.segments} segments, "
+          f"{result.bytes} bytes: checksums and sequence OK")
+    if result.tail_bytes:
+        print(f"torn tail: {result.tail_bytes} bytes at the end of {result.tail_path} "
+              "(an incomplete last write; truncated when the journal is next opened)")
+    for seq in list_snapshots(args.dir):
+        body = read_snapshot(args.dir / snapshot_name(seq))
+        if body is None:
+            print(f"snapshot at seq {seq}: DAMAGED (skipped at restart)", file=sys.stderr)
+            status = 1
+        elif seq > result.last_seq:
+            print(f"snapshot at seq {seq}: beyond the journal's end (ignored at restart)")
+        else:
+            print(f"snapshot at seq {seq}: OK (trading day {body.trading_day})")
+    return status
+
+
+def _plain(obj):
+    """Report bodies inside ENTRY records are msgpack too: decode them for reading."""
+    if isinstance(obj, bytes):
+        try:
+            return msgspec.msgpack.decode(obj)
+        except msgspec.DecodeError:
+            return obj.hex()
+    if isinstance(obj, list):
+        return [_plain(x) for x in obj]
+    if isinstance(obj, dict):
+        return {k: _plain(v) for k, v in obj.items()}
+    return obj
+
+
+_FIELDS = {
+    KIND_START: ("format", "trading_day", "config_sha256", "fee_account"),
+    KIND_FILL: ("trading_day", "trade_id", "instrument", "currency", "price", "qty", "buyer", "seller",
+                "buyer_fee", "seller_fee", "buy_order_id", "sell_order_id", "aggressor", "ts"),
+    KIND_ENTRY: ("ts", "member", "session", "throttled", "command", "reports"),
+}
+
+
+def _dump(args) -> int:
+    if not _check_dir(args.dir):
+        return 2
+    want = {name: kind for kind, name in KIND_NAMES.items()}.get(args.kind)
+    out = sys.stdout
+    n = 0
+    try:
+        for rec in read_records(args.dir, args.from_seq):
+            if want is not None and rec.kind != want:
+                continue
+            if args.limit is not None and n >= args.limit:
+                break
+            n += 1
+            values = msgspec.msgpack.decode(rec.payload)
+            fields = _FIELDS.get(rec.kind)
+            body = dict(zip(fields, _plain(values))) if fields else _plain(values)
+            if rec.kind == KIND_ENTRY:
+                body["reports"] = [{"member": m, "seq": s, "body": b} for m, s, b in body["reports"]]
+            line = {"seq": rec.seq, "kind": KIND_NAMES.get(rec.kind, rec.kind), **body}
+            out.write(json.dumps(line, separators=(",", ":")) + "\n")
+    except CorruptJournalError as exc:
+        print(f"CORRUPT: {exc}", file=sys.stderr)
+        return 1
+    except BrokenPipeError:
+        return 0
+    return 0
+
+
+def _stats(args) -> int:
+    if not _check_dir(args.dir):
+        return 2
+    try:
+        result = scan_journal(args.dir)
+        days: dict[str, int] = {}
+        for rec in read_records(args.dir):
+            if rec.kind == KIND_FILL:
+                day = msgspec.msgpack.decode(rec.payload)[0]
+                days[day] = days.get(day, 0) + 1
+    except CorruptJournalError as exc:
+        print(f"CORRUPT: {exc}", file=sys.stderr)
+        return 1
+    kinds = {KIND_NAMES.get(k, str(k)): v for k, v in sorted(result.kinds.items())}
+    print(f"segments: {result.segments}")
+    print(f"records: {result.records} (seq {result.first_seq}-{result.last_seq})")
+    print(f"bytes: {result.bytes}")
+    for name, count in kinds.items():
+        print(f"  {name}: {count}")
+    for day, count in sorted(days.items()):
+        print(f"fills on {day}: {count}")
+    print(f"torn tail bytes: {result.tail_bytes}")
+    print(f"snapshots: {', '.join(str(s) for s in sorted(list_snapshots(args.dir))) or 'none'}")
+    return 0
+
+
+def _settle(args) -> int:
+    if not _check_dir(args.dir):
+        return 2
+    try:
+        lines = settlement_report(args.dir, args.day)
+    except (CorruptJournalError, JournalError) as exc:
+        print(f"CORRUPT: {exc}", file=sys.stderr)
+        return 1
+    rows = [dict(zip(_SETTLE_FIELDS, msgspec.to_builtins(ln))) for ln in lines]
+    if args.format == "json":
+        totals: dict[str, dict] = {}
+        for r in rows:
+            t = totals.setdefault(r["instrument"], {"currency": r["currency"], "net_qty": 0, "net_cash": 0})
+            t["net_qty"] += r["net_qty"]
+            t["net_cash"] += r["net_cash"]
+        json.dump({"trading_day": args.day, "lines": rows, "totals": totals}, sys.stdout, indent=1)
+        sys.stdout.write("\n")
+    else:
+        writer = csv.DictWriter(sys.stdout, fieldnames=("trading_day",) + _SETTLE_FIELDS, lineterminator="\n")
+        writer.writeheader()
+        for r in rows:
+            writer.writerow({"trading_day": args.day, **r})
+    return 0

@@ -1,0 +1,382 @@
+"""The generic log: framing, recovery (torn tails, corruption), readers, and group commit
+durability shown with an instrumented file layer and a simulated power loss."""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from engine.journal import (
+    CorruptJournalError, FileOps, Journal, JournalError, JournalFailedError, list_segments, read_records,
+    scan_journal,
+)
+from engine.journal._format import FRAME_SIZE, segment_name, unpack_position
+
+
+def payload(i: int) -> bytes:
+    return (b"record-%d-" % i) * (1 + i % 7)
+
+
+def fill(directory, n, **kw) -> Journal:
+    j = Journal.open(directory, durability="none", **kw)
+    for i in range(1, n + 1):
+        assert j.append(1 + i % 3, payload(i)) == i
+    return j
+
+
+def test_append_read_back_and_reopen(tmp_path):
+    durable = []
+    j = Journal.open(tmp_path, on_durable=durable.append, segment_bytes=2048)
+    for i in range(1, 301):
+        j.append(1, payload(i))
+    assert j.append_group([(2, b"a"), (3, b"b"), (2, b"c")]) == 303
+    assert j.sync() == 303
+    assert durable[-1] == 303 and durable == sorted(durable)
+    assert [r.payload for r in j.records(1, 300)] == [payload(i) for i in range(1, 301)]
+    assert [(r.seq, r.kind, r.group_end) for r in j.records(301)] == [(301, 2, False), (302, 3, False), (303, 2, True)]
+    assert len(list_segments(tmp_path)) > 5  # it rolled
+    assert j.stats.records == 303 and j.stats.pending == 0 and j.stats.bytes > 0
+    j.close()
+    j = Journal.open(tmp_path, segment_bytes=2048)
+    assert j.recovered and j.last_seq == 303
+    assert j.append(1, b"more") == 304
+    j.close()
+    assert [r.seq for r in read_records(tmp_path)] == list(range(1, 305))
+    result = scan_journal(tmp_path)
+    assert result.records == 304 and result.tail_bytes == 0
+
+
+def test_read_at_position(tmp_path):
+    j = fill(tmp_path, 50, segment_bytes=1024)
+    positions = {}
+    for i in range(51, 60):
+        j.append(1, payload(i))
+        positions[i] = j.last_position
+    j.sync()
+    for seq, pos in positions.items():
+        assert next(iter(j.read_at(pos))).seq == seq
+    j.close()
+
+
+def test_follow_sees_records_as_they_become_durable(tmp_path):
+    j = Journal.open(tmp_path, durability="none", segment_bytes=4096)
+
+    def produce():
+        for i in range(1, 2001):
+            j.append(1, payload(i))
+            if i % 100 == 0:
+                time.sleep(0.005)
+
+    t = threading.Thread(target=produce)
+    t.start()
+    seen = []
+    for rec in j.follow(1, idle_timeout=1.0):
+        seen.append(rec.seq)
+        assert rec.payload == payload(rec.seq)
+        if rec.seq == 2000:
+            break
+    t.join()
+    assert seen == list(range(1, 2001))
+    # from the middle, ending when the journal closes
+    out = []
+    done = threading.Event()
+
+    def follower():
+        for rec in j.follow(1990):
+            out.append(rec.seq)
+        done.set()
+
+    ft = threading.Thread(target=follower)
+    ft.start()
+    j.append(1, b"last")
+    time.sleep(0.1)
+    j.close()
+    assert done.wait(5)
+    assert out == list(range(1990, 2002))
+
+
+def _cut(path: Path, size: int) -> None:
+    os.truncate(path, size)
+
+
+def test_torn_tail_mid_record_is_truncated_and_logged(tmp_path, caplog):
+    j = fill(tmp_path, 100)
+    j.append(1, b"x" * 500)  # seq 101
+    j.close()
+    path = tmp_path / segment_name(1)
+    size = path.stat().st_size
+    _cut(path, size - 200)  # cut seq 101 in the middle of its payload
+    with caplog.at_level(logging.WARNING, logger="kaboni.journal"):
+        j = Journal.open(tmp_path)
+    assert "torn tail" in caplog.text and str(path) in caplog.text
+    assert j.last_seq == 100
+    assert path.stat().st_size == size - 500 - FRAME_SIZE
+    assert j.append(1, b"after") == 101
+    j.close()
+    assert [r.payload for r in read_records(tmp_path)][-1] == b"after"
+
+
+@pytest.mark.parametrize("cut", [1, 5, FRAME_SIZE - 1, FRAME_SIZE + 3])
+def test_torn_tail_inside_header(tmp_path, cut):
+    j = fill(tmp_path, 20)
+    j.close()
+    path = tmp_path / segment_name(1)
+    size = path.stat().st_size
+    with open(path, "ab") as f:  # a partial next frame
+        f.write(b"\x01" * cut)
+    j = Journal.open(tmp_path)
+    assert j.last_seq == 20 and path.stat().st_size == size
+    j.close()
+
+
+def test_incomplete_group_is_truncated_like_a_torn_tail(tmp_path):
+    j = fill(tmp_path, 10)
+    j.append_group([(2, b"fill-1"), (2, b"fill-2"), (3, b"entry")])  # seqs 11-13
+    j.close()
+    path = tmp_path / segment_name(1)
+    size = path.stat().st_size
+    _cut(path, size - (FRAME_SIZE + 5))  # drop the ENTRY: the FILLs have no group end
+    assert scan_journal(tmp_path).last_seq == 10
+    assert [r.seq for r in read_records(tmp_path)][-1] == 10
+    j = Journal.open(tmp_path)
+    assert j.last_seq == 10
+    assert path.stat().st_size == size - 3 * FRAME_SIZE - len(b"fill-1fill-2entry")
+    j.close()
+
+
+def _offset_of(directory: Path, seq: int) -> tuple[Path, int]:
+    for rec in read_records(directory):
+        if rec.seq == seq:
+            first, off = unpack_position(rec.position)
+            return directory / segment_name(first), off
+    raise AssertionError(seq)
+
+
+@pytest.mark.parametrize("where", ["payload", "length", "crc"])
+def test_flipped_byte_mid_file_names_file_and_offset(tmp_path, where):
+    fill(tmp_path, 200).close()
+    path, off = _offset_of(tmp_path, 100)
+    flip = {"payload": off + FRAME_SIZE + 2, "length": off + 5, "crc": off}[where]
+    data = bytearray(path.read_bytes())
+    data[flip] ^= 0x40
+    path.write_bytes(bytes(data))
+    with pytest.raises(CorruptJournalError) as info:
+        Journal.open(tmp_path)
+    assert info.value.path == str(path) and info.value.offset == off
+    assert f"offset {off}" in str(info.value) and str(path) in str(info.value)
+    with pytest.raises(CorruptJournalError) as info:
+        scan_journal(tmp_path)
+    assert info.value.offset == off
+    with pytest.raises(CorruptJournalError):
+        list(read_records(tmp_path))
+
+
+def test_flipped_byte_in_an_older_segment_is_found_by_readers(tmp_path):
+    fill(tmp_path, 400, segment_bytes=2048).close()
+    first_segments = list_segments(tmp_path)
+    assert len(first_segments) > 3
+    path, off = _offset_of(tmp_path, 30)
+    assert path.name == segment_name(first_segments[0])
+    data = bytearray(path.read_bytes())
+    data[off + FRAME_SIZE] ^= 1
+    path.write_bytes(bytes(data))
+    with pytest.raises(CorruptJournalError) as info:
+        scan_journal(tmp_path)
+    assert (info.value.path, info.value.offset) == (str(path), off)
+    j = Journal.open(tmp_path, segment_bytes=2048)  # open checks the newest segment only
+    with pytest.raises(CorruptJournalError) as info:
+        list(j.records(1))
+    assert (info.value.path, info.value.offset) == (str(path), off)
+    j.close()
+
+
+def test_bad_segment_header_is_an_error(tmp_path):
+    fill(tmp_path, 10).close()
+    path = tmp_path / segment_name(1)
+    data = bytearray(path.read_bytes())
+    data[0] = ord("X")
+    path.write_bytes(bytes(data))
+    with pytest.raises(CorruptJournalError, match="segment header"):
+        Journal.open(tmp_path)
+
+
+def test_half_created_segment_is_dropped(tmp_path):
+    fill(tmp_path, 10).close()
+    (tmp_path / segment_name(11)).write_bytes(b"KBN")  # crash while rolling
+    j = Journal.open(tmp_path)
+    assert j.last_seq == 10 and list_segments(tmp_path) == [1]
+    j.append(1, b"x")
+    j.close()
+
+
+# ---------------------------------------------------------------------------------------------
+# An instrumented file layer: what has really been synced, and a simulated power loss
+
+
+class TracingOps(FileOps):
+    """Real system calls, plus a model of the disk: bytes written vs bytes covered by a sync."""
+
+    def __init__(self, sync_delay: float = 0.0, fail_sync_at: int | None = None) -> None:
+        self.lock = threading.Lock()
+        self.paths: dict[int, str] = {}
+        self.written: dict[str, bytearray] = {}
+        self.synced: dict[str, bytes] = {}
+        self.dir_synced: set[str] = set()
+        self.created_unsynced: set[str] = set()
+        self.in_sync = 0
+        self.syncs = 0
+        self.sync_delay = sync_delay
+        self.fail_sync_at = fail_sync_at
+
+    def create(self, path):
+        fd = super().create(path)
+        with self.lock:
+            self.paths[fd] = path
+            self.written[path] = bytearray()
+            self.synced[path] = b""
+            self.created_unsynced.add(path)
+        return fd
+
+    def open_append(self, path):
+        fd = super().open_append(path)
+        with self.lock:
+            self.paths[fd] = path
+            data = Path(path).read_bytes()
+            self.written[path] = bytearray(data)
+            self.synced[path] = data
+        return fd
+
+    def write(self, fd, data):
+        n = super().write(fd, data)
+        with self.lock:
+            self.written[self.paths[fd]] += bytes(data[:n])
+        return n
+
+    def sync(self, fd):
+        with self.lock:
+            self.in_sync += 1
+            self.syncs += 1
+            snapshot = bytes(self.written[self.paths[fd]])
+            fail = self.fail_sync_at is not None and self.syncs >= self.fail_sync_at
+        try:
+            if fail:
+                raise OSError(5, "Input/output error (injected)")
+            if self.sync_delay:
+                time.sleep(self.sync_delay)
+            super().sync(fd)
+            with self.lock:
+                self.synced[self.paths[fd]] = snapshot  # what was written before the call is on disk
+        finally:
+            with self.lock:
+                self.in_sync -= 1
+
+    def sync_dir(self, path):
+        super().sync_dir(path)
+        with self.lock:
+            self.created_unsynced.clear()
+
+    def power_loss_image(self, target: Path) -> None:
+        """The disk after a power cut: synced bytes only; files whose directory entry was never
+        synced are gone."""
+        target.mkdir()
+        with self.lock:
+            for path, data in self.synced.items():
+                if path in self.created_unsynced:
+                    continue
+                (target / Path(path).name).write_bytes(data)
+
+
+def _durable_seqs(ops: TracingOps) -> int:
+    """Highest seq whose whole prefix is in synced bytes."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        image = Path(tmp) / "img"
+        ops.power_loss_image(image)
+        seqs = [r.seq for r in read_records(image)]
+    assert seqs == list(range(1, len(seqs) + 1))
+    return len(seqs)
+
+
+def test_no_durability_callback_before_its_fdatasync_returns(tmp_path):
+    ops = TracingOps(sync_delay=0.002)
+    violations = []
+    called = []
+
+    def on_durable(seq):
+        called.append(seq)
+        if _durable_seqs(ops) < seq:
+            violations.append(seq)
+
+    j = Journal.open(tmp_path / "j", on_durable=on_durable, file_ops=ops, segment_bytes=8192)
+    for i in range(1, 3001):
+        j.append(1, payload(i))
+        if i % 100 == 0:
+            time.sleep(0.01)
+    j.sync()
+    j.close()
+    assert called and called[-1] == 3000
+    assert len(called) > 5  # many batches, each checked
+    assert violations == []
+
+
+def test_power_loss_loses_nothing_confirmed(tmp_path):
+    ops = TracingOps(sync_delay=0.001)
+    confirmed = [0]
+    j = Journal.open(tmp_path / "j", on_durable=lambda s: confirmed.__setitem__(0, s), file_ops=ops,
+                     segment_bytes=16384)
+    stop = time.monotonic() + 0.5
+    i = 0
+    while time.monotonic() < stop:
+        i += 1
+        j.append_group([(2, payload(i)), (3, b"entry-%d" % i)])
+        if i % 97 == 0:
+            time.sleep(0.0005)
+    # the power goes: take the image while appends are still in flight
+    with ops.lock:
+        last_confirmed = confirmed[0]
+    ops.power_loss_image(tmp_path / "after")
+    j.close()
+    assert last_confirmed > 100
+    j2 = Journal.open(tmp_path / "after")
+    assert j2.last_seq >= last_confirmed
+    assert j2.last_seq % 2 == 0  # whole groups only
+    j2.close()
+    assert [r.seq for r in read_records(tmp_path / "after")] == list(range(1, j2.last_seq + 1))
+
+
+def test_sync_failure_stops_appends_and_reports_nothing_more(tmp_path):
+    ops = TracingOps(fail_sync_at=4)  # sync 1 is the new segment's header
+    durable = []
+    errors = []
+    j = Journal.open(tmp_path / "j", on_durable=durable.append, on_error=errors.append, file_ops=ops)
+    for i in range(1, 4):
+        j.append(1, payload(i))
+        assert j.wait_durable(i, timeout=2) is (i < 3)
+    assert len(errors) == 1 and isinstance(errors[0], OSError)
+    assert durable == [1, 2]  # the 3rd sync failed: seq 3 is never reported durable
+    assert isinstance(j.failed, OSError)
+    with pytest.raises(JournalFailedError):
+        j.append(1, b"more")
+    with pytest.raises(JournalFailedError):
+        j.sync()
+    j.close()
+
+
+def test_durability_none_still_writes(tmp_path):
+    j = Journal.open(tmp_path, durability="none")
+    j.append(1, b"a")
+    j.sync()
+    j.close()
+    assert [r.payload for r in read_records(tmp_path)] == [b"a"]
+    with pytest.raises(ValueError):
+        Journal.open(tmp_path, durability="sometimes")
+    j = Journal.open(tmp_path)
+    j.close()
+    with pytest.raises(JournalError):
+        j.append(1, b"closed")

@@ -1,0 +1,280 @@
+"""The Ledger: engine + journal. Creation, reports as journaled bytes, the per-member report
+index, restarts with and without snapshots, and (hypothesis) snapshot + replay == full replay."""
+
+from __future__ import annotations
+
+import os
+import random
+import tempfile
+from pathlib import Path
+
+import msgspec
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from engine import (
+    AdminAck, Balances, CancelOrder, CloseMarket, DayEnded, Deposit, EndOfDay, Engine, Halt, MassCancel,
+    NewOrder, OpenMarket, QueryBalances, ReinstateMember, ReplaceOrder, Resume, SuspendMember, Withdraw,
+    demo_config, parse_config, DEMO_TOML,
+)
+from engine.journal import KIND_ENTRY, KIND_FILL, FillRecord, Ledger, read_records
+from engine.journal._snapshot import list_snapshots, snapshot_name
+
+pytestmark = pytest.mark.timeout(120)
+
+DAY = "2026-11-24"
+MEMBERS = [f"M{i:02d}" for i in range(1, 7)]
+
+
+def random_commands(rng: random.Random, n: int, prefix: str = "c"):
+    """(command, member, session) triples: mostly orders, some cancels, replaces and admin."""
+    live: dict[str, list[str]] = {m: [] for m in MEMBERS}
+    out = []
+    for i in range(n):
+        m = rng.choice(MEMBERS)
+        cl = f"{prefix}{i}"
+        r = rng.random()
+        if r < 0.65:
+            ins = rng.choice(["CEA24", "CEA25", "EUA"])
+            if ins == "EUA":
+                cmd = NewOrder(cl, ins, rng.choice(["buy", "sell"]), 1000 * rng.randint(1, 5), rng.randint(6900, 7100))
+            else:
+                ref = 9200 if ins == "CEA24" else 9250
+                cmd = NewOrder(cl, ins, rng.choice(["buy", "sell"]), rng.randint(1, 30), ref + rng.randint(-15, 15),
+                               rng.choice(["day", "gtc", "ioc", "fok"]))
+            live[m].append(cl)
+        elif r < 0.8 and live[m]:
+            cmd = CancelOrder(cl, rng.choice(live[m]))
+        elif r < 0.92 and live[m]:
+            cmd = ReplaceOrder(cl, rng.choice(live[m]), rng.randint(1, 30), 9250 + rng.randint(-15, 15))
+            live[m].append(cl)
+        elif r < 0.94:
+            cmd = MassCancel(cl)
+        elif r < 0.95:
+            cmd, m = QueryBalances(), m
+        else:
+            cmd, m = NewOrder(cl, "CEA25", rng.choice(["buy", "sell"]), rng.randint(1, 10), None), m
+        out.append((cmd, m, rng.choice([0, 0, 0, 7])))
+    return out
+
+
+def run(ledger: Ledger, commands, ts0: int = 1_000):
+    outputs = []
+    for k, (cmd, m, session) in enumerate(commands):
+        outputs.append(ledger.execute(cmd, m, ts0 + k, session))
+    return outputs
+
+
+def test_new_journal_is_funded_and_opened(tmp_path):
+    cfg = demo_config()
+    with Ledger.open(cfg, tmp_path, today=DAY, durability="none") as ledger:
+        assert not ledger.recovered
+        assert ledger.engine.trading_day == DAY
+        assert ledger.engine.balances("M07").cash["CNY"].total == cfg.initial_cash
+        assert ledger.engine.balances("M07").allowances["EUA"].settled == cfg.initial_allowances
+        assert ledger.engine.status("CEA25") == "open"
+        assert ledger.durable_seq == ledger.last_seq  # the set-up is durable before open returns
+        seq0 = ledger.last_seq
+        seq, events, reports = ledger.execute(QueryBalances(), "M01", 5)
+        assert seq == seq0 and isinstance(events[0], Balances) and reports == []
+        assert ledger.last_seq == seq0  # not journaled
+    with Ledger.open(cfg, tmp_path, durability="none") as ledger:
+        assert ledger.recovered and ledger.last_seq == seq0
+        # a repeated open does not fund twice
+        assert ledger.engine.balances("M07").cash["CNY"].total == cfg.initial_cash
+
+
+def test_new_journal_needs_a_trading_day(tmp_path):
+    with pytest.raises(ValueError, match="trading day"):
+        Ledger.open(demo_config(), tmp_path)
+    cfg = parse_config(DEMO_TOML + '\n', "x")
+    cfg = msgspec.structs.replace(cfg, market=msgspec.structs.replace(cfg.market, first_trading_day="2026-01-05"))
+    with Ledger.open(cfg, tmp_path / "b", today=DAY, durability="none") as ledger:
+        assert ledger.engine.trading_day == "2026-01-05"
+
+
+def test_execute_journals_fills_then_entry_with_exact_report_bytes(tmp_path):
+    with Ledger.open(demo_config(), tmp_path, today=DAY) as ledger:
+        ledger.execute(NewOrder("s1", "CEA25", "sell", 10, 9250), "M02", 100)
+        ledger.execute(NewOrder("s2", "CEA25", "sell", 10, 9251), "M03", 101)
+        seq, events, reports = ledger.execute(NewOrder("b1", "CEA25", "buy", 15, 9251), "M01", 102)
+        ledger.journal.sync()
+        assert ledger.durable_seq >= seq
+        assert [m for m, _ in reports] == ["M01", "M01", "M02", "M01", "M03"]
+        assert reports[0][1] == msgspec.msgpack.encode(events[0])
+        recs = [r for r in read_records(tmp_path) if r.seq > seq - 3]
+        assert [r.kind for r in recs] == [KIND_FILL, KIND_FILL, KIND_ENTRY]
+        assert [r.group_end for r in recs] == [False, False, True]
+        f1, f2 = (msgspec.msgpack.decode(r.payload, type=FillRecord) for r in recs[:2])
+        assert (f1.buyer, f1.seller, f1.price, f1.qty, f1.currency, f1.trading_day) == ("M01", "M02", 9250, 10, "CNY", DAY)
+        assert (f2.buyer, f2.seller, f2.price, f2.qty, f2.aggressor) == ("M01", "M03", 9251, 5, "buy")
+        entry = msgspec.msgpack.decode(recs[2].payload)
+        assert [tuple(r) for r in entry[5]] == [(m, msgspec.msgpack.decode(b)["seq"], b) for m, b in reports]
+
+
+def test_reports_from_the_index_match_what_execute_returned(tmp_path):
+    rng = random.Random(7)
+    commands = random_commands(rng, 2500)
+    sent: dict[str, list[bytes]] = {m: [] for m in MEMBERS}
+    with Ledger.open(demo_config(), tmp_path, today=DAY, durability="none", snapshot_every=700,
+                     segment_bytes=64 << 10) as ledger:
+        for _, _, reports in run(ledger, commands):
+            for m, body in reports:
+                sent[m].append(body)
+        ledger.journal.sync()
+
+        def check(lg):
+            for m in MEMBERS:
+                last = lg.engine.last_seq(m)
+                assert last == len(sent[m])
+                assert list(lg.reports(m, 0, last)) == sent[m]
+                for _ in range(15):
+                    a = rng.randint(0, last)
+                    b = rng.randint(a, last)
+                    assert list(lg.reports(m, a, b)) == sent[m][a:b]
+            assert list(lg.reports("M20", 0, 5)) == []
+
+        check(ledger)
+    assert len(list_snapshots(tmp_path)) == 2
+    with Ledger.open(demo_config(), tmp_path, durability="none") as ledger:  # from a snapshot
+        check(ledger)
+    for seq in list_snapshots(tmp_path):
+        os.unlink(tmp_path / snapshot_name(seq))
+    with Ledger.open(demo_config(), tmp_path, durability="none") as ledger:  # full replay
+        check(ledger)
+
+
+def test_restart_hash_equals_full_replay_and_end_of_day_snapshots(tmp_path):
+    rng = random.Random(3)
+    with Ledger.open(demo_config(), tmp_path, today=DAY, durability="none", snapshot_every=10**9) as ledger:
+        run(ledger, random_commands(rng, 400, "a"))
+        ledger.execute(CloseMarket(), "ops", 9_000)
+        seq, events, _ = ledger.execute(EndOfDay(), "ops", 9_001)
+        assert any(isinstance(e, DayEnded) for e in events)
+        ledger.wait_snapshots()
+        ledger.execute(OpenMarket(), "ops", 9_002)
+        run(ledger, random_commands(rng, 300, "b"), 10_000)
+        live_hash = ledger.engine.state_hash()
+        # a crash now: the newest snapshot is the end-of-day one
+        ledger.journal.sync()
+        snaps_before_close = list_snapshots(tmp_path)
+    assert seq in snaps_before_close
+    for s in list_snapshots(tmp_path):
+        if s != seq:
+            os.unlink(tmp_path / snapshot_name(s))
+    with Ledger.open(demo_config(), tmp_path, durability="none") as ledger:
+        assert ledger.engine.trading_day == "2026-11-25"
+        assert ledger.engine.state_hash() == live_hash
+        ledger.engine.check()
+
+
+def test_damaged_snapshot_falls_back_to_an_older_one(tmp_path):
+    rng = random.Random(5)
+    with Ledger.open(demo_config(), tmp_path, today=DAY, durability="none", snapshot_every=300) as ledger:
+        run(ledger, random_commands(rng, 800))
+        live_hash = ledger.engine.state_hash()
+    newest = list_snapshots(tmp_path)[0]
+    path = tmp_path / snapshot_name(newest)
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    path.write_bytes(bytes(data))
+    with Ledger.open(demo_config(), tmp_path, durability="none") as ledger:
+        assert ledger.engine.state_hash() == live_hash
+
+
+def test_journal_failure_surfaces_through_on_error(tmp_path):
+    from engine.journal import FileOps, JournalFailedError
+
+    class FailingOps(FileOps):
+        fail = False
+
+        def write(self, fd, data):
+            if self.fail:
+                raise OSError(28, "No space left on device (injected)")
+            return super().write(fd, data)
+
+    ops = FailingOps()
+    errors, durable = [], []
+    ledger = Ledger.open(demo_config(), tmp_path, today=DAY, on_error=errors.append, on_durable=durable.append,
+                         file_ops=ops)
+    ledger.execute(NewOrder("a", "CEA25", "buy", 1, 9250), "M01", 1)
+    ledger.journal.sync()
+    ops.fail = True
+    seq, _, _ = ledger.execute(NewOrder("b", "CEA25", "buy", 1, 9250), "M01", 2)
+    assert not ledger.journal.wait_durable(seq, timeout=5)
+    assert len(errors) == 1 and "No space" in str(errors[0])
+    assert max(durable) < seq
+    with pytest.raises(JournalFailedError):
+        ledger.execute(NewOrder("c", "CEA25", "buy", 1, 9250), "M01", 3)
+    ledger.close()
+
+
+# ---------------------------------------------------------------------------------------------
+# Hypothesis: snapshot + replay == full replay == the live engine
+
+command_strategy = st.lists(
+    st.tuples(
+        st.sampled_from(["buy", "sell", "cancel", "replace", "mass", "halt", "resume", "eod", "suspend", "deposit"]),
+        st.sampled_from(MEMBERS[:4]),
+        st.sampled_from(["CEA25", "CEA24"]),
+        st.integers(1, 40),
+        st.integers(-12, 12),
+        st.sampled_from(["day", "gtc", "ioc", "fok"]),
+        st.integers(0, 30),
+    ),
+    min_size=1, max_size=120,
+)
+
+
+def build(ops):
+    out = []
+    for i, (kind, m, ins, qty, dp, tif, ref) in enumerate(ops):
+        cl = f"h{i}"
+        if kind in ("buy", "sell"):
+            out.append((NewOrder(cl, ins, kind, qty, 9250 + dp, tif), m))
+        elif kind == "cancel":
+            out.append((CancelOrder(cl, f"h{ref}"), m))
+        elif kind == "replace":
+            out.append((ReplaceOrder(cl, f"h{ref}", qty, 9250 + dp), m))
+        elif kind == "mass":
+            out.append((MassCancel(cl, ins), m))
+        elif kind == "halt":
+            out.append((Halt(ins, bool(qty % 2)), "ops"))
+        elif kind == "resume":
+            out.append((Resume(ins), "ops"))
+        elif kind == "eod":
+            out += [(CloseMarket(), "ops"), (EndOfDay(), "ops"), (OpenMarket(), "ops")]
+        elif kind == "suspend":
+            out.append((SuspendMember(m) if qty % 2 else ReinstateMember(m), "ops"))
+        else:
+            out.append((Deposit(f"d{i}", m, "CNY", qty) if dp > 0 else Withdraw(f"w{i}", m, ins, qty), "ops"))
+    return out
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(command_strategy, st.data())
+def test_snapshot_plus_replay_equals_full_replay(ops, data):
+    commands = build(ops)
+    cut = data.draw(st.integers(0, len(commands)), label="snapshot after")
+    with tempfile.TemporaryDirectory() as tmp:
+        d = Path(tmp)
+        with Ledger.open(demo_config(), d, today=DAY, durability="none", snapshot_every=10**9) as ledger:
+            setup = [(Deposit(f"i-{x}-{a}", x, a, 10**7), "ops") for x in MEMBERS[:4] for a in ("CNY", "CEA24", "CEA25")]
+            for k, (cmd, m) in enumerate(setup + commands):
+                ledger.execute(cmd, m, k)
+                if k == len(setup) + cut - 1:
+                    ledger.snapshot()
+            live = ledger.engine.state_hash()
+            ledger.journal.sync()
+        # keep only the snapshot taken at the cut (close() wrote one at the end)
+        kept = sorted(list_snapshots(d))
+        for s in kept[1:] if len(kept) > 1 else []:
+            os.unlink(d / snapshot_name(s))
+        with Ledger.open(demo_config(), d, durability="none") as restored:
+            snap_hash = restored.engine.state_hash()
+        for s in list_snapshots(d):
+            os.unlink(d / snapshot_name(s))
+        with Ledger.open(demo_config(), d, durability="none") as replayed:
+            full_hash = replayed.engine.state_hash()
+    assert snap_hash == full_hash == live
