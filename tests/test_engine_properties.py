@@ -14,7 +14,9 @@ from the events must agree with the engine:
 - a market-data consumer that applies only ``BookUpdate``s sees the engine's book;
 - reservations equal what the model's open orders need; no balance is negative;
 - cash and allowances across members and the fee account equal net deposits;
-- FOK is all or nothing, IOC and market orders never rest;
+- a fill takes min(taker's, maker's open qty); FOK is all or nothing and is cancelled only if it
+  could not fill against other members before a self-match; an IOC or market rest is
+  cancelled only when nothing crosses any more; IOC, FOK and market orders never rest;
 - every settlement report nets to zero.
 
 At teardown the same commands on a fresh engine give identical events and the same state hash,
@@ -126,6 +128,7 @@ class EngineMachine(RuleBasedStateMachine):
     def follow(self, command, events):
         pending: list[ModelOrder] = []
         taker_fill: Fill | None = None
+        taker_leaves = 0
         accepted = 0
         unreported: set = set()  # levels that traded and have not had their BookUpdate yet
         for e in events:
@@ -147,9 +150,11 @@ class EngineMachine(RuleBasedStateMachine):
                 if e.liquidity == "taker":
                     assert taker_fill is None
                     taker_fill = e
+                    taker_leaves = o.leaves
                     assert o.rank is None, "a taker is never resting"
                 else:
                     self.check_maker(o, e, taker_fill)
+                    assert e.qty == min(o.leaves, taker_leaves), "a fill takes all it can"
                     taker_fill = None
                 assert e.qty > 0 and o.leaves - e.qty == e.leaves_qty
                 o.leaves = e.leaves_qty
@@ -170,6 +175,8 @@ class EngineMachine(RuleBasedStateMachine):
             elif isinstance(e, OrderCancelled):
                 o = self.orders[e.order_id]
                 assert e.cancelled_qty == o.leaves > 0 and e.leaves_qty == 0
+                if e.reason in ("ioc", "fok"):
+                    self.check_nothing_more_to_trade(o, e.reason)
                 o.leaves = 0
                 o.rank = None
             elif isinstance(e, OrderReplaced):
@@ -246,6 +253,35 @@ class EngineMachine(RuleBasedStateMachine):
         self.day_trades.clear()
         self.day_figures.clear()
         self.used_today.clear()
+
+    def crossing(self, o: ModelOrder) -> list[ModelOrder]:
+        """The model's resting orders that ``o`` would trade with, in priority order."""
+        ins = INSTRUMENTS[o.symbol]
+        lower, upper = price_band(self.engine.reference_price(o.symbol), ins.band_bp, ins.tick)
+        if o.side == "buy":
+            limit = o.price if o.price is not None else upper
+            opp = [q for q in self.orders.values() if q.rank is not None and q.symbol == o.symbol
+                   and q.side == "sell" and q.price <= limit]
+            return sorted(opp, key=lambda q: (q.price, q.rank))
+        limit = o.price if o.price is not None else lower
+        opp = [q for q in self.orders.values() if q.rank is not None and q.symbol == o.symbol
+               and q.side == "buy" and q.price >= limit]
+        return sorted(opp, key=lambda q: (-q.price, q.rank))
+
+    def check_nothing_more_to_trade(self, o: ModelOrder, reason: str):
+        """An ioc rest is cancelled only when nothing crosses any more; a fok only when it
+        could not fill whole against other members before its first self-match."""
+        assert o.rank is None, "ioc and fok cancels are for incoming orders"
+        if reason == "ioc":
+            assert not self.crossing(o), "cancelled ioc while it could still trade"
+            return
+        assert o.filled_now == 0, "a fok is cancelled whole or not at all"
+        available = 0
+        for q in self.crossing(o):
+            if q.member == o.member:
+                break
+            available += q.leaves
+        assert available < o.leaves, "cancelled fok that could fill"
 
     def check_maker(self, o: ModelOrder, fill: Fill, taker: Fill | None):
         assert taker is not None and taker.trade_id == fill.trade_id

@@ -547,3 +547,14 @@ def test_very_large_maximum_quantity():
     m = Market(toml=CONFIG_TOML.replace("max_qty = 1_000\n", "max_qty = 1_000_000_000_000\n"), allowances=0)
     rejected(m.buy("M1", "b", 10**12 + 1, 9_000), "qty_out_of_range")
     rejected(m.buy("M1", "c", 10**12, 9_000), "insufficient_funds")
+
+
+def test_suspended_member_cancels_find_nothing_to_cancel():
+    """Suspension cancelled every resting order, so a cancel is unknown_order and a mass cancel
+    cancels nothing; cancels are always allowed, so neither is rejected member_suspended."""
+    m = Market()
+    accepted(m.buy("M1", "b1", 10, 9_000))
+    m.run(OPS, SuspendMember("M1"))
+    rejected(m.cancel("M1", "c1", "b1"), "unknown_order")
+    assert m.mass_cancel("M1", "mc1") == [MassCancelDone(4, T, "M1", "mc1", 0)]
+    rejected(m.cancel("M1", "c1", "b1"), "duplicate_cl_ord_id")
