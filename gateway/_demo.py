@@ -523,6 +523,7 @@ def run_demo(args) -> int:
     exchange = ExchangeProcess(data_dir, port, metrics_port, log_path)
     code = 0
     run = None
+    waiting_for_ctrl_c = False  # --keep-running after the simulation: Ctrl-C is the normal stop
     try:
         exchange.wait_ready()
         run = _Run(args, port, metrics_url)
@@ -542,6 +543,7 @@ def run_demo(args) -> int:
             print(f"\nkaboni demo: {run.failed}. Exchange log:\n{exchange.log_tail()}", file=sys.stderr)
             code = 1
         if args.keep_running and exchange.proc.poll() is None and not run.failed:
+            waiting_for_ctrl_c = True
             print(f"\nThe exchange keeps running on 127.0.0.1:{port} (metrics {metrics_url}). "
                   f"Try: kaboni book CEA25 --port {port}. Ctrl-C stops it.", flush=True)
             try:
@@ -549,7 +551,7 @@ def run_demo(args) -> int:
             except KeyboardInterrupt:
                 pass
     except KeyboardInterrupt:
-        code = 130
+        code = 0 if waiting_for_ctrl_c else 130
     except Exception as exc:  # noqa: BLE001 - say what went wrong in a line, with the exchange's log
         print(f"\nkaboni demo: {type(exc).__name__}: {exc}", file=sys.stderr)
         code = 1
