@@ -194,13 +194,13 @@ class Ledger:
         execute = self.engine.execute
         decode = _entry_decoder.decode
         index = self._index
-        for rec in records:
-            if rec.kind != KIND_ENTRY:
+        for seq, kind, _, payload, position in records:
+            if kind != KIND_ENTRY:
                 continue
-            e = decode(rec.payload)
+            e = decode(payload)
             execute(e.command, e.member, e.ts, e.session, e.throttled)
             if e.reports:
-                index(e.reports, rec.position)
+                index(e.reports, position)
 
     # ------------------------------------------------------------------------------------------
     # The order path

@@ -87,15 +87,21 @@ class FileOps:
 class JournalStats:
     """Plain counters and histograms for the metrics collector (read without a lock)."""
 
-    def __init__(self) -> None:
+    def __init__(self, journal: "Journal | None" = None) -> None:
+        self._journal = journal
         self.records = 0  # records made durable (or written, in durability "none")
         self.bytes = 0  # bytes written
         self.batches = 0
-        self.pending = 0  # records appended, not yet durable
         self.batch_records = FixedHistogram(SIZE_BOUNDS)
         self.fsync_seconds = FixedHistogram(LATENCY_BOUNDS)
         # per batch: from the first append of the batch until it is durable
         self.append_to_durable_seconds = FixedHistogram(LATENCY_BOUNDS)
+
+    @property
+    def pending(self) -> int:
+        """Records appended, not yet durable."""
+        j = self._journal
+        return 0 if j is None else j._next_seq - 1 - j.durable_seq
 
 
 def _segment_header(first_seq: int) -> bytes:
@@ -134,6 +140,9 @@ def _iter_file(path: Path, segment: int, offset: int, limit: int | None, expect:
     A frame cut off at the end is an error if ``strict``, else the iteration just stops there.
     """
     base = segment << 32
+    unpack = _unpack_frame
+    check = crc32c
+    new = tuple.__new__  # a Record without the Python-level NamedTuple constructor
     fd = os.open(path, os.O_RDONLY)
     try:
         end_of_file = os.fstat(fd).st_size
@@ -152,20 +161,23 @@ def _iter_file(path: Path, segment: int, offset: int, limit: int | None, expect:
                 return
             mv = memoryview(buf)
             off = 0
-            while off + FRAME_SIZE <= n:
-                crc, length, seq, kind = _unpack_frame(buf, off)
-                end = off + FRAME_SIZE + length
+            pos_base = base | buf_start
+            last = n - FRAME_SIZE
+            while off <= last:
+                crc, length, seq, kind = unpack(buf, off)
+                start = off + FRAME_SIZE
+                end = start + length
                 if end > n:
                     if length > MAX_PAYLOAD:
                         raise CorruptJournalError(path, buf_start + off, f"record length {length} is impossible")
                     break
-                if crc32c(mv[off + 4:end]) != crc:
+                if check(mv[off + 4:end]) != crc:
                     raise CorruptJournalError(path, buf_start + off, f"checksum mismatch in record (seq field {seq})")
-                if expect is not None:
-                    if seq != expect:
+                if seq != expect:
+                    if expect is not None:
                         raise CorruptJournalError(path, buf_start + off, f"seq {seq} where {expect} was expected")
-                    expect += 1
-                yield Record(seq, kind & KIND_MASK, kind >= GROUP_END, buf[off + FRAME_SIZE:end], base | (buf_start + off))
+                expect = seq + 1
+                yield new(Record, (seq, kind & 0x7F, kind > 0x7F, buf[start:end], pos_base + off))
                 off = end
             mv.release()
             consumed_to = buf_start + off
@@ -368,7 +380,7 @@ class Journal:
         self._on_durable = on_durable
         self._on_error = on_error
         self._ops = file_ops or FileOps()
-        self.stats = JournalStats()
+        self.stats = JournalStats(self)
         self._lock = threading.Lock()
         self._cond = threading.Condition(self._lock)
         self._error: BaseException | None = None
@@ -409,7 +421,7 @@ class Journal:
             self._file_size = len(head)
             self._seg = 1
             self._seg_size = len(head)
-            self._last_position = 0
+            last_position = 0
         else:
             for first in firsts[:-1]:
                 path = directory / segment_name(first)
@@ -420,7 +432,7 @@ class Journal:
             data = path.read_bytes()
             _check_header(path, data, first)
             records, group_end, group_seq, group_last = _scan_last_segment(path, first, data, _HEADER_SIZE, first)
-            self._last_position = pack_position(first, group_last) if group_last >= 0 else 0
+            last_position = pack_position(first, group_last) if group_last >= 0 else 0
             if group_end < len(data):
                 log.warning("%s: torn tail of %d bytes after offset %d (seq %d) truncated",
                             path, len(data) - group_end, group_end, group_seq)
@@ -439,7 +451,7 @@ class Journal:
                 if last_prev is not None and last_prev.seq != first - 1:
                     raise CorruptJournalError(path, 0, f"segment starts at {first} after seq {last_prev.seq}")
                 if last_prev is not None:
-                    self._last_position = last_prev.position
+                    last_position = last_prev.position
             self._segments = firsts
             self._fd = ops.open_append(str(path))
             self._next_seq = group_seq + 1
@@ -447,6 +459,9 @@ class Journal:
             self._seg = first
             self._seg_size = group_end
             self.recovered = True
+        self._recovered_position = last_position
+        self._last_off = -1
+        self._limit = self._segment_bytes  # appends take the fast path while seg_size < limit
         self.durable_seq = self._next_seq - 1
         self._durable_pos = pack_position(self._seg, self._file_size)
         self._chunks: list[list] = [[self._seg, bytearray()]]
@@ -465,7 +480,9 @@ class Journal:
     @property
     def last_position(self) -> int:
         """Position of the last appended record (for ``read_at``); 0 while the journal is empty."""
-        return self._last_position
+        if self._last_off < 0:
+            return self._recovered_position
+        return (self._seg << 32) | self._last_off
 
     def append_group(self, records: Iterable[tuple[int, bytes]]) -> int:
         """Append records that stand or fall together (recovery keeps whole groups only).
@@ -498,30 +515,28 @@ class Journal:
                 buf += crc_pack(crc32c(rec))
                 buf += rec
                 seq += 1
-            n = seq - self._next_seq
             self._next_seq = seq
             self._seg_size = offset + len(buf) - start
-            self._last_position = (self._seg << 32) | pos
-            self.stats.pending += n
+            self._last_off = pos
             if self._t0 is None:
                 self._t0 = time.monotonic()
                 self._cond.notify()
             return seq - 1
 
-    def append(self, kind: int, payload: bytes) -> int:
-        """Append one record as a group of its own; returns its seq. The hot path."""
+    def append(self, kind: int, payload: bytes, _head=_HEAD_PACK, _crc=_CRC_PACK, _crc32c=crc32c) -> int:
+        """Append one record as a group of its own; returns its seq. The hot path: pre-bound
+        packers, one CRC call, and one comparison for "failed, closing or segment full"."""
         with self._lock:
-            if self._error is None and not self._closing and self._seg_size < self._segment_bytes:
+            pos = self._seg_size
+            if pos < self._limit:
                 seq = self._next_seq
-                rec = _HEAD_PACK(len(payload), seq, kind | GROUP_END) + payload
+                rec = _head(len(payload), seq, kind | 0x80) + payload
                 buf = self._buf
-                pos = self._seg_size
-                buf += _CRC_PACK(crc32c(rec))
+                buf += _crc(_crc32c(rec))
                 buf += rec
-                self._seg_size = pos + FRAME_SIZE + len(payload)
+                self._seg_size = pos + 4 + len(rec)
                 self._next_seq = seq + 1
-                self._last_position = (self._seg << 32) | pos
-                self.stats.pending += 1
+                self._last_off = pos
                 if self._t0 is None:
                     self._t0 = time.monotonic()
                     self._cond.notify()
@@ -576,6 +591,7 @@ class Journal:
             if self._closed:
                 return
             self._closing = True
+            self._limit = -1
             self._cond.notify_all()
         self._thread.join()
         with self._cond:
@@ -657,7 +673,6 @@ class Journal:
             with cond:
                 self.durable_seq = end_seq
                 self._durable_pos = pack_position(self._segments[-1], self._file_size)
-                stats.pending -= count
                 cond.notify_all()
             stats.records += count
             stats.bytes += written
@@ -674,6 +689,7 @@ class Journal:
         log.error("journal write or sync failed; no further appends: %r", exc)
         with self._cond:
             self._error = exc
+            self._limit = -1
             self._cond.notify_all()
         if self._on_error is not None:
             try:
