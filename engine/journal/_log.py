@@ -134,10 +134,12 @@ def list_segments(directory: str | Path) -> list[int]:
 
 
 def _iter_file(path: Path, segment: int, offset: int, limit: int | None, expect: int | None,
-               strict: bool) -> Iterator[Record]:
+               strict: bool, stopped: list | None = None) -> Iterator[Record]:
     """Frames of one segment from ``offset`` up to ``limit`` (file end if None), CRC-checked.
 
-    A frame cut off at the end is an error if ``strict``, else the iteration just stops there.
+    If ``strict``, a bad or cut-off frame raises ``CorruptJournalError``; otherwise the
+    iteration stops there and appends the frame's offset to ``stopped`` (the caller judges
+    whether it is a torn tail).
     """
     base = segment << 32
     unpack = _unpack_frame
@@ -169,9 +171,15 @@ def _iter_file(path: Path, segment: int, offset: int, limit: int | None, expect:
                 end = start + length
                 if end > n:
                     if length > MAX_PAYLOAD:
+                        if not strict:
+                            stopped.append(buf_start + off)
+                            return
                         raise CorruptJournalError(path, buf_start + off, f"record length {length} is impossible")
                     break
                 if check(mv[off + 4:end]) != crc:
+                    if not strict:
+                        stopped.append(buf_start + off)
+                        return
                     raise CorruptJournalError(path, buf_start + off, f"checksum mismatch in record (seq field {seq})")
                 if seq != expect:
                     if expect is not None:
@@ -187,6 +195,7 @@ def _iter_file(path: Path, segment: int, offset: int, limit: int | None, expect:
                 if buf:
                     if strict:
                         raise CorruptJournalError(path, buf_start, f"record cut off after {len(buf)} bytes")
+                    stopped.append(buf_start)
                 return
     finally:
         os.close(fd)
@@ -346,15 +355,37 @@ def read_records(directory: str | Path, from_seq: int = 1) -> Iterator[Record]:
         _check_header(path, head, first)
         if first != expect:
             raise CorruptJournalError(path, 0, f"segment starts at seq {first}, {expect} expected")
-        limit = None
-        if last:
-            # the newest segment may end in a torn tail: read up to its last whole group
-            # (damage with valid records after it still raises)
-            _, limit, _, _ = _scan_last_segment(path, first, path.read_bytes(), _HEADER_SIZE, expect)
-        for rec in _iter_file(path, first, _HEADER_SIZE, limit, expect, True):
+        if not last:
+            for rec in _iter_file(path, first, _HEADER_SIZE, None, expect, True):
+                expect = rec.seq + 1
+                if rec.seq >= from_seq:
+                    yield rec
+            continue
+        # The newest segment may end in a torn tail: yield whole groups only, and judge
+        # where the frames stop (damage with valid records after it still raises).
+        stopped: list[int] = []
+        held: list[Record] = []
+        for rec in _iter_file(path, first, _HEADER_SIZE, None, expect, False, stopped):
             expect = rec.seq + 1
-            if rec.seq >= from_seq:
-                yield rec
+            if rec.group_end and not held:
+                if rec.seq >= from_seq:
+                    yield rec
+            elif rec.group_end:
+                held.append(rec)
+                for r in held:
+                    if r.seq >= from_seq:
+                        yield r
+                held.clear()
+            else:
+                held.append(rec)
+        if stopped:
+            with open(path, "rb") as f:
+                f.seek(stopped[0])
+                tail = f.read()
+            found = _find_valid_frame(tail, 1, expect)
+            if found is not None:
+                raise CorruptJournalError(path, stopped[0], f"bad record with valid records after it (at offset "
+                                                            f"{stopped[0] + found})")
 
 
 class Journal:
