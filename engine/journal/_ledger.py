@@ -23,7 +23,7 @@ import msgspec
 from .._config import ExchangeConfig
 from .._engine import Engine
 from .._messages import (
-    CancelRejected, DayEnded, Deposit, EndOfDay, Fill, MassCancelDone, OpenMarket, OrderAccepted,
+    CancelRejected, Command, DayEnded, Deposit, EndOfDay, Fill, MassCancelDone, OpenMarket, OrderAccepted,
     OrderCancelled, OrderRejected, OrderReplaced, QueryBalances,
 )
 from ._format import (
@@ -52,7 +52,18 @@ class _EntryReports(msgspec.Struct, array_like=True, gc=False):
     reports: list[tuple[str, int, bytes]]
 
 
-_entry_decoder = msgspec.msgpack.Decoder(EntryRecord)
+class _EntryReplay(msgspec.Struct, array_like=True, gc=False):
+    """An ENTRY as replay needs it: the command decoded, the report bodies left alone."""
+
+    ts: int
+    member: str
+    session: int
+    throttled: bool
+    command: Command
+    reports: msgspec.Raw
+
+
+_entry_decoder = msgspec.msgpack.Decoder(_EntryReplay)
 _entry_reports_decoder = msgspec.msgpack.Decoder(_EntryReports)
 _start_decoder = msgspec.msgpack.Decoder(StartRecord)
 
@@ -194,13 +205,16 @@ class Ledger:
         execute = self.engine.execute
         decode = _entry_decoder.decode
         index = self._index
+        report_types = REPORT_TYPES
         for seq, kind, _, payload, position in records:
             if kind != KIND_ENTRY:
                 continue
             e = decode(payload)
-            execute(e.command, e.member, e.ts, e.session, e.throttled)
-            if e.reports:
-                index(e.reports, position)
+            events = execute(e.command, e.member, e.ts, e.session, e.throttled)
+            # the journaled reports are these same events, encoded: index from the events
+            rows = [(ev.member, ev.seq, None) for ev in events if type(ev) in report_types]
+            if rows:
+                index(rows, position)
 
     # ------------------------------------------------------------------------------------------
     # The order path

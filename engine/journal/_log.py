@@ -735,6 +735,8 @@ class Journal:
         """Records from position ``start`` up to position ``limit`` (exclusive)."""
         seg, off = unpack_position(start)
         lim_seg, lim_off = unpack_position(limit)
+        if seg > lim_seg or (seg == lim_seg and off >= lim_off):
+            return  # nothing durable there yet
         segments = self._segments
         i = segments.index(seg)
         while True:
@@ -783,7 +785,7 @@ class Journal:
                 yield rec
             with self._cond:
                 while self.durable_seq < next_seq:
-                    if self._error is not None or self._closed or self._closing:
+                    if self._error is not None or self._closed:
                         return
                     if not self._cond.wait(idle_timeout) and self.durable_seq < next_seq:
                         return
