@@ -134,12 +134,12 @@ def list_segments(directory: str | Path) -> list[int]:
 
 
 def _iter_file(path: Path, segment: int, offset: int, limit: int | None, expect: int | None,
-               strict: bool, stopped: list | None = None) -> Iterator[Record]:
+               strict: bool, stopped: list | None = None, only: int | None = None) -> Iterator[Record]:
     """Frames of one segment from ``offset`` up to ``limit`` (file end if None), CRC-checked.
 
     If ``strict``, a bad or cut-off frame raises ``CorruptJournalError``; otherwise the
     iteration stops there and appends the frame's offset to ``stopped`` (the caller judges
-    whether it is a torn tail).
+    whether it is a torn tail). With ``only``, records of other kinds are checked but not yielded.
     """
     base = segment << 32
     unpack = _unpack_frame
@@ -185,7 +185,8 @@ def _iter_file(path: Path, segment: int, offset: int, limit: int | None, expect:
                     if expect is not None:
                         raise CorruptJournalError(path, buf_start + off, f"seq {seq} where {expect} was expected")
                 expect = seq + 1
-                yield new(Record, (seq, kind & 0x7F, kind > 0x7F, buf[start:end], pos_base + off))
+                if only is None or only == kind & 0x7F:
+                    yield new(Record, (seq, kind & 0x7F, kind > 0x7F, buf[start:end], pos_base + off))
                 off = end
             mv.release()
             consumed_to = buf_start + off
@@ -574,6 +575,43 @@ class Journal:
                 return seq
         return self.append_group(((kind, payload),))
 
+    def append_many(self, kind: int, payloads: Iterable[bytes]) -> int:
+        """Append records of one kind, each a group of its own, under one lock: the bulk form
+        of ``append`` (one writer wake-up, no per-record call). Returns the last seq."""
+        head = _HEAD_PACK
+        crc = _CRC_PACK
+        check = crc32c
+        kind |= GROUP_END
+        if not isinstance(payloads, (list, tuple)):
+            payloads = list(payloads)
+        if not payloads:
+            return self.last_seq
+        with self._lock:
+            if self._error is not None:
+                raise JournalFailedError(f"journal failed: {self._error!r}") from self._error
+            if self._closing:
+                raise JournalError("journal is closed")
+            if self._seg_size >= self._segment_bytes:
+                self._roll()
+            buf = self._buf
+            seq = self._next_seq
+            start = len(buf)
+            last = start
+            for payload in payloads:
+                last = len(buf)
+                rec = head(len(payload), seq, kind) + payload
+                buf += crc(check(rec))
+                buf += rec
+                seq += 1
+            offset = self._seg_size
+            self._seg_size = offset + len(buf) - start
+            self._last_off = offset + last - start
+            self._next_seq = seq
+            if self._t0 is None:
+                self._t0 = time.monotonic()
+                self._cond.notify()
+            return seq - 1
+
     def _roll(self) -> None:
         """Start a new segment at the next seq (lock held). Groups never straddle segments."""
         first = self._next_seq
@@ -731,7 +769,7 @@ class Journal:
     # ------------------------------------------------------------------------------------------
     # Reading (durable records only)
 
-    def _read_range(self, start: int, limit: int, expect: int | None) -> Iterator[Record]:
+    def _read_range(self, start: int, limit: int, expect: int | None, only: int | None = None) -> Iterator[Record]:
         """Records from position ``start`` up to position ``limit`` (exclusive)."""
         seg, off = unpack_position(start)
         lim_seg, lim_off = unpack_position(limit)
@@ -743,26 +781,26 @@ class Journal:
             seg = segments[i]
             path = self.directory / segment_name(seg)
             last = seg == lim_seg
-            for rec in _iter_file(path, seg, off, lim_off if last else None, expect, True):
-                expect = rec.seq + 1
-                yield rec
+            yield from _iter_file(path, seg, off, lim_off if last else None, expect, True, None, only)
             if last or i + 1 >= len(segments):
                 return
             i += 1
             off = _HEADER_SIZE
+            expect = segments[i]  # a segment's first record carries the seq in its name
 
-    def read_at(self, position: int) -> Iterator[Record]:
-        """Durable records from ``position`` (a record's position) on."""
-        return self._read_range(position, self._durable_pos, None)
+    def read_at(self, position: int, kind: int | None = None) -> Iterator[Record]:
+        """Durable records from ``position`` (a record's position) on; only ``kind`` if given."""
+        return self._read_range(position, self._durable_pos, None, kind)
 
-    def records(self, from_seq: int = 1, through_seq: int | None = None) -> Iterator[Record]:
-        """Durable records with seq >= ``from_seq`` (and <= ``through_seq``), in order."""
+    def records(self, from_seq: int = 1, through_seq: int | None = None, kind: int | None = None) -> Iterator[Record]:
+        """Durable records with seq >= ``from_seq`` (and <= ``through_seq``; only ``kind`` if
+        given), in order."""
         limit = self._durable_pos
         segments = list(self._segments)
         if not segments:
             return
         i = max(0, bisect_right(segments, from_seq) - 1)
-        for rec in self._read_range(pack_position(segments[i], _HEADER_SIZE), limit, segments[i]):
+        for rec in self._read_range(pack_position(segments[i], _HEADER_SIZE), limit, segments[i], kind):
             if rec.seq < from_seq:
                 continue
             if through_seq is not None and rec.seq > through_seq:
