@@ -3,17 +3,21 @@
 Method (all in one process, same file system, ``--dir`` or a temporary directory):
 - raw ceiling: pre-encoded frames of the journal's own FILL size, ``os.write`` of ``batch``
   frames then ``os.fdatasync``, repeated; records/s and per-batch latency.
-- journal: the producer encodes each FillRecord (msgspec), frames and CRCs it through
-  ``Journal.append`` (the real API, one call per record), ``batch`` records per round, with at
-  most one earlier round still in flight (it waits for round k-1 to be durable after
-  submitting round k; the writer thread batches adaptively). Commit latency = from a round's
+- journal, fsync mode: the producer encodes each FillRecord (msgspec), frames and CRCs it,
+  ``batch`` records per round, either with one ``Journal.append`` call per record ("append")
+  or one ``Journal.append_many`` call per round ("many"); at most one earlier round is still
+  in flight (it waits for round k-1 to be durable after submitting round k; the writer thread
+  batches adaptively, so it may merge rounds: see "flush"). Commit latency = from a round's
   first append to the ``on_durable`` callback covering its last record.
+- each batch size runs ``--trials`` interleaved trials of raw, append and many; the best
+  (highest records/s) of each is shown, because the machine is shared and noisy.
 - read+decode: ``read_records`` + a FillRecord decoder over the FILL journal just written.
 - replay: ``Ledger.open`` without a snapshot on an engine workload, against the same commands
   executed by a bare ``Engine`` in the same process.
 - restart: a journal of 1,000,000 fills (``--fills``), ``Ledger.open`` with its snapshot
   and without one.
-The last line is ``ratio_vs_raw_at_1000=<journal records/s / raw records/s at batch 1000>``.
+The last line is ``ratio_vs_raw_at_1000=<journal ("many") records/s / raw records/s at batch 1000>``;
+the line before it gives the same ratio for one ``append`` call per record.
 """
 
 from __future__ import annotations
@@ -52,8 +56,8 @@ def pct(values: list[float], q: float) -> float:
 
 
 def rounds_for(batch: int, quick: bool) -> int:
-    total = 100_000 if quick else 400_000
-    return max(30 if quick else 100, min(2_000 if quick else 5_000, total // batch))
+    total = 50_000 if quick else 200_000
+    return max(20 if quick else 50, min(1_000 if quick else 2_000, total // batch))
 
 
 def bench_raw(directory: Path, frame: bytes, batch: int, rounds: int) -> tuple[float, float, float]:
@@ -233,6 +237,7 @@ def main(argv=None) -> int:
     parser.add_argument("--quick", action="store_true", help="fewer rounds, a 50,000-fill restart journal")
     parser.add_argument("--dir", type=Path, default=None, help="where to write (default: a temporary directory)")
     parser.add_argument("--fills", type=int, default=None, help="fills in the restart journal (default 1,000,000)")
+    parser.add_argument("--trials", type=int, default=3, help="interleaved trials per batch size; the best is shown")
     args = parser.parse_args(argv)
     n_fills = args.fills or (50_000 if args.quick else 1_000_000)
     base = Path(tempfile.mkdtemp(prefix="kaboni-bench-", dir=args.dir))
@@ -245,22 +250,32 @@ def main(argv=None) -> int:
         print("raw: os.write + os.fdatasync of pre-encoded frames, one batch per sync, sequentially")
         print("append: Journal.append per record; many: Journal.append_many per round (both encode,")
         print("frame and CRC every record); p50/p99 = a round's first append to its on_durable callback;")
-        print("flush = mean records per writer fsync")
+        print(f"flush = mean records per writer fsync; best of {args.trials} interleaved trials per batch size")
         print(f"{'batch':>6} {'raw rec/s':>11} {'raw p50':>8} {'raw p99':>8} | {'append rec/s':>12} {'p50':>8} "
               f"{'p99':>8} {'flush':>6} {'ratio':>5} | {'many rec/s':>11} {'p50':>8} {'p99':>8} {'flush':>6} {'ratio':>5}")
         ratios = {}
         for batch in BATCHES:
             rounds = rounds_for(batch, args.quick)
-            raw, rp50, rp99 = bench_raw(base, frame, batch, rounds)
+            best: dict[str, tuple] = {}
+            # interleaved trials, best of each: the machine is shared, so take the least disturbed run
+            for _ in range(args.trials):
+                for name, fn in (("raw", lambda: bench_raw(base, frame, batch, rounds)),
+                                 ("append", lambda: bench_journal(base, records, batch, rounds, False)),
+                                 ("many", lambda: bench_journal(base, records, batch, rounds, True))):
+                    result = fn()
+                    if name not in best or result[0] > best[name][0]:
+                        best[name] = result
+            raw, rp50, rp99 = best["raw"]
             row = f"{batch:>6} {raw:>11,.0f} {rp50 * 1e3:>6.3f}ms {rp99 * 1e3:>6.3f}ms"
-            for bulk in (False, True):
-                jr, jp50, jp99, mean_batch = bench_journal(base, records, batch, rounds, bulk)
+            for bulk, name in ((False, "append"), (True, "many")):
+                jr, jp50, jp99, mean_batch = best[name]
                 ratios[batch, bulk] = jr / raw
                 row += (f" | {jr:>12,.0f} {jp50 * 1e3:>6.3f}ms {jp99 * 1e3:>6.3f}ms {mean_batch:>6.0f} "
                         f"{jr / raw:>5.2f}")
-            print(row)
+            print(row, flush=True)
         n_read = 200_000 if args.quick else 1_000_000
-        print(f"read+decode FILL records: {bench_read(base, records, n_read):,.0f} records/s ({n_read:,})")
+        read = max(bench_read(base, records, n_read) for _ in range(args.trials))
+        print(f"read+decode FILL records: {read:,.0f} records/s ({n_read:,}, best of {args.trials})", flush=True)
         replay, engine_rate, entries = bench_replay(base, 20_000 if args.quick else 100_000)
         print(f"replay through the engine: {replay:,.0f} commands/s; bare engine {engine_rate:,.0f} commands/s; "
               f"ratio {replay / engine_rate:.2f}")
