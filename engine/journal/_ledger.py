@@ -275,33 +275,31 @@ class Ledger:
         if not events or type(command) is QueryBalances:
             return self.journal.last_seq, events, []
         encode = self._encode
-        reports: list[tuple[str, bytes]] = []
         rows: list[tuple[str, int, bytes]] = []
         records: list[tuple[int, bytes]] = []
         taker = None
         end_of_day = False
+        report_types = REPORT_TYPES
         for ev in events:
             t = type(ev)
-            if t in REPORT_TYPES:
-                body = encode(ev)
-                reports.append((ev.member, body))
-                rows.append((ev.member, ev.seq, body))
+            if t in report_types:
+                rows.append((ev.member, ev.seq, encode(ev)))
                 if t is Fill:
                     if taker is None:
                         taker = ev
                     else:
-                        if taker.side == "buy":
-                            buy, sell = taker, ev
-                        else:
-                            buy, sell = ev, taker
-                        records.append((KIND_FILL, encode(FillRecord(
+                        buy, sell = (taker, ev) if taker.side == "buy" else (ev, taker)
+                        # a FillRecord's fields in order (array_like): no Struct to build
+                        records.append((KIND_FILL, encode((
                             day, ev.trade_id, ev.instrument, self._currency[ev.instrument], ev.price, ev.qty,
                             buy.member, sell.member, buy.fee, sell.fee, buy.order_id, sell.order_id,
                             taker.side, ts))))
                         taker = None
             elif t is DayEnded:
                 end_of_day = True
-        records.append((KIND_ENTRY, encode(EntryRecord(ts, member, session, throttled, command, rows))))
+        # an EntryRecord's fields in order (array_like)
+        records.append((KIND_ENTRY, encode((ts, member, session, throttled, command, rows))))
+        reports = [(m, body) for m, _, body in rows]
         journal = self.journal
         seq = journal.append_group(records)
         if rows:

@@ -523,6 +523,9 @@ class Journal:
         """
         head_pack = _HEAD_PACK
         crc_pack = _CRC_PACK
+        items = records if isinstance(records, (list, tuple)) else list(records)
+        if not items:
+            raise ValueError("an empty group")
         with self._lock:
             if self._error is not None:
                 raise JournalFailedError(f"journal failed: {self._error!r}") from self._error
@@ -534,19 +537,17 @@ class Journal:
             seq = self._next_seq
             start = len(buf)
             offset = self._seg_size
-            items = records if isinstance(records, (list, tuple)) else list(records)
-            if not items:
-                raise ValueError("an empty group")
-            last = len(items) - 1
-            pos = offset
-            for i, (kind, payload) in enumerate(items):
-                if i == last:
-                    kind |= GROUP_END
-                pos = offset + len(buf) - start
+            *body, (last_kind, last_payload) = items
+            for kind, payload in body:
                 rec = head_pack(len(payload), seq, kind) + payload
                 buf += crc_pack(crc32c(rec))
                 buf += rec
                 seq += 1
+            pos = offset + len(buf) - start
+            rec = head_pack(len(last_payload), seq, last_kind | GROUP_END) + last_payload
+            buf += crc_pack(crc32c(rec))
+            buf += rec
+            seq += 1
             self._next_seq = seq
             self._seg_size = offset + len(buf) - start
             self._last_off = pos
