@@ -439,6 +439,8 @@ class Journal:
             log.warning("%s: segment without a whole header (crash while rolling); removing it", path)
             path.unlink()
             firsts.pop()
+            if self._sync:
+                ops.sync_dir(str(directory))
         if not firsts:
             path = directory / segment_name(1)
             fd = ops.create(str(path))
