@@ -209,8 +209,11 @@ class Server:
         if self.metrics:
             metrics_server = start_metrics_server(exchange, self.metrics_port, self.host, self._run_in_loop)
             self.metrics_port_bound = metrics_server[0].server_port
-        server = await loop.create_server(lambda: Connection(self), self.host, self.port,
-                                          ssl=self._ssl_context(), backlog=4096, reuse_address=True)
+        ssl_ctx = self._ssl_context()
+        server = await loop.create_server(
+            lambda: Connection(self), self.host, self.port, ssl=ssl_ctx, backlog=4096, reuse_address=True,
+            # a TLS peer that never finishes its handshake is dropped like one that never logs on
+            **({"ssl_handshake_timeout": gw.logon_timeout_s} if ssl_ctx else {}))
         self.port = server.sockets[0].getsockname()[1]
         for sig in (signal.SIGTERM, signal.SIGINT):
             try:
