@@ -282,7 +282,10 @@ class Server:
 
 def setup_logging(level: int = logging.INFO) -> None:
     handler = logging.StreamHandler()
-    handler.setFormatter(logging.Formatter("ts=%(asctime)s level=%(levelname)s %(message)s"))
+    formatter = logging.Formatter("ts=%(asctime)s.%(msecs)03dZ level=%(levelname)s %(message)s",
+                                  datefmt="%Y-%m-%dT%H:%M:%S")
+    formatter.converter = time.gmtime  # UTC, one token: key=value parsers split on spaces
+    handler.setFormatter(formatter)
     root = logging.getLogger("kaboni")
     if not root.handlers:
         root.addHandler(handler)
