@@ -91,7 +91,17 @@ class Connection(asyncio.Protocol):
     # the sink the exchange writes to ----------------------------------------------------------
     def write(self, data: bytes) -> None:
         if not self.closing:
-            self.transport.write(data)
+            transport = self.transport
+            if transport.is_closing():
+                # the peer went away and connection_lost is still on its way: drop, never raise
+                # (a raise here would cut short the release of everyone else's reports)
+                self.closing = True
+                return
+            try:
+                transport.write(data)
+            except (RuntimeError, OSError):
+                self.closing = True
+                transport.abort()
 
     def close(self) -> None:
         if not self.closing:
