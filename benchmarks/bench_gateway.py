@@ -17,7 +17,9 @@ Method
 - Baseline, same run: a minimal uvloop server with the same framing that echoes every frame,
   driven by the same generators: messages/s at the same N.
 - Journal fsync p99 comes from the server's own ``kaboni_journal_fsync_seconds`` histogram over
-  the latency phase (bucket upper bounds, so it is coarse).
+  the latency phase (bucket upper bounds, so it is coarse); so does the server-side latency
+  (``kaboni_order_to_report_latency_seconds``: bytes received to first report written), which
+  leaves out the load generators' own delays.
 - Metrics cost: the maximum-throughput run repeated against a server started with
   ``--no-stats`` (no order-path counters).
 Last line: ``ratio_vs_echo=<x.xx>``: best engine orders/s over best echo messages/s.
@@ -174,11 +176,13 @@ def echo_main(port: int, cores: set[int]) -> None:
     uvloop.run(main())
 
 
-def scrape(port: int) -> dict[str, float]:
+def scrape(port: int, metric: str = "kaboni_journal_fsync_seconds") -> dict[str, float]:
+    """Cumulative bucket counts {le: count} of one histogram on the server's /metrics."""
     text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
     out = {}
+    prefix = metric + "_bucket"
     for line in text.splitlines():
-        if line.startswith("kaboni_journal_fsync_seconds_bucket"):
+        if line.startswith(prefix + "{"):
             le = line.split('le="')[1].split('"')[0]
             out[le] = float(line.rsplit(" ", 1)[1])
     return out
@@ -542,11 +546,16 @@ def main() -> int:
             print(f"engine  N={n:<5} max_orders_per_s={rate:,.0f}  server_cpu_per_order={cpu:.1f} us", flush=True)
             for r in rates:
                 before = scrape(mport)
+                before_srv = scrape(mport, "kaboni_order_to_report_latency_seconds")
                 lat = load.latency(n, r, seconds, f"l{n}-{r}")
                 after = scrape(mport)
+                after_srv = scrape(mport, "kaboni_order_to_report_latency_seconds")
                 fs = bucket_quantile(before, after, 0.99)
+                s50 = bucket_quantile(before_srv, after_srv, 0.5)
+                s99 = bucket_quantile(before_srv, after_srv, 0.99)
                 print(f"engine  N={n:<5} offered={r:>6}/s  p50={pct(lat, .5):.3f} ms  p99={pct(lat, .99):.3f} ms  "
-                      f"p99.9={pct(lat, .999):.3f} ms  (orders={len(lat)}; journal fsync p99 <= {fs * 1e3:.3f} ms)",
+                      f"p99.9={pct(lat, .999):.3f} ms  (orders={len(lat)}; journal fsync p99 <= {fs * 1e3:.3f} ms; "
+                      f"server's own bytes-in to report-out p50 <= {s50 * 1e3:.3f} ms, p99 <= {s99 * 1e3:.3f} ms)",
                       flush=True)
         load.quit()
         stop(proc)

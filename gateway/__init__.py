@@ -1,3 +1,8 @@
-"""Kaboni's gateway: the member protocol over TCP (asyncio + uvloop), market data, metrics, CLI."""
+"""Kaboni's gateway: the member protocol over TCP (asyncio + uvloop), market data, metrics, CLI.
 
-__all__: list[str] = []
+Member firms use ``gateway.client.Client``; operators run ``kaboni serve`` (``gateway.cli``).
+"""
+
+from .client import Client, ConnectionClosed, LogonError
+
+__all__ = ["Client", "ConnectionClosed", "LogonError"]

@@ -24,7 +24,7 @@ import engine as E
 from engine import hash_token
 
 from ._metrics import Stats
-from ._session import Session, State, TokenBucket
+from ._session import Event, Session, State, TokenBucket
 from ._wire import (
     Error, Heartbeat, LogonAccepted, LogonRejected, LogoutAccepted, Subscribe, Unsubscribe,
     encode, frame,
@@ -175,7 +175,7 @@ class Exchange:
                     s.last_tx = now
                     s.sink.write(_HEARTBEAT)
             elif state is State.AWAIT_LOGON and now - s.opened > self.logon_timeout:
-                s.state = State.CLOSING
+                s.handle(Event.GOODBYE)
                 s.cause = "logon_timeout"
                 s.sink.write(_error("not_logged_on", f"no Logon within {self.logon_timeout:g} s"))
                 s.sink.close()
@@ -404,7 +404,7 @@ class Exchange:
                 if b:
                     target.sink.write(b"".join(b))
                 if target.state is not closed:
-                    target.state = State.CLOSING
+                    target.handle(Event.GOODBYE)
                     target.sink.close()
         for s, frames in batches.items():
             s.last_tx = now
@@ -426,6 +426,6 @@ class Exchange:
                 self._close_after_flush(s)
             elif s.state is State.AWAIT_LOGON:
                 s.cause = "shutdown"
-                s.state = State.CLOSING
+                s.handle(Event.GOODBYE)
                 s.sink.close()
         self.release(self.ledger.durable_seq)

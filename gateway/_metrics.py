@@ -13,11 +13,17 @@ import time
 from bisect import bisect_left
 from collections import defaultdict
 
-from engine._histogram import LATENCY_BOUNDS, FixedHistogram
+from engine._histogram import FixedHistogram
 
-__all__ = ["Stats", "KaboniCollector", "start_metrics_server", "VERSION"]
+__all__ = ["Stats", "KaboniCollector", "start_metrics_server", "VERSION", "ORDER_LATENCY_BOUNDS"]
 
 VERSION = "0.1.0"
+# Finer than the journal's LATENCY_BOUNDS between 0.25 and 10 ms, where an order's report lands
+# (one or two fsyncs), so the p99 can be compared with the fsync p99 to the millisecond.
+ORDER_LATENCY_BOUNDS = (
+    0.0001, 0.00025, 0.0005, 0.00075, 0.001, 0.0015, 0.002, 0.0025, 0.003, 0.004, 0.005, 0.006,
+    0.007, 0.008, 0.01, 0.0125, 0.015, 0.02, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0,
+)
 STATES = ("open", "halted", "closed")
 
 
@@ -38,7 +44,7 @@ class Stats:
         self.rejects: defaultdict[str, int] = defaultdict(int)
         self.trades: defaultdict[str, list[int]] = defaultdict(lambda: [0, 0, 0])  # count, qty, value
         self.latencies: list[float] = []   # folded into order_to_report at scrape time
-        self._order_to_report = FixedHistogram(LATENCY_BOUNDS)
+        self._order_to_report = FixedHistogram(ORDER_LATENCY_BOUNDS)
         self.throttled = 0
         self.disconnects: defaultdict[str, int] = defaultdict(int)
         self.start_time = time.time()

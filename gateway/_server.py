@@ -91,7 +91,17 @@ class Connection(asyncio.Protocol):
     # the sink the exchange writes to ----------------------------------------------------------
     def write(self, data: bytes) -> None:
         if not self.closing:
-            self.transport.write(data)
+            transport = self.transport
+            if transport.is_closing():
+                # the peer went away and connection_lost is still on its way: drop, never raise
+                # (a raise here would cut short the release of everyone else's reports)
+                self.closing = True
+                return
+            try:
+                transport.write(data)
+            except (RuntimeError, OSError):
+                self.closing = True
+                transport.abort()
 
     def close(self) -> None:
         if not self.closing:
@@ -209,8 +219,11 @@ class Server:
         if self.metrics:
             metrics_server = start_metrics_server(exchange, self.metrics_port, self.host, self._run_in_loop)
             self.metrics_port_bound = metrics_server[0].server_port
-        server = await loop.create_server(lambda: Connection(self), self.host, self.port,
-                                          ssl=self._ssl_context(), backlog=4096, reuse_address=True)
+        ssl_ctx = self._ssl_context()
+        server = await loop.create_server(
+            lambda: Connection(self), self.host, self.port, ssl=ssl_ctx, backlog=4096, reuse_address=True,
+            # a TLS peer that never finishes its handshake is dropped like one that never logs on
+            **({"ssl_handshake_timeout": gw.logon_timeout_s} if ssl_ctx else {}))
         self.port = server.sockets[0].getsockname()[1]
         for sig in (signal.SIGTERM, signal.SIGINT):
             try:
@@ -279,7 +292,10 @@ class Server:
 
 def setup_logging(level: int = logging.INFO) -> None:
     handler = logging.StreamHandler()
-    handler.setFormatter(logging.Formatter("ts=%(asctime)s level=%(levelname)s %(message)s"))
+    formatter = logging.Formatter("ts=%(asctime)s.%(msecs)03dZ level=%(levelname)s %(message)s",
+                                  datefmt="%Y-%m-%dT%H:%M:%S")
+    formatter.converter = time.gmtime  # UTC, one token: key=value parsers split on spaces
+    handler.setFormatter(formatter)
     root = logging.getLogger("kaboni")
     if not root.handlers:
         root.addHandler(handler)

@@ -15,7 +15,7 @@ from enum import Enum
 
 from ._wire import FrameBuffer, FrameError, Logon, Logout, MessageError, decode_client
 
-__all__ = ["State", "Event", "TABLE", "Session", "TokenBucket", "ProtocolStateError"]
+__all__ = ["State", "Event", "TABLE", "Session", "TokenBucket", "ProtocolStateError", "table_markdown"]
 
 
 class State(Enum):
@@ -35,6 +35,7 @@ class Event(Enum):
     ACCEPTED = "accepted"            # the exchange accepted the Logon
     REJECTED = "rejected"            # the exchange rejected the Logon
     CLOSE = "close"                  # the connection ended (any cause)
+    GOODBYE = "goodbye"              # the server closes after flushing (timeout, logout, shutdown)
 
 
 class ProtocolStateError(RuntimeError):
@@ -61,11 +62,23 @@ TABLE: dict[tuple[State, Event], tuple[State, str, str | None]] = {
 }
 for _state in State:
     TABLE[(_state, E.CLOSE)] = (S.CLOSED, "none", None)
+    TABLE[(_state, E.GOODBYE)] = (S.CLOSED if _state is S.CLOSED else S.CLOSING, "none", None)
 for _event in (E.LOGON, E.LOGON_INVALID, E.MESSAGE, E.LOGOUT, E.INVALID, E.BAD_FRAME):
     # After a close decision nothing more the peer sends is read.
     TABLE[(S.CLOSING, _event)] = (S.CLOSING, "ignore", None)
     TABLE[(S.CLOSED, _event)] = (S.CLOSED, "ignore", None)
 _ACTIVE_MESSAGE = TABLE[(S.ACTIVE, E.MESSAGE)][1:]
+
+
+def table_markdown() -> str:
+    """The transition table as a Markdown table (docs/protocol.md is drawn from it)."""
+    rows = ["| state | event | next state | action |", "|---|---|---|---|"]
+    for (state, event), (nxt, action, reason) in TABLE.items():
+        if action == "ignore" or state is S.CLOSED:
+            continue
+        what = action if reason is None else f"{action} (`{reason}`)"
+        rows.append(f"| {state.value} | {event.value} | {nxt.value} | {what} |")
+    return "\n".join(rows)
 
 
 class TokenBucket:

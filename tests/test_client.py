@@ -10,7 +10,7 @@ import pytest
 
 from engine import NewOrder
 from gateway.cli import main
-from gateway.client import Client, LogonError
+from gateway.client import Client
 
 from _fakes import ThreadServer, make_config
 

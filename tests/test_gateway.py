@@ -5,7 +5,7 @@ import asyncio
 import pytest
 
 from engine import CancelOrder, NewOrder, QueryBalances
-from gateway.client import Client, LogonError
+from gateway.client import Client
 
 from _fakes import ThreadServer, make_config
 

@@ -143,6 +143,23 @@ def test_reports_from_the_index_match_what_execute_returned(tmp_path):
         os.unlink(tmp_path / snapshot_name(seq))
     with Ledger.open(demo_config(), tmp_path, durability="none") as ledger:  # full replay
         check(ledger)
+    # a crash (no snapshot at close), a restart from the older snapshot, more trading before
+    # the first resume: the index joins snapshot, replayed and live entries
+    with Ledger.open(demo_config(), tmp_path, durability="none", snapshot_every=900) as ledger:
+        for part in range(2):
+            for _, _, reports in run(ledger, random_commands(rng, 1000, f"x{part}-")):
+                for m, body in reports:
+                    sent[m].append(body)
+        ledger.journal.sync()
+        ledger.wait_snapshots()
+    snaps = list_snapshots(tmp_path)
+    os.unlink(tmp_path / snapshot_name(snaps[0]))  # as if the process died before its last snapshot
+    with Ledger.open(demo_config(), tmp_path, durability="none") as ledger:
+        for _, _, reports in run(ledger, random_commands(rng, 700, "y")):
+            for m, body in reports:
+                sent[m].append(body)
+        ledger.journal.sync()
+        check(ledger)
 
 
 def test_restart_hash_equals_full_replay_and_end_of_day_snapshots(tmp_path):

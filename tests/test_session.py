@@ -126,3 +126,11 @@ def test_session_survives_any_byte_stream(chunks):
             assert action in ("logon", "close", "error", "message", "logout")
             if action == "logon":
                 s.accept()
+
+
+def test_docs_show_the_current_table():
+    from pathlib import Path
+
+    from gateway._session import table_markdown
+
+    assert table_markdown() in (Path(__file__).parent.parent / "docs" / "protocol.md").read_text()

@@ -23,7 +23,7 @@ import msgspec
 from .._config import ExchangeConfig
 from .._engine import Engine
 from .._messages import (
-    CancelRejected, DayEnded, Deposit, EndOfDay, Fill, MassCancelDone, OpenMarket, OrderAccepted,
+    CancelRejected, Command, DayEnded, Deposit, EndOfDay, Fill, MassCancelDone, OpenMarket, OrderAccepted,
     OrderCancelled, OrderRejected, OrderReplaced, QueryBalances,
 )
 from ._format import (
@@ -52,7 +52,18 @@ class _EntryReports(msgspec.Struct, array_like=True, gc=False):
     reports: list[tuple[str, int, bytes]]
 
 
-_entry_decoder = msgspec.msgpack.Decoder(EntryRecord)
+class _EntryReplay(msgspec.Struct, array_like=True, gc=False):
+    """An ENTRY as replay needs it: the command decoded, the report bodies left alone."""
+
+    ts: int
+    member: str
+    session: int
+    throttled: bool
+    command: Command
+    reports: msgspec.Raw
+
+
+_entry_decoder = msgspec.msgpack.Decoder(_EntryReplay)
 _entry_reports_decoder = msgspec.msgpack.Decoder(_EntryReports)
 _start_decoder = msgspec.msgpack.Decoder(StartRecord)
 
@@ -89,6 +100,8 @@ class Ledger:
         self._currency = {ins.symbol: ins.currency for ins in config.instruments}
         self._idx_seq: dict[str, array] = {}
         self._idx_pos: dict[str, array] = {}
+        # entries replayed at open but not yet indexed: (first position, last seq), see _ensure_index
+        self._unindexed: tuple[int, int] | None = None
         self._snap_queue: queue.Queue = queue.Queue()
         self._snap_thread: threading.Thread | None = None
         self._closed = False
@@ -164,21 +177,26 @@ class Ledger:
                 b.frombytes(positions)
                 self._idx_seq[member] = a
                 self._idx_pos[member] = b
-            records = journal.read_at(start.position)
+            records = journal.read_at(start.position, KIND_ENTRY)
             next(records)
+            replay_from = start.position
             self._snap_seq = start.seq
             log.info("restored snapshot at seq %d; replaying %d records", start.seq, journal.last_seq - start.seq)
         else:
-            records = journal.records(1)
-            first = next(records)
+            first = next(journal.records(1, 1))
             if first.kind != KIND_START:
                 raise JournalError(f"record 1 of {self.directory} is not a START record")
+            records = journal.records(2, kind=KIND_ENTRY)
+            replay_from = first.position
             head = _start_decoder.decode(first.payload)
             if head.config_sha256 != config_digest(config):
                 log.warning("the configuration differs from the one this journal was started with")
             self.engine = Engine(config, head.trading_day)
             self._snap_seq = 0
-        self._replay(records)
+        count = self._replay(records)
+        if count:
+            # index the replayed entries on first need (reports, snapshot), not on the restart path
+            self._unindexed = (replay_from, journal.last_seq)
 
     def _snapshots(self) -> Iterator[SnapshotBody]:
         last = self.journal.last_seq
@@ -190,17 +208,46 @@ class Ledger:
             if body is not None:
                 yield body
 
-    def _replay(self, records) -> None:
+    def _replay(self, records) -> int:
+        """Run the journaled commands through the engine; returns how many."""
         execute = self.engine.execute
         decode = _entry_decoder.decode
-        index = self._index
-        for rec in records:
-            if rec.kind != KIND_ENTRY:
-                continue
-            e = decode(rec.payload)
+        count = 0
+        for _, _, _, payload, _ in records:
+            e = decode(payload)
             execute(e.command, e.member, e.ts, e.session, e.throttled)
-            if e.reports:
-                index(e.reports, rec.position)
+            count += 1
+        return count
+
+    def _ensure_index(self) -> None:
+        """Index the entries replayed at open (once): they go between the snapshot's index
+        and whatever ``execute`` has indexed since."""
+        if self._unindexed is None:
+            return
+        start, through = self._unindexed
+        live_seq, live_pos = self._idx_seq, self._idx_pos
+        self._idx_seq = {m: a[:0] for m, a in live_seq.items()}
+        self._idx_pos = {m: a[:0] for m, a in live_pos.items()}
+        # the snapshot's part, then the replayed range, then the live part
+        for m in live_seq:
+            seqs, positions = live_seq[m], live_pos[m]
+            cut = bisect_right(positions, start)
+            self._idx_seq[m].extend(seqs[:cut])
+            self._idx_pos[m].extend(positions[:cut])
+        decode = _entry_reports_decoder.decode
+        for rec in self.journal.read_at(start, KIND_ENTRY):
+            if rec.seq > through:
+                break
+            if rec.position > start:  # the snapshot's own entry is indexed already
+                rows = decode(rec.payload).reports
+                if rows:
+                    self._index(rows, rec.position)
+        for m in live_seq:
+            seqs, positions = live_seq[m], live_pos[m]
+            cut = bisect_right(positions, start)
+            self._idx_seq.setdefault(m, array("q")).extend(seqs[cut:])
+            self._idx_pos.setdefault(m, array("q")).extend(positions[cut:])
+        self._unindexed = None
 
     # ------------------------------------------------------------------------------------------
     # The order path
@@ -228,33 +275,31 @@ class Ledger:
         if not events or type(command) is QueryBalances:
             return self.journal.last_seq, events, []
         encode = self._encode
-        reports: list[tuple[str, bytes]] = []
         rows: list[tuple[str, int, bytes]] = []
         records: list[tuple[int, bytes]] = []
         taker = None
         end_of_day = False
+        report_types = REPORT_TYPES
         for ev in events:
             t = type(ev)
-            if t in REPORT_TYPES:
-                body = encode(ev)
-                reports.append((ev.member, body))
-                rows.append((ev.member, ev.seq, body))
+            if t in report_types:
+                rows.append((ev.member, ev.seq, encode(ev)))
                 if t is Fill:
                     if taker is None:
                         taker = ev
                     else:
-                        if taker.side == "buy":
-                            buy, sell = taker, ev
-                        else:
-                            buy, sell = ev, taker
-                        records.append((KIND_FILL, encode(FillRecord(
+                        buy, sell = (taker, ev) if taker.side == "buy" else (ev, taker)
+                        # a FillRecord's fields in order (array_like): no Struct to build
+                        records.append((KIND_FILL, encode((
                             day, ev.trade_id, ev.instrument, self._currency[ev.instrument], ev.price, ev.qty,
                             buy.member, sell.member, buy.fee, sell.fee, buy.order_id, sell.order_id,
                             taker.side, ts))))
                         taker = None
             elif t is DayEnded:
                 end_of_day = True
-        records.append((KIND_ENTRY, encode(EntryRecord(ts, member, session, throttled, command, rows))))
+        # an EntryRecord's fields in order (array_like)
+        records.append((KIND_ENTRY, encode((ts, member, session, throttled, command, rows))))
+        reports = [(m, body) for m, _, body in rows]
         journal = self.journal
         seq = journal.append_group(records)
         if rows:
@@ -284,6 +329,7 @@ class Ledger:
     def reports(self, member: str, after_seq: int, through_seq: int) -> Iterator[bytes]:
         """Bodies of the member's reports with after_seq < seq <= through_seq, in order, read
         from the journal through the sparse per-member index (durable entries only)."""
+        self._ensure_index()
         seqs = self._idx_seq.get(member)
         if not seqs or through_seq <= after_seq:
             return
@@ -291,9 +337,7 @@ class Ledger:
         if i < 0:
             i = 0
         decode = _entry_reports_decoder.decode
-        for rec in self.journal.read_at(self._idx_pos[member][i]):
-            if rec.kind != KIND_ENTRY:
-                continue
+        for rec in self.journal.read_at(self._idx_pos[member][i], KIND_ENTRY):
             for m, seq, body in decode(rec.payload).reports:
                 if m == member and seq > after_seq:
                     if seq > through_seq:
@@ -320,6 +364,7 @@ class Ledger:
         self._snap_queue.put(body)
 
     def _snapshot_body(self) -> SnapshotBody:
+        self._ensure_index()
         journal = self.journal
         index = {m: (self._idx_seq[m].tobytes(), self._idx_pos[m].tobytes()) for m in self._idx_seq}
         return SnapshotBody(journal.last_seq, journal.last_position, self.engine.trading_day,

@@ -87,15 +87,21 @@ class FileOps:
 class JournalStats:
     """Plain counters and histograms for the metrics collector (read without a lock)."""
 
-    def __init__(self) -> None:
+    def __init__(self, journal: "Journal | None" = None) -> None:
+        self._journal = journal
         self.records = 0  # records made durable (or written, in durability "none")
         self.bytes = 0  # bytes written
         self.batches = 0
-        self.pending = 0  # records appended, not yet durable
         self.batch_records = FixedHistogram(SIZE_BOUNDS)
         self.fsync_seconds = FixedHistogram(LATENCY_BOUNDS)
         # per batch: from the first append of the batch until it is durable
         self.append_to_durable_seconds = FixedHistogram(LATENCY_BOUNDS)
+
+    @property
+    def pending(self) -> int:
+        """Records appended, not yet durable."""
+        j = self._journal
+        return 0 if j is None else j._next_seq - 1 - j.durable_seq
 
 
 def _segment_header(first_seq: int) -> bytes:
@@ -128,12 +134,17 @@ def list_segments(directory: str | Path) -> list[int]:
 
 
 def _iter_file(path: Path, segment: int, offset: int, limit: int | None, expect: int | None,
-               strict: bool) -> Iterator[Record]:
+               strict: bool, stopped: list | None = None, only: int | None = None) -> Iterator[Record]:
     """Frames of one segment from ``offset`` up to ``limit`` (file end if None), CRC-checked.
 
-    A frame cut off at the end is an error if ``strict``, else the iteration just stops there.
+    If ``strict``, a bad or cut-off frame raises ``CorruptJournalError``; otherwise the
+    iteration stops there and appends the frame's offset to ``stopped`` (the caller judges
+    whether it is a torn tail). With ``only``, records of other kinds are checked but not yielded.
     """
     base = segment << 32
+    unpack = _unpack_frame
+    check = crc32c
+    new = tuple.__new__  # a Record without the Python-level NamedTuple constructor
     fd = os.open(path, os.O_RDONLY)
     try:
         end_of_file = os.fstat(fd).st_size
@@ -152,20 +163,30 @@ def _iter_file(path: Path, segment: int, offset: int, limit: int | None, expect:
                 return
             mv = memoryview(buf)
             off = 0
-            while off + FRAME_SIZE <= n:
-                crc, length, seq, kind = _unpack_frame(buf, off)
-                end = off + FRAME_SIZE + length
+            pos_base = base | buf_start
+            last = n - FRAME_SIZE
+            while off <= last:
+                crc, length, seq, kind = unpack(buf, off)
+                start = off + FRAME_SIZE
+                end = start + length
                 if end > n:
                     if length > MAX_PAYLOAD:
+                        if not strict:
+                            stopped.append(buf_start + off)
+                            return
                         raise CorruptJournalError(path, buf_start + off, f"record length {length} is impossible")
                     break
-                if crc32c(mv[off + 4:end]) != crc:
+                if check(mv[off + 4:end]) != crc:
+                    if not strict:
+                        stopped.append(buf_start + off)
+                        return
                     raise CorruptJournalError(path, buf_start + off, f"checksum mismatch in record (seq field {seq})")
-                if expect is not None:
-                    if seq != expect:
+                if seq != expect:
+                    if expect is not None:
                         raise CorruptJournalError(path, buf_start + off, f"seq {seq} where {expect} was expected")
-                    expect += 1
-                yield Record(seq, kind & KIND_MASK, kind >= GROUP_END, buf[off + FRAME_SIZE:end], base | (buf_start + off))
+                expect = seq + 1
+                if only is None or only == kind & 0x7F:
+                    yield new(Record, (seq, kind & 0x7F, kind > 0x7F, buf[start:end], pos_base + off))
                 off = end
             mv.release()
             consumed_to = buf_start + off
@@ -175,6 +196,7 @@ def _iter_file(path: Path, segment: int, offset: int, limit: int | None, expect:
                 if buf:
                     if strict:
                         raise CorruptJournalError(path, buf_start, f"record cut off after {len(buf)} bytes")
+                    stopped.append(buf_start)
                 return
     finally:
         os.close(fd)
@@ -334,15 +356,37 @@ def read_records(directory: str | Path, from_seq: int = 1) -> Iterator[Record]:
         _check_header(path, head, first)
         if first != expect:
             raise CorruptJournalError(path, 0, f"segment starts at seq {first}, {expect} expected")
-        limit = None
-        if last:
-            # the newest segment may end in a torn tail: read up to its last whole group
-            # (damage with valid records after it still raises)
-            _, limit, _, _ = _scan_last_segment(path, first, path.read_bytes(), _HEADER_SIZE, expect)
-        for rec in _iter_file(path, first, _HEADER_SIZE, limit, expect, True):
+        if not last:
+            for rec in _iter_file(path, first, _HEADER_SIZE, None, expect, True):
+                expect = rec.seq + 1
+                if rec.seq >= from_seq:
+                    yield rec
+            continue
+        # The newest segment may end in a torn tail: yield whole groups only, and judge
+        # where the frames stop (damage with valid records after it still raises).
+        stopped: list[int] = []
+        held: list[Record] = []
+        for rec in _iter_file(path, first, _HEADER_SIZE, None, expect, False, stopped):
             expect = rec.seq + 1
-            if rec.seq >= from_seq:
-                yield rec
+            if rec.group_end and not held:
+                if rec.seq >= from_seq:
+                    yield rec
+            elif rec.group_end:
+                held.append(rec)
+                for r in held:
+                    if r.seq >= from_seq:
+                        yield r
+                held.clear()
+            else:
+                held.append(rec)
+        if stopped:
+            with open(path, "rb") as f:
+                f.seek(stopped[0])
+                tail = f.read()
+            found = _find_valid_frame(tail, 1, expect)
+            if found is not None:
+                raise CorruptJournalError(path, stopped[0], f"bad record with valid records after it (at offset "
+                                                            f"{stopped[0] + found})")
 
 
 class Journal:
@@ -368,7 +412,7 @@ class Journal:
         self._on_durable = on_durable
         self._on_error = on_error
         self._ops = file_ops or FileOps()
-        self.stats = JournalStats()
+        self.stats = JournalStats(self)
         self._lock = threading.Lock()
         self._cond = threading.Condition(self._lock)
         self._error: BaseException | None = None
@@ -395,6 +439,8 @@ class Journal:
             log.warning("%s: segment without a whole header (crash while rolling); removing it", path)
             path.unlink()
             firsts.pop()
+            if self._sync:
+                ops.sync_dir(str(directory))
         if not firsts:
             path = directory / segment_name(1)
             fd = ops.create(str(path))
@@ -409,7 +455,7 @@ class Journal:
             self._file_size = len(head)
             self._seg = 1
             self._seg_size = len(head)
-            self._last_position = 0
+            last_position = 0
         else:
             for first in firsts[:-1]:
                 path = directory / segment_name(first)
@@ -420,7 +466,7 @@ class Journal:
             data = path.read_bytes()
             _check_header(path, data, first)
             records, group_end, group_seq, group_last = _scan_last_segment(path, first, data, _HEADER_SIZE, first)
-            self._last_position = pack_position(first, group_last) if group_last >= 0 else 0
+            last_position = pack_position(first, group_last) if group_last >= 0 else 0
             if group_end < len(data):
                 log.warning("%s: torn tail of %d bytes after offset %d (seq %d) truncated",
                             path, len(data) - group_end, group_end, group_seq)
@@ -439,7 +485,7 @@ class Journal:
                 if last_prev is not None and last_prev.seq != first - 1:
                     raise CorruptJournalError(path, 0, f"segment starts at {first} after seq {last_prev.seq}")
                 if last_prev is not None:
-                    self._last_position = last_prev.position
+                    last_position = last_prev.position
             self._segments = firsts
             self._fd = ops.open_append(str(path))
             self._next_seq = group_seq + 1
@@ -447,6 +493,9 @@ class Journal:
             self._seg = first
             self._seg_size = group_end
             self.recovered = True
+        self._recovered_position = last_position
+        self._last_off = -1
+        self._limit = self._segment_bytes  # appends take the fast path while seg_size < limit
         self.durable_seq = self._next_seq - 1
         self._durable_pos = pack_position(self._seg, self._file_size)
         self._chunks: list[list] = [[self._seg, bytearray()]]
@@ -465,7 +514,9 @@ class Journal:
     @property
     def last_position(self) -> int:
         """Position of the last appended record (for ``read_at``); 0 while the journal is empty."""
-        return self._last_position
+        if self._last_off < 0:
+            return self._recovered_position
+        return (self._seg << 32) | self._last_off
 
     def append_group(self, records: Iterable[tuple[int, bytes]]) -> int:
         """Append records that stand or fall together (recovery keeps whole groups only).
@@ -474,6 +525,9 @@ class Journal:
         """
         head_pack = _HEAD_PACK
         crc_pack = _CRC_PACK
+        items = records if isinstance(records, (list, tuple)) else list(records)
+        if not items:
+            raise ValueError("an empty group")
         with self._lock:
             if self._error is not None:
                 raise JournalFailedError(f"journal failed: {self._error!r}") from self._error
@@ -485,48 +539,81 @@ class Journal:
             seq = self._next_seq
             start = len(buf)
             offset = self._seg_size
-            items = records if isinstance(records, (list, tuple)) else list(records)
-            if not items:
-                raise ValueError("an empty group")
-            last = len(items) - 1
-            pos = offset
-            for i, (kind, payload) in enumerate(items):
-                if i == last:
-                    kind |= GROUP_END
-                pos = offset + len(buf) - start
+            *body, (last_kind, last_payload) = items
+            for kind, payload in body:
                 rec = head_pack(len(payload), seq, kind) + payload
                 buf += crc_pack(crc32c(rec))
                 buf += rec
                 seq += 1
-            n = seq - self._next_seq
+            pos = offset + len(buf) - start
+            rec = head_pack(len(last_payload), seq, last_kind | GROUP_END) + last_payload
+            buf += crc_pack(crc32c(rec))
+            buf += rec
+            seq += 1
             self._next_seq = seq
             self._seg_size = offset + len(buf) - start
-            self._last_position = (self._seg << 32) | pos
-            self.stats.pending += n
+            self._last_off = pos
             if self._t0 is None:
                 self._t0 = time.monotonic()
                 self._cond.notify()
             return seq - 1
 
-    def append(self, kind: int, payload: bytes) -> int:
-        """Append one record as a group of its own; returns its seq. The hot path."""
+    def append(self, kind: int, payload: bytes, _head=_HEAD_PACK, _crc=_CRC_PACK, _crc32c=crc32c) -> int:
+        """Append one record as a group of its own; returns its seq. The hot path: pre-bound
+        packers, one CRC call, and one comparison for "failed, closing or segment full"."""
         with self._lock:
-            if self._error is None and not self._closing and self._seg_size < self._segment_bytes:
+            pos = self._seg_size
+            if pos < self._limit:
                 seq = self._next_seq
-                rec = _HEAD_PACK(len(payload), seq, kind | GROUP_END) + payload
+                rec = _head(len(payload), seq, kind | 0x80) + payload
                 buf = self._buf
-                pos = self._seg_size
-                buf += _CRC_PACK(crc32c(rec))
+                buf += _crc(_crc32c(rec))
                 buf += rec
-                self._seg_size = pos + FRAME_SIZE + len(payload)
+                self._seg_size = pos + 4 + len(rec)
                 self._next_seq = seq + 1
-                self._last_position = (self._seg << 32) | pos
-                self.stats.pending += 1
+                self._last_off = pos
                 if self._t0 is None:
                     self._t0 = time.monotonic()
                     self._cond.notify()
                 return seq
         return self.append_group(((kind, payload),))
+
+    def append_many(self, kind: int, payloads: Iterable[bytes]) -> int:
+        """Append records of one kind, each a group of its own, under one lock: the bulk form
+        of ``append`` (one writer wake-up, no per-record call). Returns the last seq."""
+        head = _HEAD_PACK
+        crc = _CRC_PACK
+        check = crc32c
+        kind |= GROUP_END
+        if not isinstance(payloads, (list, tuple)):
+            payloads = list(payloads)
+        if not payloads:
+            return self.last_seq
+        with self._lock:
+            if self._error is not None:
+                raise JournalFailedError(f"journal failed: {self._error!r}") from self._error
+            if self._closing:
+                raise JournalError("journal is closed")
+            if self._seg_size >= self._segment_bytes:
+                self._roll()
+            buf = self._buf
+            seq = self._next_seq
+            start = len(buf)
+            last = start
+            for payload in payloads:
+                last = len(buf)
+                rec = head(len(payload), seq, kind) + payload
+                buf += crc(check(rec))
+                buf += rec
+                seq += 1
+            offset = self._seg_size
+            self._seg_size = offset + len(buf) - start
+            self._last_off = offset + last - start
+            self._next_seq = seq
+            if self._t0 is None:
+                self._t0 = time.monotonic()
+                self._cond.notify()
+            return seq - 1
 
     def _roll(self) -> None:
         """Start a new segment at the next seq (lock held). Groups never straddle segments."""
@@ -576,6 +663,7 @@ class Journal:
             if self._closed:
                 return
             self._closing = True
+            self._limit = -1
             self._cond.notify_all()
         self._thread.join()
         with self._cond:
@@ -657,7 +745,6 @@ class Journal:
             with cond:
                 self.durable_seq = end_seq
                 self._durable_pos = pack_position(self._segments[-1], self._file_size)
-                stats.pending -= count
                 cond.notify_all()
             stats.records += count
             stats.bytes += written
@@ -674,6 +761,7 @@ class Journal:
         log.error("journal write or sync failed; no further appends: %r", exc)
         with self._cond:
             self._error = exc
+            self._limit = -1
             self._cond.notify_all()
         if self._on_error is not None:
             try:
@@ -684,36 +772,38 @@ class Journal:
     # ------------------------------------------------------------------------------------------
     # Reading (durable records only)
 
-    def _read_range(self, start: int, limit: int, expect: int | None) -> Iterator[Record]:
+    def _read_range(self, start: int, limit: int, expect: int | None, only: int | None = None) -> Iterator[Record]:
         """Records from position ``start`` up to position ``limit`` (exclusive)."""
         seg, off = unpack_position(start)
         lim_seg, lim_off = unpack_position(limit)
+        if seg > lim_seg or (seg == lim_seg and off >= lim_off):
+            return  # nothing durable there yet
         segments = self._segments
         i = segments.index(seg)
         while True:
             seg = segments[i]
             path = self.directory / segment_name(seg)
             last = seg == lim_seg
-            for rec in _iter_file(path, seg, off, lim_off if last else None, expect, True):
-                expect = rec.seq + 1
-                yield rec
+            yield from _iter_file(path, seg, off, lim_off if last else None, expect, True, None, only)
             if last or i + 1 >= len(segments):
                 return
             i += 1
             off = _HEADER_SIZE
+            expect = segments[i]  # a segment's first record carries the seq in its name
 
-    def read_at(self, position: int) -> Iterator[Record]:
-        """Durable records from ``position`` (a record's position) on."""
-        return self._read_range(position, self._durable_pos, None)
+    def read_at(self, position: int, kind: int | None = None) -> Iterator[Record]:
+        """Durable records from ``position`` (a record's position) on; only ``kind`` if given."""
+        return self._read_range(position, self._durable_pos, None, kind)
 
-    def records(self, from_seq: int = 1, through_seq: int | None = None) -> Iterator[Record]:
-        """Durable records with seq >= ``from_seq`` (and <= ``through_seq``), in order."""
+    def records(self, from_seq: int = 1, through_seq: int | None = None, kind: int | None = None) -> Iterator[Record]:
+        """Durable records with seq >= ``from_seq`` (and <= ``through_seq``; only ``kind`` if
+        given), in order."""
         limit = self._durable_pos
         segments = list(self._segments)
         if not segments:
             return
         i = max(0, bisect_right(segments, from_seq) - 1)
-        for rec in self._read_range(pack_position(segments[i], _HEADER_SIZE), limit, segments[i]):
+        for rec in self._read_range(pack_position(segments[i], _HEADER_SIZE), limit, segments[i], kind):
             if rec.seq < from_seq:
                 continue
             if through_seq is not None and rec.seq > through_seq:
@@ -736,7 +826,7 @@ class Journal:
                 yield rec
             with self._cond:
                 while self.durable_seq < next_seq:
-                    if self._error is not None or self._closed or self._closing:
+                    if self._error is not None or self._closed:
                         return
                     if not self._cond.wait(idle_timeout) and self.durable_seq < next_seq:
                         return
