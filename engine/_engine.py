@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import hashlib
+from operator import attrgetter
 
 import msgspec
 
@@ -73,6 +74,11 @@ class _Instrument:
 
 
 _IMMEDIATE = frozenset(("ioc", "fok"))
+
+
+def _by_order_id(ins: "_Instrument") -> list[Order]:
+    """An instrument's resting orders, oldest order id first: the order mass cancels go in."""
+    return sorted([*ins.bids.orders(), *ins.asks.orders()], key=attrgetter("order_id"))
 
 
 def _fee_reserve(price: int, qty: int, fee_bp: int) -> int:
@@ -803,7 +809,7 @@ class Engine:
         ins.status = HALTED
         self._status_event(ins, ev)
         if cmd.cancel_orders:
-            for o in sorted(list(ins.bids.orders()) + list(ins.asks.orders()), key=lambda o: o.order_id):
+            for o in _by_order_id(ins):
                 self._cancel_resting(o, ev, ts, "halt")
         ev.append(AdminAck("Halt", instrument=cmd.instrument, cancel_orders=cmd.cancel_orders))
         return ev
@@ -912,7 +918,7 @@ class Engine:
         day = self.trading_day
         # DAY orders expire
         for ins in self._instruments.values():
-            for o in sorted(list(ins.bids.orders()) + list(ins.asks.orders()), key=lambda o: o.order_id):
+            for o in _by_order_id(ins):
                 if o.tif == "day":
                     self._cancel_resting(o, ev, ts, "expired")
         # closing prices become the next reference prices
@@ -926,7 +932,7 @@ class Engine:
             closing[ins.symbol] = close
             ins.set_reference(close)
             # GTC orders outside the new band are cancelled
-            for o in sorted(list(ins.bids.orders()) + list(ins.asks.orders()), key=lambda o: o.order_id):
+            for o in _by_order_id(ins):
                 if o.price < ins.lower or o.price > ins.upper:
                     self._cancel_resting(o, ev, ts, "expired")
             ins.last_price = None
