@@ -23,11 +23,11 @@ import msgspec
 from .._config import ExchangeConfig
 from .._engine import Engine
 from .._messages import (
-    CancelRejected, Command, DayEnded, Deposit, EndOfDay, Fill, MassCancelDone, OpenMarket, OrderAccepted,
+    CancelRejected, Command, DayEnded, Deposit, Fill, MassCancelDone, OpenMarket, OrderAccepted,
     OrderCancelled, OrderRejected, OrderReplaced, QueryBalances,
 )
 from ._format import (
-    FORMAT_VERSION, KIND_ENTRY, KIND_FILL, KIND_START, EntryRecord, FillRecord, StartRecord,
+    FORMAT_VERSION, KIND_ENTRY, KIND_FILL, KIND_START, EntryRecord, StartRecord,
 )
 from ._log import FileOps, Journal, JournalError, JournalStats
 from ._snapshot import SnapshotBody, list_snapshots, prune_snapshots, read_snapshot, snapshot_name, write_snapshot
@@ -160,16 +160,16 @@ class Ledger:
         for body in self._snapshots():
             try:
                 first = next(iter(journal.read_at(body.position)), None)
-            except JournalError as exc:
-                log.warning("snapshot at seq %d does not match the journal (%s); trying an older one", body.seq, exc)
-                continue
-            if first is None or first.seq != body.seq or first.kind != KIND_ENTRY:
-                log.warning("snapshot at seq %d does not match the journal; trying an older one", body.seq)
+                if first is None or first.seq != body.seq or first.kind != KIND_ENTRY:
+                    raise ValueError(f"no ENTRY with seq {body.seq} at its position")
+                engine = Engine.restore(config, body.engine)
+            except (JournalError, ValueError, KeyError, TypeError, msgspec.MsgspecError) as exc:
+                log.warning("snapshot at seq %d is unusable (%s); trying an older one", body.seq, exc)
                 continue
             start = body
             break
         if start is not None:
-            self.engine = Engine.restore(config, start.engine)
+            self.engine = engine
             for member, (seqs, positions) in start.index.items():
                 a = array("q")
                 a.frombytes(seqs)

@@ -21,7 +21,7 @@ from crc32c import crc32c
 
 from .._histogram import LATENCY_BOUNDS, SIZE_BOUNDS, FixedHistogram
 from ._format import (
-    FORMAT_VERSION, FRAME, FRAME_SIZE, GROUP_END, KIND_MASK, MAX_PAYLOAD, SEGMENT_HEADER,
+    FORMAT_VERSION, FRAME, FRAME_SIZE, GROUP_END, MAX_PAYLOAD, SEGMENT_HEADER,
     SEGMENT_MAGIC, Record, pack_position, parse_segment_name, segment_name, unpack_position,
 )
 
