@@ -1,21 +1,53 @@
 """Member accounts: cash per currency, allowance holdings per instrument, order-id bookkeeping.
 
 Plain mutable records; the engine owns every rule about them (reservations, settlement).
+``Cash`` and ``Holding`` are ``__slots__`` classes rather than msgspec Structs: every fill
+updates several of their fields, and CPython 3.11 specialises attribute stores only on types
+with the default ``__setattr__`` (a Struct's costs about half as much again per store). They
+are never encoded; snapshots flatten them into lists.
 """
 
 from __future__ import annotations
-
-import msgspec
 
 from ._book import Order
 
 __all__ = ["Cash", "Holding", "Account"]
 
 
-class Cash(msgspec.Struct, gc=False):
-    total: int = 0
-    reserved: int = 0  # held for open buy orders (price x qty plus fee reserve)
-    proceeds: int = 0  # today's net sale proceeds: spendable, not withdrawable until end of day
+class _Record:
+    """Fields in ``__slots__`` order, positional or keyword, all defaulting to 0."""
+
+    __slots__ = ()
+
+    def __init__(self, *values: int, **named: int) -> None:
+        fields = self.__slots__
+        if len(values) > len(fields):
+            raise TypeError(f"{type(self).__name__} takes at most {len(fields)} values")
+        for name, value in zip(fields, values):
+            setattr(self, name, value)
+        for name in fields[len(values):]:
+            setattr(self, name, named.pop(name, 0))
+        if named:
+            raise TypeError(f"{type(self).__name__} has no field {next(iter(named))!r}")
+
+    def __repr__(self) -> str:
+        body = ", ".join(f"{name}={getattr(self, name)!r}" for name in self.__slots__)
+        return f"{type(self).__name__}({body})"
+
+    def __eq__(self, other: object) -> bool:
+        if type(other) is not type(self):
+            return NotImplemented
+        return all(getattr(self, n) == getattr(other, n) for n in self.__slots__)
+
+    __hash__ = None  # mutable
+
+
+class Cash(_Record):
+    __slots__ = (
+        "total",
+        "reserved",  # held for open buy orders (price x qty plus fee reserve)
+        "proceeds",  # today's net sale proceeds: spendable, not withdrawable until end of day
+    )
 
     @property
     def available(self) -> int:
@@ -26,17 +58,15 @@ class Cash(msgspec.Struct, gc=False):
         return max(0, self.total - self.reserved - self.proceeds)
 
 
-class Holding(msgspec.Struct, gc=False):
-    settled: int = 0
-    unsettled: int = 0  # bought today: not sellable until end of day
-    reserved: int = 0  # held for open sell orders
-    open_buy: int = 0  # open quantity of resting and incoming buy orders (holding limit)
-    # today's settlement figures
-    bought: int = 0
-    sold: int = 0
-    paid: int = 0
-    received: int = 0
-    fees: int = 0
+class Holding(_Record):
+    __slots__ = (
+        "settled",
+        "unsettled",  # bought today: not sellable until end of day
+        "reserved",  # held for open sell orders
+        "open_buy",  # open quantity of resting and incoming buy orders (holding limit)
+        # today's settlement figures
+        "bought", "sold", "paid", "received", "fees",
+    )
 
     @property
     def available(self) -> int:

@@ -1,8 +1,11 @@
 """Price-time priority order book for one instrument.
 
-Each side keeps a ``SortedList`` of price keys and a dict of key -> ``Level``. Bid keys are
+Each side keeps a dict of key -> ``Level`` and a binary heap (``heapq``) of the keys. Bid keys are
 negated prices, so on both sides the best level is the smallest key and "crosses" is
-``key <= limit_key``; the best key is cached so matching never asks the sorted list for it.
+``key <= limit_key``; the best key is cached so matching never searches for it. The heap is
+lazy: an emptied level's key stays in it until it reaches the top, where it is popped (a key
+is never in the heap twice), so adding and dropping a level costs a C heap operation, not a
+sorted-list insertion. Ordered views (depth, snapshots) sort the few live keys on demand.
 
 A level is a FIFO ``deque`` of orders. Cancelling marks the order dead (``leaves == 0``) and
 adjusts the level's totals in O(1); dead orders are dropped when they reach the front, or all
@@ -12,13 +15,15 @@ at once when they outnumber the live ones, so a level never grows without bound.
 from __future__ import annotations
 
 from collections import deque
+from heapq import heappop, heappush, nsmallest
+from operator import attrgetter
 
 import msgspec
-from sortedcontainers import SortedList
 
 __all__ = ["Order", "Level", "SideBook", "NO_PRICE"]
 
 NO_PRICE = 1 << 62  # best key of an empty side: no limit key is ever above it
+_leaves = attrgetter("leaves")
 
 
 class Order(msgspec.Struct, gc=False):
@@ -49,7 +54,7 @@ class Level:
         self.orders: deque[Order] = deque()
 
     def compact(self) -> None:
-        self.orders = deque(o for o in self.orders if o.leaves)
+        self.orders = deque(filter(_leaves, self.orders))  # the live ones, in order
         self.dead = 0
 
     def live(self) -> list[Order]:
@@ -57,34 +62,61 @@ class Level:
 
 
 class SideBook:
-    __slots__ = ("sign", "keys", "levels", "best")
+    __slots__ = ("sign", "heap", "in_heap", "levels", "best", "spare")
 
     def __init__(self, sign: int) -> None:
         self.sign = sign  # +1 for asks, -1 for bids: key = sign * price
-        self.keys = SortedList()
+        self.heap: list[int] = []  # every live key, plus emptied keys not yet popped
+        self.in_heap: set[int] = set()  # the keys in ``heap``
         self.levels: dict[int, Level] = {}
-        self.best = NO_PRICE
+        self.best = NO_PRICE  # smallest live key; always heap[0] when the side is not empty
+        self.spare: list[Level] = []  # emptied levels kept for reuse (fewer allocations)
+
+    @property
+    def keys(self) -> list[int]:
+        """Live keys, best first."""
+        return sorted(self.levels)
+
+    def new_level(self, key: int, price: int) -> Level:
+        if self.spare:
+            level = self.spare.pop()
+            level.price = price
+        else:
+            level = Level(price)
+        self.levels[key] = level
+        if key not in self.in_heap:
+            self.in_heap.add(key)
+            heappush(self.heap, key)
+        if key < self.best:
+            self.best = key
+        return level
 
     def rest(self, order: Order) -> Level:
         """Append an order at the back of its price level."""
         key = self.sign * order.price
         level = self.levels.get(key)
         if level is None:
-            level = self.levels[key] = Level(order.price)
-            self.keys.add(key)
-            if key < self.best:
-                self.best = key
+            level = self.new_level(key, order.price)
         level.orders.append(order)
         level.qty += order.leaves
         level.count += 1
         return level
 
     def drop_level(self, key: int) -> None:
-        del self.levels[key]
-        keys = self.keys
-        keys.remove(key)
+        """Remove an emptied level (no live orders left); it stays readable until reused."""
+        levels = self.levels
+        level = levels.pop(key)
+        if len(self.spare) < 64:
+            if level.orders:  # dead orders (a cancelled last order is not counted in dead)
+                level.orders.clear()
+                level.dead = 0
+            self.spare.append(level)
         if key == self.best:
-            self.best = keys[0] if keys else NO_PRICE
+            heap = self.heap
+            in_heap = self.in_heap
+            while heap and heap[0] not in levels:
+                in_heap.discard(heappop(heap))
+            self.best = heap[0] if heap else NO_PRICE
 
     def remove(self, order: Order) -> Level:
         """Take a live order out of the book (cancel, replace); the caller zeroes nothing."""
@@ -104,7 +136,7 @@ class SideBook:
     def depth(self, n: int) -> list[tuple[int, int, int]]:
         out = []
         levels = self.levels
-        for key in self.keys.islice(0, n):
+        for key in nsmallest(n, levels):
             level = levels[key]
             out.append((level.price, level.qty, level.count))
         return out
@@ -112,5 +144,5 @@ class SideBook:
     def orders(self):
         """Live orders, best level first, time order within a level."""
         levels = self.levels
-        for key in self.keys:
+        for key in sorted(levels):
             yield from levels[key].live()

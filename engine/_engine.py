@@ -43,7 +43,7 @@ class _Instrument:
     __slots__ = (
         "symbol", "currency", "tick", "step", "min_qty", "max_qty", "band_bp", "fee_bp",
         "holding_limit", "reference", "lower", "upper", "status", "md_seq", "last_price",
-        "day_value", "day_qty", "bids", "asks",
+        "day_value", "day_qty", "bids", "asks", "qty_floor", "price_floor",
     )
 
     def __init__(self, cfg: InstrumentConfig) -> None:
@@ -53,6 +53,7 @@ class _Instrument:
         self.step = cfg.qty_step
         self.min_qty = cfg.min_qty
         self.max_qty = cfg.max_qty if cfg.max_qty is not None else NO_PRICE
+        self.qty_floor = max(1, cfg.min_qty)  # the hot path's quick range check also rejects qty <= 0
         self.band_bp = cfg.band_bp
         self.fee_bp = cfg.fee_bp
         self.holding_limit = cfg.holding_limit
@@ -68,6 +69,10 @@ class _Instrument:
     def set_reference(self, reference: int) -> None:
         self.reference = reference
         self.lower, self.upper = price_band(reference, self.band_bp, self.tick)
+        self.price_floor = max(1, self.lower)  # ... and price <= 0
+
+
+_IMMEDIATE = frozenset(("ioc", "fok"))
 
 
 def _fee_reserve(price: int, qty: int, fee_bp: int) -> int:
@@ -248,60 +253,111 @@ class Engine:
         return True
 
     def _new_order(self, cmd: NewOrder, member: str, ts: int, session: int, throttled: bool) -> list:
+        # The hot path: everything a valid passive limit order needs is inlined here; anything
+        # unusual (a reject, a market/IOC/FOK order, a crossing price) takes the general helpers.
         acct = self._accounts[member]
-        ev: list = []
         cl = cmd.cl_ord_id
-        reject = self._reject
+        used = acct.used_ids
+        live = acct.live
         if throttled:
-            acct.used_ids.add(cl)
-            return reject(ev, acct, ts, cl, "throttled", "over the session's message rate")
-        if cl in acct.used_ids or cl in acct.live:
-            return reject(ev, acct, ts, cl, "duplicate_cl_ord_id", f"cl_ord_id {cl!r} is already used")
-        acct.used_ids.add(cl)
+            used.add(cl)
+            return self._reject([], acct, ts, cl, "throttled", "over the session's message rate")
+        if cl in used or cl in live:
+            used.add(cl)  # a live order's id from a previous day: now used today too
+            return self._reject([], acct, ts, cl, "duplicate_cl_ord_id", f"cl_ord_id {cl!r} is already used")
+        used.add(cl)
         if acct.suspended:
-            return reject(ev, acct, ts, cl, "member_suspended", f"member {member} is suspended")
-        ins = self._instruments.get(cmd.instrument)
-        if ins is None:
-            return reject(ev, acct, ts, cl, "unknown_instrument", f"no instrument {cmd.instrument!r}")
+            return self._reject([], acct, ts, cl, "member_suspended", f"member {member} is suspended")
+        try:
+            ins = self._instruments[cmd.instrument]
+        except KeyError:
+            return self._reject([], acct, ts, cl, "unknown_instrument", f"no instrument {cmd.instrument!r}")
         if ins.status != OPEN:
             if ins.status == CLOSED:
-                return reject(ev, acct, ts, cl, "market_closed", f"{ins.symbol} is closed")
-            return reject(ev, acct, ts, cl, "instrument_halted", f"{ins.symbol} is halted")
+                return self._reject([], acct, ts, cl, "market_closed", f"{ins.symbol} is closed")
+            return self._reject([], acct, ts, cl, "instrument_halted", f"{ins.symbol} is halted")
         qty = cmd.qty
         price = cmd.price
         tif = cmd.tif
         if tif is None:
             tif = "day" if price is not None else "ioc"
+        # a quick test for anything off; _check_order then finds the first reject reason
+        if (price is None or not ins.qty_floor <= qty <= ins.max_qty or not ins.price_floor <= price <= ins.upper
+                or qty % ins.step or price % ins.tick):
+            ev: list = []
+            if self._check_order(acct, ins, qty, price, tif, ev, ts, cl, self._reject) is not True:
+                return ev
         side = cmd.side
-        if self._check_order(acct, ins, qty, price, tif, ev, ts, cl, reject) is not True:
-            return ev
-        holding = acct.holdings[ins.symbol]
+        symbol = ins.symbol
+        holding = acct.holdings[symbol]
         if side == BUY:
             limit = ins.holding_limit
             if limit is not None and holding.settled + holding.unsettled + holding.open_buy + qty > limit:
-                return reject(ev, acct, ts, cl, "holding_limit", f"would exceed the holding limit of {limit} t")
+                return self._reject([], acct, ts, cl, "holding_limit", f"would exceed the holding limit of {limit} t")
             cash = acct.cash[ins.currency]
             lim = price if price is not None else ins.upper
             need = lim * qty
-            if ins.fee_bp:
-                need += _fee_reserve(lim, qty, ins.fee_bp)
+            need -= -need * ins.fee_bp // 10_000  # plus the fee reserve, rounded up
             if cash.total - cash.reserved < need:
-                return reject(ev, acct, ts, cl, "insufficient_funds",
-                              f"needs {need} {ins.currency}, {cash.total - cash.reserved} available")
+                return self._reject([], acct, ts, cl, "insufficient_funds",
+                                    f"needs {need} {ins.currency}, {cash.total - cash.reserved} available")
             cash.reserved += need
             holding.open_buy += qty
+            book = ins.bids
+            opp = ins.asks
+            key = -lim
+            opp_lim = lim  # opposite keys up to this cross
         else:
             if holding.settled - holding.reserved < qty:
-                return reject(ev, acct, ts, cl, "insufficient_allowances",
-                              f"needs {qty} t, {holding.settled - holding.reserved} t available")
+                return self._reject([], acct, ts, cl, "insufficient_allowances",
+                                    f"needs {qty} t, {holding.settled - holding.reserved} t available")
             holding.reserved += qty
             need = 0
+            book = ins.asks
+            opp = ins.bids
+            key = price if price is not None else ins.lower
+            opp_lim = -key
         order_id = self._next_order_id
         self._next_order_id = order_id + 1
-        o = Order(order_id, member, cl, ins.symbol, side, price, qty, qty, tif, cmd.stp, session, need)
-        acct.seq += 1
-        ev.append(OrderAccepted(acct.seq, ts, member, cl, order_id, ins.symbol, side, qty, price, tif))
-        self._enter(o, ins, acct, ev, ts)
+        o = Order(order_id, member, cl, symbol, side, price, qty, qty, tif, cmd.stp, session, need)
+        seq = acct.seq + 1
+        acct.seq = seq
+        accepted = OrderAccepted(seq, ts, member, cl, order_id, symbol, side, qty, price, tif)
+        if tif in _IMMEDIATE or price is None:
+            ev = [accepted]
+            self._enter(o, ins, acct, ev, ts)
+            return ev
+        if opp.best <= opp_lim:
+            # a crossing DAY/GTC limit order: what _enter does, without recomputing the sides
+            ev = [accepted]
+            reason = self._match(o, ins, opp, opp_lim, ev, ts)
+            qty = o.leaves
+            if not qty:
+                return ev
+            if reason is not None:
+                self._release(o, ins, acct)
+                o.leaves = 0
+                self._cancelled(ev, o, qty, ts, reason)
+                return ev
+        else:
+            ev = None
+        # rest (what is left) at the back of its level
+        level = book.levels.get(key)
+        if level is None:
+            level = book.new_level(key, price)
+        level.orders.append(o)
+        level_qty = level.qty + qty
+        level.qty = level_qty
+        count = level.count + 1
+        level.count = count
+        live[cl] = o
+        if session:
+            self._cod.setdefault(session, {})[order_id] = o
+        md = ins.md_seq + 1
+        ins.md_seq = md
+        if ev is None:
+            return [accepted, BookUpdate(symbol, md, side, price, level_qty, count)]
+        ev.append(BookUpdate(symbol, md, side, price, level_qty, count))
         return ev
 
     def _enter(self, o: Order, ins: _Instrument, acct: Account, ev: list, ts: int) -> None:
@@ -320,10 +376,10 @@ class Engine:
                 reason = self._match(o, ins, opp, lim, ev, ts)
         if o.leaves:
             if reason is None:
-                if o.price is None or o.tif == "ioc":
-                    reason = "ioc"
-                elif o.tif == "fok":
+                if o.tif == "fok":  # a market fok too: its reason is fok, not ioc
                     reason = "fok"
+                elif o.price is None or o.tif == "ioc":
+                    reason = "ioc"
             if reason is not None:
                 qty = o.leaves
                 self._release(o, ins, acct)
@@ -356,113 +412,157 @@ class Engine:
         return False
 
     def _match(self, o: Order, ins: _Instrument, opp: SideBook, lim: int, ev: list, ts: int) -> str | None:
-        """Trade ``o`` against the opposite side; returns a cancel reason for its rest, if any."""
+        """Trade ``o`` against the opposite side; returns a cancel reason for its rest, if any.
+
+        Every fill is delivery versus payment at the resting price, with a fee per side. The
+        maker's side is settled fill by fill; the taker's (one account) and the level's totals
+        are summed and written once, which gives the same state with fewer attribute writes.
+        """
         accounts = self._accounts
         symbol = ins.symbol
         fee_bp = ins.fee_bp
         currency = ins.currency
-        fees = self._fees[currency]
-        taker_buys = o.side == BUY
         taker_side = o.side
+        taker_buys = taker_side == BUY
         maker_side = SELL if taker_buys else BUY
-        taker = accounts[o.member]
-        t_cash = taker.cash[currency]
-        t_hold = taker.holdings[symbol]
-        o_lim = o.price if o.price is not None else (ins.upper if taker_buys else ins.lower)
+        t_member = o.member
+        t_cl = o.cl_ord_id
+        t_id = o.order_id
+        taker = accounts[t_member]
         levels = opp.levels
+        append = ev.append
+        start = left = o.leaves
+        trade_id = self._next_trade_id
+        md = ins.md_seq
+        t_value = t_fee = 0  # the taker's totals over its fills
+        price = last_price = None
         reason = None
-        while o.leaves and opp.best <= lim:
+        while left and opp.best <= lim:
             key = opp.best
             level = levels[key]
             orders = level.orders
             price = level.price
+            traded = 0  # off this level
+            count_before = level.count
             while orders:
                 m = orders[0]
-                if not m.leaves:
+                m_left = m.leaves
+                if not m_left:
                     orders.popleft()
                     level.dead -= 1
                     continue
-                if m.member == o.member:
+                m_member = m.member
+                if m_member == t_member:
                     stp = o.stp
                     if stp == "cancel_incoming":
                         reason = "self_trade"
                         break
                     # cancel_resting or cancel_both: the resting order goes
                     orders.popleft()
-                    qty = m.leaves
                     level.count -= 1
-                    level.qty -= qty
+                    level.qty -= m_left
                     self._release(m, ins, taker)
                     m.leaves = 0
                     self._forget(m, taker)
-                    self._cancelled(ev, m, qty, ts, "self_trade")
+                    self._cancelled(ev, m, m_left, ts, "self_trade")
                     if stp == "cancel_both":
                         reason = "self_trade"
                         break
                     continue
-                qty = o.leaves if o.leaves < m.leaves else m.leaves
+                qty = left if left < m_left else m_left
                 value = price * qty
-                fee = value * fee_bp // 10_000 if fee_bp else 0
-                maker = accounts[m.member]
-                m_cash = maker.cash[currency]
+                fee = value * fee_bp // 10_000
+                left -= qty
+                m_left -= qty
+                m.leaves = m_left
+                traded += qty
+                t_value += value
+                t_fee += fee
+                maker = accounts[m_member]
                 m_hold = maker.holdings[symbol]
-                o.leaves -= qty
-                m.leaves -= qty
-                level.qty -= qty
-                # delivery versus payment
-                if taker_buys:
-                    b_ord, b_cash, b_hold, s_cash, s_hold = o, t_cash, t_hold, m_cash, m_hold
-                    b_lim = o_lim
-                else:
-                    b_ord, b_cash, b_hold, s_cash, s_hold = m, m_cash, m_hold, t_cash, t_hold
-                    b_lim = m.price
-                still = b_lim * b_ord.leaves
-                if fee_bp:
-                    still += _fee_reserve(b_lim, b_ord.leaves, fee_bp)
-                b_cash.reserved -= b_ord.reserved - still
-                b_ord.reserved = still
-                b_cash.total -= value + fee
-                b_hold.unsettled += qty
-                b_hold.open_buy -= qty
-                b_hold.bought += qty
-                b_hold.paid += value
-                b_hold.fees += fee
-                s_hold.settled -= qty
-                s_hold.reserved -= qty
-                s_hold.sold += qty
-                s_hold.received += value
-                s_hold.fees += fee
-                s_cash.total += value - fee
-                s_cash.proceeds += value - fee
-                if fee:
-                    fees.total += fee + fee
-                ins.day_value += value
-                ins.day_qty += qty
-                ins.last_price = price
-                trade_id = self._next_trade_id
-                self._next_trade_id = trade_id + 1
-                taker.seq += 1
-                ev.append(Fill(taker.seq, ts, o.member, o.cl_ord_id, o.order_id, trade_id, symbol, taker_side,
-                               price, qty, o.leaves, "taker", fee))
-                maker.seq += 1
-                ev.append(Fill(maker.seq, ts, m.member, m.cl_ord_id, m.order_id, trade_id, symbol, maker_side,
-                               price, qty, m.leaves, "maker", fee))
-                ins.md_seq += 1
-                ev.append(Trade(symbol, ins.md_seq, trade_id, price, qty, taker_side, ts))
-                if not m.leaves:
+                m_cash = maker.cash[currency]
+                if taker_buys:  # the maker sells: allowances out, cash in
+                    m_hold.settled -= qty
+                    m_hold.reserved -= qty
+                    m_hold.sold += qty
+                    m_hold.received += value
+                    m_hold.fees += fee
+                    value -= fee
+                    m_cash.total += value
+                    m_cash.proceeds += value
+                else:  # the maker buys: pays, and its reservation shrinks to what its rest needs
+                    still = price * m_left
+                    still -= -still * fee_bp // 10_000
+                    m_cash.reserved -= m.reserved - still
+                    m.reserved = still
+                    m_hold.unsettled += qty
+                    m_hold.open_buy -= qty
+                    m_hold.bought += qty
+                    m_hold.paid += value
+                    m_hold.fees += fee
+                    m_cash.total -= value + fee
+                seq = taker.seq + 1
+                taker.seq = seq
+                append(Fill(seq, ts, t_member, t_cl, t_id, trade_id, symbol, taker_side, price, qty, left,
+                            "taker", fee))
+                seq = maker.seq + 1
+                maker.seq = seq
+                append(Fill(seq, ts, m_member, m.cl_ord_id, m.order_id, trade_id, symbol, maker_side, price, qty,
+                            m_left, "maker", fee))
+                md += 1
+                append(Trade(symbol, md, trade_id, price, qty, taker_side, ts))
+                trade_id += 1
+                if not m_left:
                     orders.popleft()
                     level.count -= 1
                     del maker.live[m.cl_ord_id]
                     if m.session:
                         self._cod[m.session].pop(m.order_id, None)
-                if not o.leaves:
+                if not left:
                     break
-            ins.md_seq += 1
-            ev.append(BookUpdate(symbol, ins.md_seq, maker_side, price, level.qty, level.count))
+            if traded:
+                level.qty -= traded
+                last_price = price
+                md += 1
+                append(BookUpdate(symbol, md, maker_side, price, level.qty, level.count))
+            elif level.count != count_before:  # only self-match cancels here; none at all changes nothing
+                md += 1
+                append(BookUpdate(symbol, md, maker_side, price, level.qty, level.count))
             if not level.count:
                 opp.drop_level(key)
             if reason is not None:
                 break
+        o.leaves = left
+        self._next_trade_id = trade_id
+        ins.md_seq = md
+        t_qty = start - left
+        if t_qty:
+            t_cash = taker.cash[currency]
+            t_hold = taker.holdings[symbol]
+            if taker_buys:
+                o_lim = o.price if o.price is not None else ins.upper
+                still = o_lim * left
+                still -= -still * fee_bp // 10_000
+                t_cash.reserved -= o.reserved - still
+                o.reserved = still
+                t_cash.total -= t_value + t_fee
+                t_hold.unsettled += t_qty
+                t_hold.open_buy -= t_qty
+                t_hold.bought += t_qty
+                t_hold.paid += t_value
+                t_hold.fees += t_fee
+            else:
+                t_hold.settled -= t_qty
+                t_hold.reserved -= t_qty
+                t_hold.sold += t_qty
+                t_hold.received += t_value
+                t_hold.fees += t_fee
+                t_cash.total += t_value - t_fee
+                t_cash.proceeds += t_value - t_fee
+            self._fees[currency].total += 2 * t_fee
+            ins.day_value += t_value
+            ins.day_qty += t_qty
+            ins.last_price = last_price
         return reason
 
     def _release(self, o: Order, ins: _Instrument, acct: Account) -> None:
@@ -478,7 +578,10 @@ class Engine:
         """Drop a finished order from the member's live orders and its session's list."""
         acct.live.pop(o.cl_ord_id, None)
         if o.session:
-            self._cod[o.session].pop(o.order_id, None)
+            # SessionEnded / Restarted have already taken the session's list away
+            orders = self._cod.get(o.session)
+            if orders is not None:
+                orders.pop(o.order_id, None)
 
     def _cancel_resting(self, o: Order, ev: list, ts: int, reason: str, cl: str | None = None) -> None:
         """Cancel a resting order: off the book, reservation released, reported."""
@@ -494,21 +597,54 @@ class Engine:
         ev.append(BookUpdate(ins.symbol, ins.md_seq, o.side, level.price, level.qty, level.count))
 
     def _cancel_order(self, cmd: CancelOrder, member: str, ts: int, session: int, throttled: bool) -> list:
+        # Hot path: _cancel_resting inlined (same effects, same events).
         acct = self._accounts[member]
-        ev: list = []
         cl = cmd.cl_ord_id
         orig = cmd.orig_cl_ord_id
+        used = acct.used_ids
+        live = acct.live
         if throttled:
-            acct.used_ids.add(cl)
-            return self._cancel_reject(ev, acct, ts, cl, orig, "throttled", "over the session's message rate")
-        if cl in acct.used_ids or cl in acct.live:
-            return self._cancel_reject(ev, acct, ts, cl, orig, "duplicate_cl_ord_id", f"cl_ord_id {cl!r} is already used")
-        acct.used_ids.add(cl)
-        o = acct.live.get(orig)
+            used.add(cl)
+            return self._cancel_reject([], acct, ts, cl, orig, "throttled", "over the session's message rate")
+        if cl in used or cl in live:
+            used.add(cl)  # a live order's id from a previous day: now used today too
+            return self._cancel_reject([], acct, ts, cl, orig, "duplicate_cl_ord_id", f"cl_ord_id {cl!r} is already used")
+        used.add(cl)
+        o = live.pop(orig, None)  # no longer live once cancelled
         if o is None:
-            return self._cancel_reject(ev, acct, ts, cl, orig, "unknown_order", f"no live order {orig!r}")
-        self._cancel_resting(o, ev, ts, "requested", cl)
-        return ev
+            return self._cancel_reject([], acct, ts, cl, orig, "unknown_order", f"no live order {orig!r}")
+        ins = self._instruments[o.instrument]
+        qty = o.leaves
+        side = o.side
+        if side == BUY:
+            acct.cash[ins.currency].reserved -= o.reserved
+            o.reserved = 0
+            acct.holdings[ins.symbol].open_buy -= qty
+            book = ins.bids
+            key = -o.price
+        else:
+            acct.holdings[ins.symbol].reserved -= qty
+            book = ins.asks
+            key = o.price
+        if o.session:
+            self._cod[o.session].pop(o.order_id, None)
+        level = book.levels[key]
+        level.qty -= qty
+        count = level.count - 1
+        level.count = count
+        o.leaves = 0
+        if count == 0:
+            book.drop_level(key)
+        else:
+            level.dead += 1
+            if level.dead > 16 and level.dead > count:
+                level.compact()
+        seq = acct.seq + 1
+        acct.seq = seq
+        md = ins.md_seq + 1
+        ins.md_seq = md
+        return [OrderCancelled(seq, ts, member, cl or orig, o.order_id, orig, qty, 0, "requested"),
+                BookUpdate(ins.symbol, md, side, level.price, level.qty, count)]
 
     def _replace_order(self, cmd: ReplaceOrder, member: str, ts: int, session: int, throttled: bool) -> list:
         acct = self._accounts[member]
@@ -520,6 +656,7 @@ class Engine:
             acct.used_ids.add(cl)
             return reject(ev, acct, ts, cl, "throttled", "over the session's message rate")
         if cl in acct.used_ids or cl in acct.live:
+            acct.used_ids.add(cl)  # a live order's id from a previous day: now used today too
             return reject(ev, acct, ts, cl, "duplicate_cl_ord_id", f"cl_ord_id {cl!r} is already used")
         acct.used_ids.add(cl)
         if acct.suspended:
@@ -570,6 +707,7 @@ class Engine:
             # keeps its place in the queue
             level = side.levels[side.sign * price]
             level.qty += leaves - o.leaves
+            changed = leaves != o.leaves
             o.leaves = leaves
             o.qty = qty
             o.reserved = need
@@ -577,12 +715,16 @@ class Engine:
             acct.live[cl] = o
             acct.seq += 1
             ev.append(OrderReplaced(acct.seq, ts, member, cl, o.order_id, old_cl, qty, price, leaves))
-            ins.md_seq += 1
-            ev.append(BookUpdate(ins.symbol, ins.md_seq, o.side, level.price, level.qty, level.count))
+            if changed:  # a replace to the same qty and price only renames the order
+                ins.md_seq += 1
+                ev.append(BookUpdate(ins.symbol, ins.md_seq, o.side, level.price, level.qty, level.count))
             return ev
         # loses priority: the old entry dies in place, a new one goes to the back (or trades)
         if o.session:
-            self._cod[o.session].pop(o.order_id, None)
+            # SessionEnded / Restarted have already taken the session's list away
+            orders = self._cod.get(o.session)
+            if orders is not None:
+                orders.pop(o.order_id, None)
         level = side.remove(o)
         ins.md_seq += 1
         ev_update = BookUpdate(ins.symbol, ins.md_seq, o.side, level.price, level.qty, level.count)
@@ -606,6 +748,7 @@ class Engine:
             acct.used_ids.add(cl)
             return self._cancel_reject(ev, acct, ts, cl, None, "throttled", "over the session's message rate")
         if cl in acct.used_ids or cl in acct.live:
+            acct.used_ids.add(cl)  # a live order's id from a previous day: now used today too
             return self._cancel_reject(ev, acct, ts, cl, None, "duplicate_cl_ord_id", f"cl_ord_id {cl!r} is already used")
         acct.used_ids.add(cl)
         if cmd.instrument is not None and cmd.instrument not in self._instruments:
@@ -625,20 +768,22 @@ class Engine:
 
     def _session_ended(self, cmd: SessionEnded, member: str, ts: int, session: int, throttled: bool) -> list:
         ev: list = []
-        orders = self._cod.pop(cmd.session, None)
+        orders = self._cod.get(cmd.session)
         if orders:
+            # cancelling drops each order from its session's list, so walk a copy
             for o in sorted(orders.values(), key=lambda o: o.order_id):
                 if o.leaves:
                     self._cancel_resting(o, ev, ts, "disconnect")
+        self._cod.pop(cmd.session, None)
         return ev
 
     def _restarted(self, cmd: Restarted, member: str, ts: int, session: int, throttled: bool) -> list:
         ev: list = []
         orders = [o for group in self._cod.values() for o in group.values()]
-        self._cod.clear()
         for o in sorted(orders, key=lambda o: o.order_id):
             if o.leaves:
                 self._cancel_resting(o, ev, ts, "disconnect")
+        self._cod.clear()
         return ev
 
     # -----------------------------------------------------------------------------------------
@@ -731,6 +876,11 @@ class Engine:
         amount = cmd.amount
         if cmd.asset in acct.cash:
             cash = acct.cash[cmd.asset]
+            if sign > 0:
+                # Buys spend withdrawable cash first, then today's proceeds, so unspent proceeds
+                # never exceed the cash held. Trades move total and proceeds together; clamping
+                # before a deposit raises total alone keeps the deposit withdrawable.
+                cash.proceeds = min(cash.proceeds, cash.total)
             if sign < 0 and amount > cash.withdrawable:
                 return [AdminRejected(request, "insufficient_funds",
                                       f"{cash.withdrawable} {cmd.asset} withdrawable, {amount} asked")]
@@ -899,9 +1049,13 @@ class Engine:
             if ins.bids.best != NO_PRICE and ins.asks.best != NO_PRICE and -ins.bids.best >= ins.asks.best:
                 fail(f"{ins.symbol}: crossed book {-ins.bids.best} >= {ins.asks.best}")
             for side, sign, name in ((ins.bids, -1, BUY), (ins.asks, 1, SELL)):
-                if list(side.keys) != sorted(side.levels):
-                    fail(f"{ins.symbol} {name}: price keys and levels disagree")
-                expected_best = side.keys[0] if side.keys else NO_PRICE
+                if len(side.heap) != len(side.in_heap) or set(side.heap) != side.in_heap:
+                    fail(f"{ins.symbol} {name}: price-key heap and its key set disagree")
+                if not side.in_heap.issuperset(side.levels):
+                    fail(f"{ins.symbol} {name}: a level's key is missing from the heap")
+                expected_best = min(side.levels) if side.levels else NO_PRICE
+                if side.heap and side.heap[0] != expected_best:
+                    fail(f"{ins.symbol} {name}: heap top {side.heap[0]} is not the best key {expected_best}")
                 if side.best != expected_best:
                     fail(f"{ins.symbol} {name}: cached best {side.best} != {expected_best}")
                 for key, level in side.levels.items():

@@ -1,0 +1,431 @@
+"""The gateway's core without IO: sessions, the ledger, and the outbox gated by durability.
+
+``Exchange`` takes bytes from connections (``data_received``), runs commands through the
+``Ledger`` and puts everything they cause (reports, market data, replies, errors, closes) into
+one outbox in journal order, tagged with the journal seq of the command. ``on_durable(seq)``
+releases the outbox up to that seq, so nothing leaves before its command is durable, and a
+session's replies stay in the order of its requests. Time is an argument; a connection is a
+``sink`` with ``write(bytes)``, ``close()`` (after flushing) and ``abort()``.
+
+Replay on logon is race-free because the loop is single-threaded: a member's reports up to
+``released[member]`` are read from the journal, later ones come from the outbox.
+"""
+
+from __future__ import annotations
+
+import hmac
+import logging
+import struct
+from time import monotonic
+from collections import deque
+from typing import Callable
+
+import engine as E
+from engine import hash_token
+
+from ._metrics import Stats
+from ._session import Session, State, TokenBucket
+from ._wire import (
+    Error, Heartbeat, LogonAccepted, LogonRejected, LogoutAccepted, Subscribe, Unsubscribe,
+    encode, frame,
+)
+
+__all__ = ["Exchange", "log_event"]
+
+log = logging.getLogger("kaboni")
+
+REPORT_TYPES = frozenset((E.OrderAccepted, E.OrderRejected, E.Fill, E.OrderCancelled, E.OrderReplaced,
+                          E.CancelRejected, E.MassCancelDone))
+MARKET_TYPES = frozenset((E.BookUpdate, E.Trade, E.InstrumentStatus))
+REPLY_TYPES = frozenset((E.AdminAck, E.AdminRejected, E.Balances))
+_OrderRejected, _CancelRejected, _Trade = E.OrderRejected, E.CancelRejected, E.Trade
+_hdr = struct.Struct(">I").pack
+ORDER_TYPES = frozenset(E.ORDER_COMMANDS)
+ORDER_NAMES = frozenset(c.__name__ for c in E.ORDER_COMMANDS)
+OPERATOR_TYPES = frozenset(E.OPERATOR_COMMANDS)
+_HEARTBEAT = frame(encode(Heartbeat()))
+_LOGOUT_ACCEPTED = frame(encode(LogoutAccepted()))
+_DUMMY_HASH = hash_token("\x00no such member\x00")
+
+# outbox delivery kinds
+_REPORT, _SESSION, _MARKET, _CLOSE = range(4)
+
+
+def log_event(event: str, **fields) -> None:
+    """One structured line: ``event=<name> key=value ...`` (values with spaces quoted)."""
+    parts = [f"event={event}"]
+    for k, v in fields.items():
+        v = str(v)
+        parts.append(f'{k}="{v}"' if (" " in v or not v) else f"{k}={v}")
+    log.info(" ".join(parts))
+
+
+def _error(reason: str, text: str) -> bytes:
+    return frame(encode(Error(reason, text)))
+
+
+class Exchange:
+    """All sessions of one server around one ``Ledger``; see the module docstring."""
+
+    def __init__(self, config: E.ExchangeConfig, ledger, *, clock_ns: Callable[[], int],
+                 stats: Stats | None = None) -> None:
+        self.config = config
+        self.ledger = ledger
+        self.engine = ledger.engine
+        self.clock_ns = clock_ns                 # wall-clock ts for commands (ns since epoch)
+        self.stats = stats or Stats()
+        gw = config.gateway
+        self.max_frame = gw.max_frame
+        self.max_sessions = gw.max_sessions_per_member
+        self.rate = gw.max_msgs_per_s
+        self.logon_timeout = gw.logon_timeout_s
+        self.credentials = {m.id: (m.token_sha256, m.role) for m in config.members}
+        self.currency = {i.symbol: i.currency for i in config.instruments}
+        self.sessions: set[Session] = set()
+        self.by_member: dict[str, list[Session]] = {}
+        self.subscribers: dict[str, tuple[Session, ...]] = {s: () for s in self.engine.instruments}
+        self.released = {m: self.engine.last_seq(m) for m in self.engine.members}
+        self.outbox: deque = deque()  # (journal seq, kind, target, a, frame bytes, receive time or None)
+        self.next_sid = 1
+        self.draining = False
+        self.failed: BaseException | None = None
+
+    # -----------------------------------------------------------------------------------------
+    # Connections
+
+    def connect(self, sink, now: float) -> Session:
+        session = Session(self.next_sid, self.max_frame, now)
+        self.next_sid += 1
+        session.sink = sink
+        self.sessions.add(session)
+        return session
+
+    def data_received(self, session: Session, data: bytes, now: float) -> None:
+        if self.draining:
+            return
+        try:
+            self._data_received(session, data, now)
+        except Exception as exc:  # noqa: BLE001 - a bug or a failed journal: this connection goes, the server stays
+            log.exception("event=internal_error member=%s session=%d error=%r", session.member or "-", session.sid, exc)
+            session.sink.abort()
+        self.release(self.ledger.durable_seq)
+
+    def _data_received(self, session: Session, data: bytes, now: float) -> None:
+        actions = session.receive_data(data, now)
+        while actions:
+            for action, value in actions:
+                if action == "message":
+                    self._message(session, value, now)
+                elif action == "logon":
+                    self._logon(session, value, now)
+                elif action == "error":
+                    reason, text, msg_type = value
+                    self._to_session(session, _error(reason, text))
+                    if msg_type in ORDER_NAMES and self.stats.enabled:
+                        self.stats.invalid[msg_type] += 1
+                elif action == "close":
+                    reason, text, _ = value
+                    self._to_session(session, _error(reason, text))
+                    session.cause = "framing_error" if reason == "bad_frame" else "client_close"
+                    self._close_after_flush(session)
+                elif action == "logout":
+                    self._end_session(session, now)
+                    session.cause = "logout"
+                    self._to_session(session, _LOGOUT_ACCEPTED)
+                    self._close_after_flush(session)
+            # frames that arrived with a Logon wait for its decision
+            actions = session.receive_data(b"", now) if session.pending else None
+
+    def connection_lost(self, session: Session, cause: str, now: float) -> None:
+        """The connection ended for any reason; clean up once and cancel its orders if asked."""
+        was_active = session.state is State.ACTIVE or (session.state is State.CLOSING and session.member)
+        if not session.closed(cause):
+            return
+        self.sessions.discard(session)
+        if session.member:
+            group = self.by_member.get(session.member)
+            if group and session in group:
+                group.remove(session)
+        if session.subscriptions:
+            for sym in session.subscriptions:
+                self.subscribers[sym] = tuple(s for s in self.subscribers[sym] if s is not session)
+        if was_active and session.member:
+            self._end_session(session, now)
+            log_event("logoff", member=session.member, session=session.sid, cause=session.cause)
+        self.stats.disconnects[session.cause] += 1
+        self.release(self.ledger.durable_seq)
+
+    def _end_session(self, session: Session, now: float) -> None:
+        """SessionEnded for a cancel-on-disconnect session that entered orders (once)."""
+        if session.cancel_on_disconnect and session.entered_orders and self.failed is None:
+            session.entered_orders = False
+            self._execute(E.SessionEnded(session.sid), "", None, now)
+
+    def tick(self, now: float) -> None:
+        """Logon timeouts, heartbeats and heartbeat timeouts; the server calls this often."""
+        for s in list(self.sessions):
+            state = s.state
+            if state is State.ACTIVE:
+                hb = s.heartbeat_s
+                if now - s.last_rx > 3 * hb:
+                    s.cause = "heartbeat_timeout"
+                    log_event("heartbeat_timeout", member=s.member, session=s.sid)
+                    s.sink.abort()
+                elif now - s.last_tx >= hb:
+                    s.last_tx = now
+                    s.sink.write(_HEARTBEAT)
+            elif state is State.AWAIT_LOGON and now - s.opened > self.logon_timeout:
+                s.state = State.CLOSING
+                s.cause = "logon_timeout"
+                s.sink.write(_error("not_logged_on", f"no Logon within {self.logon_timeout:g} s"))
+                s.sink.close()
+
+    def session_counts(self) -> dict[str, int]:
+        counts: dict[str, int] = {}
+        for group in self.by_member.values():
+            for s in group:
+                counts[s.role] = counts.get(s.role, 0) + 1
+        return counts
+
+    # -----------------------------------------------------------------------------------------
+    # Logon
+
+    def _logon(self, session: Session, logon, now: float) -> None:
+        member = logon.member
+        stored, role = self.credentials.get(member, (_DUMMY_HASH, ""))
+        ok = hmac.compare_digest(hash_token(logon.token), stored) and role != ""
+        reject = None
+        if not ok:
+            reject = ("bad_credentials", "unknown member or wrong token")
+        else:
+            group = self.by_member.setdefault(member, [])
+            last = self.engine.last_seq(member) if role == "member" else 0
+            if len(group) >= self.max_sessions:
+                reject = ("already_logged_on", f"{member} already has {len(group)} sessions")
+            elif logon.resume_from is not None and not 0 <= logon.resume_from <= last:
+                reject = ("invalid_resume", f"resume_from {logon.resume_from} is outside 0..{last}")
+        if reject is not None:
+            session.reject()
+            session.cause = "client_close"
+            session.sink.write(frame(encode(LogonRejected(*reject))))
+            session.sink.close()
+            log_event("logon_rejected", member=member, reason=reject[0])
+            return
+        session.accept()
+        session.member = member
+        session.role = role
+        session.cancel_on_disconnect = logon.cancel_on_disconnect
+        session.heartbeat_s = logon.heartbeat_s
+        session.bucket = TokenBucket(self.rate, now)
+        next_seq = last + 1
+        session.last_tx = now
+        session.sink.write(frame(encode(LogonAccepted(member, role, next_seq, logon.heartbeat_s,
+                                                      self.engine.trading_day))))
+        if logon.resume_from is not None:
+            k = logon.resume_from
+            session.min_seq = k + 1
+            released = self.released.get(member, 0)
+            if k < released:
+                write = session.sink.write
+                for body in self.ledger.reports(member, k, released):
+                    write(frame(body))
+                session.min_seq = released + 1
+        else:
+            session.min_seq = next_seq
+        group.append(session)
+        log_event("logon", member=member, role=role, session=session.sid, next_seq=next_seq,
+                  resume_from=logon.resume_from if logon.resume_from is not None else "none",
+                  cancel_on_disconnect=logon.cancel_on_disconnect)
+
+    # -----------------------------------------------------------------------------------------
+    # Messages of a logged-on session
+
+    def _message(self, session: Session, msg, now: float) -> None:
+        cls = type(msg)
+        if cls in ORDER_TYPES:
+            if session.role != "member":
+                self._to_session(session, _error("not_authorized", "operators cannot enter orders"))
+                return
+            throttled = not session.bucket.take(now)
+            if throttled:
+                self.stats.throttled += 1
+            session.entered_orders = True
+            self._execute(msg, session.member, session, now,
+                          session.sid if session.cancel_on_disconnect else 0, throttled)
+        elif cls is Heartbeat:
+            pass
+        elif cls in OPERATOR_TYPES:
+            if session.role != "operator":
+                self._to_session(session, _error("not_authorized", f"{cls.__name__} is for operators only"))
+                return
+            self._operator(session, msg, now)
+        elif cls is E.QueryBalances:
+            if session.role != "member":
+                self._to_session(session, _error("not_authorized", "operators have no accounts"))
+                return
+            self._to_session(session, frame(encode(self.engine.balances(session.member))))
+        elif cls is Subscribe:
+            self._subscribe(session, msg)
+        elif cls is Unsubscribe:
+            unknown = [s for s in msg.instruments if s not in self.subscribers]
+            if unknown:
+                self._to_session(session, _error("invalid_message", f"instruments: unknown instrument {unknown[0]!r}"))
+                return
+            for sym in msg.instruments:
+                if sym in session.subscriptions:
+                    session.subscriptions.discard(sym)
+                    self.subscribers[sym] = tuple(s for s in self.subscribers[sym] if s is not session)
+        else:  # pragma: no cover - the decoder's union and this dispatch must agree
+            raise AssertionError(f"no handler for {cls.__name__}")
+
+    def _subscribe(self, session: Session, msg: Subscribe) -> None:
+        unknown = [s for s in msg.instruments if s not in self.subscribers]
+        if unknown:
+            self._to_session(session, _error("invalid_message", f"instruments: unknown instrument {unknown[0]!r}"))
+            return
+        for sym in msg.instruments:
+            # The snapshot waits behind the commands already run; events after it follow it.
+            self._to_session(session, frame(encode(self.engine.book_snapshot(sym, msg.depth))))
+            if sym not in session.subscriptions:
+                session.subscriptions.add(sym)
+                self.subscribers[sym] = self.subscribers[sym] + (session,)
+
+    def _operator(self, session: Session, msg, now: float) -> None:
+        events = self._execute(msg, session.member, session, now)
+        cls = type(msg)
+        fields = {f: getattr(msg, f) for f in msg.__struct_fields__}
+        for ev in events:
+            t = type(ev)
+            if t is E.DayEnded:
+                log_event("end_of_day", trading_day=ev.trading_day, next_trading_day=ev.next_trading_day,
+                          operator=session.member)
+            elif t is E.AdminAck and cls in (E.Halt, E.Resume, E.SuspendMember, E.ReinstateMember,
+                                               E.OpenMarket, E.CloseMarket):
+                log_event(cls.__name__.lower(), operator=session.member, **fields)
+
+    # -----------------------------------------------------------------------------------------
+    # Running commands and the outbox
+
+    def _execute(self, cmd, member: str, session: Session | None, now: float, sid: int = 0,
+                 throttled: bool = False) -> list:
+        ts = self.clock_ns()
+        seq, events, reports = self.ledger.execute(cmd, member, ts, sid, throttled)
+        out = self.outbox
+        rep = iter(reports)
+        stats = self.stats
+        cls = type(cmd)
+        # The first report of an order-entry request decides its outcome and carries the
+        # receive time for the order-to-report latency; counting costs a few dict operations.
+        first = stats.enabled and cls in ORDER_TYPES
+        for ev in events:
+            t = type(ev)
+            if t in REPORT_TYPES:
+                m, body = next(rep)
+                if first:
+                    first = False
+                    out.append((seq, _REPORT, m, ev.seq, _hdr(len(body)) + body, now))
+                    stats.received[cls] += 1
+                    if t is _OrderRejected or t is _CancelRejected:
+                        stats.rejected[cls] += 1
+                        stats.rejects[ev.reason] += 1
+                else:
+                    out.append((seq, _REPORT, m, ev.seq, _hdr(len(body)) + body, None))
+            elif t in MARKET_TYPES:
+                sym = ev.instrument
+                subs = self.subscribers[sym]
+                if subs:
+                    body = encode(ev)
+                    out.append((seq, _MARKET, subs, sym, _hdr(len(body)) + body, None))
+                if t is _Trade and stats.enabled:
+                    acc = stats.trades[sym]
+                    acc[0] += 1
+                    acc[1] += ev.qty
+                    acc[2] += ev.qty * ev.price
+            elif t in REPLY_TYPES:
+                if session is not None:
+                    out.append((seq, _SESSION, session, None, frame(encode(ev)), None))
+        return events
+
+    def _to_session(self, session: Session, data: bytes) -> None:
+        """Queue a reply behind everything already queued (so it cannot overtake)."""
+        self.outbox.append((self.ledger.last_seq, _SESSION, session, None, data, None))
+
+    def _close_after_flush(self, session: Session) -> None:
+        self.outbox.append((self.ledger.last_seq, _CLOSE, session, None, None, None))
+
+    def on_durable(self, seq: int) -> None:
+        """The journal made everything up to ``seq`` durable (called on the loop's thread)."""
+        self.release(seq)
+
+    def release(self, durable: int) -> None:
+        """Send everything queued up to journal seq ``durable``: one write per session."""
+        out = self.outbox
+        if not out or out[0][0] > durable:
+            return
+        by_member = self.by_member
+        released = self.released
+        latency = self.stats.latencies.append
+        now = monotonic()
+        closed = State.CLOSED
+        batches: dict[Session, list[bytes]] = {}
+        get = batches.get
+        while out and out[0][0] <= durable:
+            _, kind, target, a, data, t0 = out.popleft()
+            if kind == _REPORT:
+                released[target] = a
+                if t0 is not None:
+                    latency(now - t0)
+                group = by_member.get(target)
+                if group:
+                    for s in group:
+                        if a >= s.min_seq and s.state is not closed:
+                            b = get(s)
+                            if b is None:
+                                batches[s] = [data]
+                            else:
+                                b.append(data)
+            elif kind == _MARKET:
+                for s in target:
+                    if a in s.subscriptions and s.state is not closed:
+                        b = get(s)
+                        if b is None:
+                            batches[s] = [data]
+                        else:
+                            b.append(data)
+            elif kind == _SESSION:
+                if target.state is not closed:
+                    b = get(target)
+                    if b is None:
+                        batches[target] = [data]
+                    else:
+                        b.append(data)
+            else:  # _CLOSE
+                b = batches.pop(target, None)
+                if b:
+                    target.sink.write(b"".join(b))
+                if target.state is not closed:
+                    target.state = State.CLOSING
+                    target.sink.close()
+        for s, frames in batches.items():
+            s.last_tx = now
+            s.sink.write(frames[0] if len(frames) == 1 else b"".join(frames))
+        if len(self.stats.latencies) > 65_536:
+            self.stats.order_to_report  # fold into the histogram (normally done at scrape time)
+
+    # -----------------------------------------------------------------------------------------
+    # Shutdown
+
+    def drain(self, now: float) -> None:
+        """Stop taking input; end every session (cancel-on-disconnect applies), say goodbye."""
+        self.draining = True
+        for s in list(self.sessions):
+            if s.state is State.ACTIVE:
+                self._end_session(s, now)
+                s.cause = "shutdown"
+                self._to_session(s, _LOGOUT_ACCEPTED)
+                self._close_after_flush(s)
+            elif s.state is State.AWAIT_LOGON:
+                s.cause = "shutdown"
+                s.state = State.CLOSING
+                s.sink.close()
+        self.release(self.ledger.durable_seq)

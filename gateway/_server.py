@@ -1,0 +1,296 @@
+"""The asyncio shell around ``Exchange``: a thin Protocol per connection, uvloop, signals.
+
+The journal's writer thread reports durability with ``loop.call_soon_threadsafe``; the loop
+releases the outbox. A ``FlowControl`` per connection bounds what a slow reader can make us
+buffer: past ``max_outbound_bytes`` the transport asks us to pause writing, and we disconnect
+that client instead (its cancel-on-disconnect applies). SIGTERM / SIGINT drain in stages with
+time limits: stop accepting, end the sessions, let the journal make everything durable, flush
+the goodbyes, close the journal.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as _dt
+import gc
+import sys
+import logging
+import signal
+import ssl
+import time
+from pathlib import Path
+
+from engine import Restarted
+
+from ._exchange import Exchange, log_event
+from ._metrics import Stats, start_metrics_server
+
+__all__ = ["Server", "run", "FlowControl"]
+
+
+class FlowControl:
+    """Write-side flow control of one transport (uvicorn style), in one place.
+
+    The transport's high-water mark is the configured bound; crossing it means the peer is not
+    reading, so instead of pausing the engine we report a slow consumer.
+    """
+
+    __slots__ = ("transport", "on_slow", "write_paused")
+
+    def __init__(self, transport, limit: int, on_slow) -> None:
+        self.transport = transport
+        self.on_slow = on_slow
+        self.write_paused = False
+        transport.set_write_buffer_limits(high=limit, low=limit // 2)
+
+    def pause_writing(self) -> None:
+        if not self.write_paused:
+            self.write_paused = True
+            self.on_slow()
+
+    def resume_writing(self) -> None:
+        self.write_paused = False
+
+
+class Connection(asyncio.Protocol):
+    """One TCP (or TLS) connection: bytes to the exchange, frames to the socket."""
+
+    __slots__ = ("server", "exchange", "transport", "session", "flow", "closing")
+
+    def __init__(self, server: "Server") -> None:
+        self.server = server
+        self.exchange = server.exchange
+        self.transport = None
+        self.session = None
+        self.flow = None
+        self.closing = False
+
+    # asyncio.Protocol -----------------------------------------------------------------------
+    def connection_made(self, transport) -> None:
+        self.transport = transport
+        self.flow = FlowControl(transport, self.server.config.gateway.max_outbound_bytes, self._slow)
+        self.session = self.exchange.connect(self, time.monotonic())
+
+    def data_received(self, data: bytes) -> None:
+        if not self.closing:
+            self.exchange.data_received(self.session, data, time.monotonic())
+
+    def eof_received(self):
+        return False  # close our side too
+
+    def connection_lost(self, exc) -> None:
+        self.closing = True
+        self.exchange.connection_lost(self.session, "client_close", time.monotonic())
+
+    def pause_writing(self) -> None:
+        self.flow.pause_writing()
+
+    def resume_writing(self) -> None:
+        self.flow.resume_writing()
+
+    # the sink the exchange writes to ----------------------------------------------------------
+    def write(self, data: bytes) -> None:
+        if not self.closing:
+            self.transport.write(data)
+
+    def close(self) -> None:
+        if not self.closing:
+            self.closing = True
+            self.transport.close()
+
+    def abort(self) -> None:
+        if not self.closing:
+            self.closing = True
+            self.transport.abort()
+
+    def _slow(self) -> None:
+        session = self.session
+        session.cause = "slow_consumer"
+        log_event("slow_consumer", member=session.member or "-", session=session.sid,
+                  buffered=self.transport.get_write_buffer_size())
+        self.abort()
+
+
+class Server:
+    """Owns the ledger, the exchange core, the listening socket and the metrics endpoint."""
+
+    def __init__(self, config, data_dir, *, host=None, port=None, metrics_port=None,
+                 ledger_factory=None, metrics: bool = True, stats_enabled: bool = True) -> None:
+        self.config = config
+        gw = config.gateway
+        self.data_dir = Path(data_dir if data_dir is not None else gw.data_dir)
+        self.host = host or gw.host
+        self.port = gw.port if port is None else port
+        self.metrics_port = gw.metrics_port if metrics_port is None else metrics_port
+        self.metrics = metrics
+        self.stats_enabled = stats_enabled
+        if ledger_factory is None:
+            from engine.journal import Ledger
+
+            ledger_factory = Ledger.open
+        self.ledger_factory = ledger_factory
+        self.exchange: Exchange | None = None
+        self.loop = None
+        self.stopping: asyncio.Event | None = None
+        self.exit_code = 0
+        self.started = None  # threading.Event set once listening (for in-process tests)
+        self.metrics_port_bound = None
+        self.errors: list[dict] = []  # exceptions that reached the loop (a bug; logged)
+
+    # -----------------------------------------------------------------------------------------
+    def _on_durable(self, seq: int) -> None:
+        try:
+            self.loop.call_soon_threadsafe(self._durable, seq)
+        except RuntimeError:
+            pass  # loop closed during shutdown; the final flush releases nothing more
+
+    def _durable(self, seq: int) -> None:
+        if self.exchange is not None:
+            self.exchange.on_durable(seq)
+
+    def _on_error(self, exc: BaseException) -> None:
+        def fail() -> None:
+            logging.getLogger("kaboni").error("event=journal_failed error=%r", exc)
+            if self.exchange is not None:
+                self.exchange.failed = exc
+                self.exchange.draining = True
+            self.exit_code = 1
+            self.stopping.set()
+
+        try:
+            self.loop.call_soon_threadsafe(fail)
+        except RuntimeError:
+            pass
+
+    def _loop_error(self, loop, context) -> None:
+        self.errors.append(context)
+        logging.getLogger("kaboni").error("event=internal_error message=%r exception=%r",
+                                          context.get("message"), context.get("exception"))
+
+    def _run_in_loop(self, fn):
+        """Run ``fn`` on the loop thread and wait (the metrics thread reads engine state so)."""
+        fut = asyncio.run_coroutine_threadsafe(self._call(fn), self.loop)
+        return fut.result(timeout=10)
+
+    async def _call(self, fn):
+        return fn()
+
+    def _ssl_context(self):
+        gw = self.config.gateway
+        if not gw.tls_cert:
+            return None
+        ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        ctx.load_cert_chain(gw.tls_cert, gw.tls_key)
+        return ctx
+
+    async def run(self) -> int:
+        self.loop = loop = asyncio.get_running_loop()
+        self.stopping = asyncio.Event()
+        loop.set_exception_handler(self._loop_error)
+        gw = self.config.gateway
+        today = _dt.datetime.now(_dt.timezone.utc).date().isoformat()
+        try:
+            ledger = self.ledger_factory(
+                self.config, self.data_dir, durability=gw.durability, today=today,
+                snapshot_every=gw.snapshot_every, on_durable=self._on_durable, on_error=self._on_error,
+            )
+        except Exception as exc:  # noqa: BLE001 - a journal we cannot open: say so, exit non-zero
+            logging.getLogger("kaboni").error('event=journal_open_failed data_dir=%s error="%s"', self.data_dir, exc)
+            return 1
+        exchange = self.exchange = Exchange(self.config, ledger, clock_ns=time.time_ns,
+                                            stats=Stats(self.stats_enabled))
+        if ledger.recovered:
+            log_event("journal_recovered", data_dir=self.data_dir, last_seq=ledger.last_seq,
+                      trading_day=ledger.engine.trading_day)
+            # Every connection ended with the old process: cancel-on-disconnect orders go now.
+            exchange._execute(Restarted(), "", None, time.monotonic())
+            exchange.release(ledger.durable_seq)
+        metrics_server = None
+        if self.metrics:
+            metrics_server = start_metrics_server(exchange, self.metrics_port, self.host, self._run_in_loop)
+            self.metrics_port_bound = metrics_server[0].server_port
+        server = await loop.create_server(lambda: Connection(self), self.host, self.port,
+                                          ssl=self._ssl_context(), backlog=4096, reuse_address=True)
+        self.port = server.sockets[0].getsockname()[1]
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            try:
+                loop.add_signal_handler(sig, self.stopping.set)
+            except (NotImplementedError, RuntimeError, ValueError):
+                pass  # not the main thread (tests run servers in threads)
+        ticker = loop.create_task(self._ticker())
+        # Start-up objects (config, books, accounts, the journal's index) never become garbage:
+        # freeze them so collections only scan what the order path allocates.
+        gc.collect()
+        gc.freeze()
+        # The journal's writer thread needs the GIL twice per batch (to write, and to report the
+        # fsync); with the default 5 ms switch interval a busy loop delays it by up to that.
+        sys.setswitchinterval(0.0005)
+        log_event("start", host=self.host, port=self.port, metrics_port=self.metrics_port if self.metrics else "off",
+                  data_dir=self.data_dir, trading_day=ledger.engine.trading_day, recovered=ledger.recovered,
+                  tls=bool(gw.tls_cert), members=len(ledger.engine.members))
+        if self.started is not None:
+            self.started.set()
+        await self.stopping.wait()
+        # Drain in stages, each with a time limit.
+        log_event("stopping", reason="journal_error" if exchange.failed else "signal")
+        server.close()
+        ticker.cancel()
+        if exchange.failed is None:
+            exchange.drain(time.monotonic())
+            deadline = loop.time() + 10
+            while exchange.outbox and loop.time() < deadline:
+                await asyncio.sleep(0.005)
+        else:
+            for s in list(exchange.sessions):
+                s.cause = "shutdown"
+                s.sink.abort()
+        deadline = loop.time() + 5
+        while exchange.sessions and loop.time() < deadline:
+            await asyncio.sleep(0.005)
+        for s in list(exchange.sessions):
+            s.sink.abort()
+        await asyncio.sleep(0)
+        try:
+            ledger.close()
+        except Exception as exc:  # noqa: BLE001 - a failed final flush must not hide the exit code
+            logging.getLogger("kaboni").error("event=journal_close_failed error=%r", exc)
+            self.exit_code = 1
+        if metrics_server is not None:
+            try:
+                metrics_server[0].shutdown()
+            except Exception:  # noqa: BLE001
+                pass
+        log_event("stopped", exit_code=self.exit_code, last_seq=ledger.last_seq)
+        return self.exit_code
+
+    def stop(self) -> None:
+        """Ask a running server to drain and stop (from any thread)."""
+        self.loop.call_soon_threadsafe(self.stopping.set)
+
+    async def _ticker(self) -> None:
+        ex = self.exchange
+        while True:
+            await asyncio.sleep(0.25)
+            try:
+                ex.tick(time.monotonic())
+            except Exception:  # noqa: BLE001 - a bug here must not stop heartbeats for good
+                logging.getLogger("kaboni").exception("event=internal_error where=tick")
+
+
+def setup_logging(level: int = logging.INFO) -> None:
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("ts=%(asctime)s level=%(levelname)s %(message)s"))
+    root = logging.getLogger("kaboni")
+    if not root.handlers:
+        root.addHandler(handler)
+    root.setLevel(level)
+    root.propagate = False
+
+
+def run(config, data_dir=None, **kwargs) -> int:
+    """Run a server until SIGTERM/SIGINT (or a journal failure); return the exit code."""
+    import uvloop
+
+    setup_logging()
+    server = Server(config, data_dir, **kwargs)
+    return uvloop.run(server.run())

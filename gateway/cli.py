@@ -1,0 +1,260 @@
+"""``kaboni``: run the exchange and talk to it from a shell.
+
+    kaboni serve --demo                       # demo market on 7001, metrics on 9101
+    kaboni serve --config ex.toml --data-dir /var/lib/kaboni --port 7001 --metrics-port 9101
+    kaboni order --member M01 --token M01-token CEA25 buy 100 9250
+    kaboni cancel --member M01 --token M01-token o-123
+    kaboni book CEA25              kaboni balances --member M01 --token M01-token
+    kaboni tail --member M01 --token M01-token --resume-from 0
+    kaboni admin --member ops --token ops-token Halt instrument=CEA25
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import importlib
+import json
+import os
+import sys
+import time
+
+__all__ = ["main"]
+
+
+def _connection_args(p: argparse.ArgumentParser, *, member: str | None = None, token: str | None = None) -> None:
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=7001)
+    p.add_argument("--member", default=member or os.environ.get("KABONI_MEMBER", "M01"))
+    p.add_argument("--token", default=token or os.environ.get("KABONI_TOKEN"),
+                   help="logon token (default: $KABONI_TOKEN, else '<member>-token' as in the demo)")
+    p.add_argument("--tls", action="store_true", help="connect with TLS")
+    p.add_argument("--cafile", help="CA certificate to trust (TLS)")
+    p.add_argument("--timeout", type=float, default=10.0)
+
+
+def _print(msg: dict) -> None:
+    print(json.dumps(msg, separators=(",", ":")), flush=True)
+
+
+async def _client(args, **logon):
+    from .client import Client
+
+    ssl = None
+    if args.tls:
+        import ssl as _ssl
+
+        ssl = _ssl.create_default_context(cafile=args.cafile)
+        ssl.check_hostname = False
+    client = await Client.connect(args.host, args.port, ssl=ssl)
+    token = args.token or f"{args.member}-token"
+    await client.logon(args.member, token, **logon)
+    return client
+
+
+async def _order(args) -> int:
+    from engine import NewOrder
+
+    client = await _client(args)
+    cl = args.cl_ord_id or f"cli-{time.time_ns()}"
+    price = None if args.price in ("market", "mkt") else int(args.price)
+    kwargs = {"tif": args.tif} if args.tif else {}
+    await client.send(NewOrder(cl, args.instrument, args.side, args.qty, price, stp=args.stp, **kwargs))
+    code = await _follow_order(client, cl, args.timeout)
+    await client.logout()
+    return code
+
+
+async def _follow_order(client, cl: str, timeout: float) -> int:
+    """Print the reports of one request until it is done (rejected, or nothing more soon)."""
+    code = 0
+    first = await client.next_report(timeout)
+    _print(first)
+    if first["type"] in ("OrderRejected", "CancelRejected"):
+        return 1
+    while True:
+        try:
+            _print(await client.next_report(0.3))
+        except asyncio.TimeoutError:
+            return code
+
+
+async def _cancel(args) -> int:
+    from engine import CancelOrder, MassCancel
+
+    client = await _client(args)
+    cl = args.cl_ord_id or f"cli-{time.time_ns()}"
+    if args.all:
+        await client.send(MassCancel(cl, args.instrument, args.side))
+    else:
+        await client.send(CancelOrder(cl, args.orig_cl_ord_id))
+    code = await _follow_order(client, cl, args.timeout)
+    await client.logout()
+    return code
+
+
+async def _book(args) -> int:
+    client = await _client(args)
+    await client.subscribe([args.instrument], args.depth)
+    while True:
+        try:
+            msg = await client.next_market(args.timeout)
+        except asyncio.TimeoutError:
+            break
+        _print(msg)
+        if not args.follow:
+            break
+    await client.logout()
+    return 0
+
+
+async def _balances(args) -> int:
+    from engine import QueryBalances
+
+    client = await _client(args)
+    reply = await client.request(QueryBalances(), args.timeout)
+    _print(reply)
+    await client.logout()
+    return 0 if reply["type"] == "Balances" else 1
+
+
+async def _tail(args) -> int:
+    client = await _client(args, resume_from=args.resume_from)
+    print(f"# logged on as {args.member}: next_seq={client.logon_reply['next_seq']}", file=sys.stderr)
+    try:
+        while True:
+            try:
+                _print(await client.next_report(args.idle if args.idle else 3600))
+            except asyncio.TimeoutError:
+                if args.idle:
+                    break
+    finally:
+        await client.close()
+    return 0
+
+
+def _parse_value(v: str):
+    if v.lower() in ("true", "false"):
+        return v.lower() == "true"
+    try:
+        return int(v)
+    except ValueError:
+        return v
+
+
+async def _admin(args) -> int:
+    client = await _client(args)
+    msg = {"type": args.request}
+    for kv in args.fields:
+        k, _, v = kv.partition("=")
+        msg[k] = _parse_value(v)
+    reply = await client.request(msg, args.timeout)
+    _print(reply)
+    await client.logout()
+    return 0 if reply["type"] == "AdminAck" else 1
+
+
+def _serve(args) -> int:
+    from engine import ConfigError, demo_config, load_config
+
+    from ._server import run
+
+    if args.demo == bool(args.config):
+        print("kaboni serve: give exactly one of --demo or --config FILE", file=sys.stderr)
+        return 2
+    try:
+        config = demo_config() if args.demo else load_config(args.config)
+    except ConfigError as exc:
+        print(f"kaboni serve: {exc}", file=sys.stderr)
+        return 2
+    return run(config, args.data_dir, host=args.host, port=args.port, metrics_port=args.metrics_port,
+               metrics=not args.no_metrics, stats_enabled=not args.no_stats)
+
+
+def _build() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="kaboni", description="Kaboni carbon allowance exchange")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("serve", help="run the exchange (gateway, engine and journal)")
+    p.add_argument("--config", help="exchange configuration (TOML)")
+    p.add_argument("--demo", action="store_true", help="run the embedded demo market")
+    p.add_argument("--data-dir", help="journal and snapshots (default: the config's gateway.data_dir)")
+    p.add_argument("--host")
+    p.add_argument("--port", type=int)
+    p.add_argument("--metrics-port", type=int)
+    p.add_argument("--no-metrics", action="store_true", help="do not serve /metrics")
+    p.add_argument("--no-stats", action="store_true", help="skip the order-path counters (benchmarking)")
+    p.set_defaults(func=_serve)
+
+    p = sub.add_parser("order", help="enter one order and print its reports")
+    _connection_args(p)
+    p.add_argument("instrument")
+    p.add_argument("side", choices=["buy", "sell"])
+    p.add_argument("qty", type=int)
+    p.add_argument("price", help="integer minor units, or 'market'")
+    p.add_argument("--tif", choices=["day", "gtc", "ioc", "fok"])
+    p.add_argument("--stp", default="cancel_incoming", choices=["cancel_incoming", "cancel_resting", "cancel_both"])
+    p.add_argument("--cl-ord-id")
+    p.set_defaults(func=lambda a: asyncio.run(_order(a)))
+
+    p = sub.add_parser("cancel", help="cancel an order (or --all: mass cancel)")
+    _connection_args(p)
+    p.add_argument("orig_cl_ord_id", nargs="?")
+    p.add_argument("--all", action="store_true")
+    p.add_argument("--instrument")
+    p.add_argument("--side", choices=["buy", "sell"])
+    p.add_argument("--cl-ord-id")
+    p.set_defaults(func=lambda a: asyncio.run(_cancel(a)))
+
+    p = sub.add_parser("book", help="print an instrument's book snapshot (--follow: and updates)")
+    _connection_args(p)
+    p.add_argument("instrument")
+    p.add_argument("--depth", type=int, default=10)
+    p.add_argument("--follow", action="store_true")
+    p.set_defaults(func=lambda a: asyncio.run(_book(a)))
+
+    p = sub.add_parser("balances", help="print a member's balances")
+    _connection_args(p)
+    p.set_defaults(func=lambda a: asyncio.run(_balances(a)))
+
+    p = sub.add_parser("tail", help="follow a member's reports")
+    _connection_args(p)
+    p.add_argument("--resume-from", type=int, default=None)
+    p.add_argument("--idle", type=float, default=0, help="stop after this many idle seconds (0: never)")
+    p.set_defaults(func=lambda a: asyncio.run(_tail(a)))
+
+    p = sub.add_parser("admin", help="send an operator message: REQUEST [key=value ...]")
+    _connection_args(p, member="ops", token=None)
+    p.add_argument("request", help="Halt, Resume, OpenMarket, CloseMarket, EndOfDay, SuspendMember, "
+                                   "ReinstateMember, Deposit, Withdraw")
+    p.add_argument("fields", nargs="*", help="key=value (ints and true/false are converted)")
+    p.set_defaults(func=lambda a: asyncio.run(_admin(a)))
+
+    for module, hook in (("gateway._journal_cli", "add_journal_commands"), ("gateway._demo", "add_demo_command")):
+        try:
+            mod = importlib.import_module(module)
+        except ModuleNotFoundError as exc:
+            if exc.name != module:
+                raise
+            continue
+        getattr(mod, hook)(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = _build()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except KeyboardInterrupt:
+        return 130
+    except (ConnectionError, OSError, asyncio.TimeoutError) as exc:
+        print(f"kaboni {args.command}: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return 1
+    except Exception as exc:  # noqa: BLE001 - LogonError etc. become a message, not a trace
+        from .client import LogonError
+
+        if isinstance(exc, LogonError):
+            print(f"kaboni {args.command}: logon rejected: {exc}", file=sys.stderr)
+            return 1
+        raise

@@ -1,0 +1,112 @@
+"""The client library and the CLI against a live server; TLS with a throwaway certificate; metrics."""
+
+import asyncio
+import json
+import ssl
+import subprocess
+import urllib.request
+
+import pytest
+
+from engine import NewOrder
+from gateway.cli import main
+from gateway.client import Client, LogonError
+
+from _fakes import ThreadServer, make_config
+
+
+def run(coro):
+    return asyncio.run(asyncio.wait_for(coro, 60))
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    with ThreadServer(make_config(), tmp_path_factory.mktemp("cli"), metrics=True) as s:
+        yield s
+
+
+def cli(server, capsys, *argv):
+    code = main([argv[0], "--port", str(server.port), *argv[1:]])
+    out = capsys.readouterr().out
+    return code, [json.loads(line) for line in out.splitlines() if line.strip()]
+
+
+def test_cli_order_cancel_book_balances_admin_tail(server, capsys):
+    code, out = cli(server, capsys, "order", "--member", "M01", "--cl-ord-id", "cli1", "CEA24", "sell", "10", "9300",
+                    "--tif", "gtc")
+    assert code == 0 and out[0]["type"] == "OrderAccepted" and out[0]["tif"] == "gtc"
+    code, out = cli(server, capsys, "order", "--member", "M02", "CEA24", "buy", "4", "market")
+    assert code == 0 and [m["type"] for m in out] == ["OrderAccepted", "Fill"]
+    assert out[0]["tif"] == "ioc" and out[0]["price"] is None and out[1]["price"] == 9300
+    code, out = cli(server, capsys, "book", "--member", "M03", "CEA24")
+    assert out[0]["type"] == "BookSnapshot" and out[0]["asks"] == [[9300, 6, 1]] and out[0]["last_price"] == 9300
+    code, out = cli(server, capsys, "order", "--member", "M01", "CEA24", "sell", "10", "1")
+    assert code == 1 and out[0]["reason"] == "price_out_of_band"
+    code, out = cli(server, capsys, "cancel", "--member", "M01", "cli1")
+    assert code == 0 and out[0]["type"] == "OrderCancelled" and out[0]["cancelled_qty"] == 6
+    code, out = cli(server, capsys, "balances", "--member", "M02")
+    assert code == 0 and out[0]["allowances"]["CEA24"]["unsettled"] == 4
+    code, out = cli(server, capsys, "admin", "--member", "ops", "Halt", "instrument=CEA24", "cancel_orders=true")
+    assert code == 0 and out[0] == {"type": "AdminAck", "request": "Halt", "instrument": "CEA24", "cancel_orders": True}
+    code, out = cli(server, capsys, "admin", "--member", "ops", "Resume", "instrument=CEA19")
+    assert code == 1 and out[0]["reason"] == "unknown_instrument"
+    code, out = cli(server, capsys, "tail", "--member", "M01", "--resume-from", "0", "--idle", "0.3")
+    assert code == 0 and [m["seq"] for m in out] == list(range(1, len(out) + 1)) and out[-1]["reason"] == "requested"
+    assert main(["balances", "--port", str(server.port), "--member", "M01", "--token", "wrong"]) == 1
+
+
+def test_metrics_endpoint(server):
+    async def trade():
+        a = await Client.connect("127.0.0.1", server.port)
+        await a.logon("M04", "M04-token")
+        await a.send(NewOrder("m1", "CEA22", "sell", 3, 9000))
+        await a.send(NewOrder("m1", "CEA22", "sell", 3, 9000))
+        b = await Client.connect("127.0.0.1", server.port)
+        await b.logon("M05", "M05-token")
+        await b.send(NewOrder("m2", "CEA22", "buy", 2, 9000))
+        for _ in range(3):
+            await a.next_report()
+        for _ in range(2):
+            await b.next_report()
+        await a.logout()
+        await b.logout()
+    run(trade())
+    port = server.server.metrics_port_bound
+    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics").read().decode()
+    assert 'kaboni_orders_received_total{outcome="accepted",type="NewOrder"}' in text
+    assert 'kaboni_rejects_total{reason="duplicate_cl_ord_id"} 1.0' in text
+    assert 'kaboni_trades_total{instrument="CEA22"} 1.0' in text
+    assert 'kaboni_traded_value_minor_units_total{currency="CNY",instrument="CEA22"} 18000.0' in text
+    assert 'kaboni_best_ask_price_minor_units{instrument="CEA22"} 9000.0' in text
+    assert 'kaboni_best_bid_price_minor_units{instrument="CEA22"}' not in text
+    assert 'kaboni_instrument_state{instrument="CEA22",state="open"} 1.0' in text
+    assert 'kaboni_trading_day_info{trading_day="2026-11-24"} 1.0' in text
+    assert 'kaboni_disconnects_total{cause="logout"}' in text
+    for name in ("kaboni_order_to_report_latency_seconds_bucket", "kaboni_journal_fsync_seconds_count",
+                 "kaboni_journal_batch_records_bucket", "kaboni_journal_bytes_written_total",
+                 "kaboni_journal_records_pending", 'kaboni_sessions{role="member"}', "kaboni_throttled_messages_total",
+                 "kaboni_resting_orders", "kaboni_build_info", "kaboni_start_time_seconds", "process_cpu_seconds_total",
+                 "kaboni_journal_append_to_durable_seconds_bucket"):
+        assert name in text, name
+
+
+def test_tls(tmp_path):
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key), "-out", str(cert),
+                    "-days", "1", "-subj", "/CN=localhost", "-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1"],
+                   check=True, capture_output=True)
+    with ThreadServer(make_config(tls_cert=str(cert), tls_key=str(key)), tmp_path / "d") as server:
+        async def main_():
+            ctx = ssl.create_default_context(cafile=str(cert))
+            c = await Client.connect("127.0.0.1", server.port, ssl=ctx, server_hostname="localhost")
+            reply = await c.logon("M01", "M01-token")
+            assert reply["type"] == "LogonAccepted"
+            await c.send(NewOrder("tls1", "CEA25", "buy", 1, 9250))
+            assert (await c.next_report())["type"] == "OrderAccepted"
+            await c.logout()
+            # a plain-TCP client cannot speak to the TLS port
+            plain = await Client.connect("127.0.0.1", server.port)
+            with pytest.raises(Exception):
+                await plain.logon("M01", "M01-token", timeout=2)
+            await plain.close()
+        run(main_())

@@ -1,0 +1,148 @@
+"""The exchange core without sockets or threads: durability is in the test's hands."""
+
+import msgspec
+
+import engine as E
+from engine import Engine
+from gateway._exchange import Exchange
+
+from _fakes import make_config
+
+_REPORTS = (E.OrderAccepted, E.OrderRejected, E.Fill, E.OrderCancelled, E.OrderReplaced, E.CancelRejected,
+            E.MassCancelDone)
+
+
+class ManualLedger:
+    """The Ledger API with durability advanced by hand."""
+
+    def __init__(self, config):
+        self.engine = Engine(config, "2026-11-24")
+        self.last_seq = 0
+        self.durable_seq = 0
+        self.bodies = {}
+        self.recovered = False
+        for m in self.engine.members:
+            self.execute(E.Deposit(f"c-{m}", m, "CNY", 10**9), "", 0)
+            self.execute(E.Deposit(f"q-{m}", m, "CEA25", 10**6), "", 0)
+        self.execute(E.OpenMarket(), "", 0)
+        self.durable_seq = self.last_seq
+
+    def execute(self, cmd, member, ts, session=0, throttled=False):
+        events = self.engine.execute(cmd, member, ts, session, throttled)
+        if type(cmd) is E.QueryBalances:
+            return self.last_seq, events, []
+        self.last_seq += 1
+        reports = [(e.member, msgspec.msgpack.encode(e)) for e in events if isinstance(e, _REPORTS)]
+        for m, b in reports:
+            self.bodies.setdefault(m, []).append(b)
+        return self.last_seq, events, reports
+
+    def reports(self, member, after, through):
+        return iter(self.bodies.get(member, [])[after:through])
+
+
+class Sink:
+    def __init__(self):
+        self.data = b""
+        self.closed = False
+
+    def write(self, b):
+        assert not self.closed
+        self.data += b
+
+    def close(self):
+        self.closed = True
+
+    abort = close
+
+    def frames(self):
+        out, d = [], self.data
+        while d:
+            n = int.from_bytes(d[:4], "big")
+            out.append(msgspec.msgpack.decode(d[4:4 + n]))
+            d = d[4 + n:]
+        self.data = b""
+        return out
+
+
+def enc(m):
+    b = msgspec.msgpack.encode(m)
+    return len(b).to_bytes(4, "big") + b
+
+
+def setup():
+    config = make_config()
+    ledger = ManualLedger(config)
+    ex = Exchange(config, ledger, clock_ns=lambda: 42)
+    return ex, ledger
+
+
+def connect(ex, member, **logon):
+    sink = Sink()
+    s = ex.connect(sink, 0.0)
+    ex.data_received(s, enc({"type": "Logon", "member": member, "token": f"{member}-token", **logon}), 0.0)
+    return s, sink
+
+
+def test_nothing_leaves_before_it_is_durable_and_replies_keep_their_place():
+    ex, ledger = setup()
+    a, sa = connect(ex, "M01")
+    b, sb = connect(ex, "M02")
+    assert [f["type"] for f in sa.frames()] == ["LogonAccepted"]
+    sb.frames()
+    ex.data_received(b, enc({"type": "Subscribe", "instruments": ["CEA25"]}), 0.0)
+    assert [f["type"] for f in sb.frames()] == ["BookSnapshot"]  # nothing pending: at once
+    order = {"type": "NewOrder", "cl_ord_id": "o1", "instrument": "CEA25", "side": "sell", "qty": 5, "price": 9300}
+    ex.data_received(a, enc(order) + enc({"type": "QueryBalances"}), 0.0)
+    ex.data_received(b, enc({"type": "Subscribe", "instruments": ["CEA25"]}), 0.0)
+    assert sa.frames() == [] and sb.frames() == []        # the order is not durable yet
+    ex.on_durable(ledger.last_seq - 1)
+    assert sa.frames() == [] and sb.frames() == []
+    ledger.durable_seq = ledger.last_seq
+    ex.on_durable(ledger.last_seq)
+    fa = sa.frames()
+    assert [f["type"] for f in fa] == ["OrderAccepted", "Balances"]
+    assert fa[1]["allowances"]["CEA25"]["reserved"] == 5  # the figure shows the durable order
+    fb = sb.frames()
+    assert [f["type"] for f in fb] == ["BookUpdate", "BookSnapshot"]
+    assert fb[1]["md_seq"] == fb[0]["md_seq"] and fb[1]["asks"] == [[9300, 5, 1]]
+
+
+def test_resume_while_reports_wait_for_the_journal_has_no_gap_or_duplicate():
+    ex, ledger = setup()
+    a, sa = connect(ex, "M01")
+    for i in range(3):
+        ex.data_received(a, enc({"type": "NewOrder", "cl_ord_id": f"o{i}", "instrument": "CEA25", "side": "sell",
+                                 "qty": 1, "price": 9300 + i}), 0.0)
+    ledger.durable_seq = ledger.last_seq
+    ex.on_durable(ledger.last_seq)
+    ex.data_received(a, enc({"type": "NewOrder", "cl_ord_id": "o9", "instrument": "CEA25", "side": "sell",
+                             "qty": 1, "price": 9310}), 0.0)      # seq 4, not durable yet
+    late, sl = connect(ex, "M01", resume_from=1)
+    fl = sl.frames()
+    assert fl[0]["type"] == "LogonAccepted" and fl[0]["next_seq"] == 5
+    assert [f["seq"] for f in fl[1:]] == [2, 3]                   # replayed from the journal
+    fresh, sf = connect(ex, "M01")                                 # no resume: from next_seq on
+    sf.frames()
+    ledger.durable_seq = ledger.last_seq
+    ex.on_durable(ledger.last_seq)
+    assert [f["seq"] for f in sl.frames()] == [4]                  # then live, once
+    assert sf.frames() == []                                       # 4 < its next_seq 5
+    assert [f.get("seq") for f in sa.frames()] == [None, 1, 2, 3, 4]
+
+
+def test_cancel_on_disconnect_and_logout_goodbye_order():
+    ex, ledger = setup()
+    a, sa = connect(ex, "M01", cancel_on_disconnect=True)
+    w, sw = connect(ex, "M01")
+    ex.data_received(a, enc({"type": "NewOrder", "cl_ord_id": "c1", "instrument": "CEA25", "side": "buy",
+                             "qty": 1, "price": 9000}) + enc({"type": "Logout"}), 0.0)
+    ledger.durable_seq = ledger.last_seq
+    ex.on_durable(ledger.last_seq)
+    assert [(f["type"], f.get("reason")) for f in sa.frames()] == [
+        ("LogonAccepted", None), ("OrderAccepted", None), ("OrderCancelled", "disconnect"), ("LogoutAccepted", None)]
+    assert sa.closed and not sw.closed
+    ex.connection_lost(a, "client_close", 0.0)
+    assert a.cause == "logout" and ex.stats.disconnects["logout"] == 1
+    assert [f["type"] for f in sw.frames()] == ["LogonAccepted", "OrderAccepted", "OrderCancelled"]
+    assert ledger.engine.resting("CEA25") == (0, 0)
