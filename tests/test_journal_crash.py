@@ -19,7 +19,7 @@ DAY = "2026-11-24"
 
 def _workload(ledger, run: int, rng: random.Random, out) -> None:
     """Append commands forever; after each, confirm (seq, state hash) pairs that are durable."""
-    from engine import CancelOrder, CloseMarket, EndOfDay, MassCancel, NewOrder, OpenMarket, ReplaceOrder
+    from engine import CancelOrder, CloseMarket, EndOfDay, MassCancel, NewOrder, OpenMarket, ReplaceOrder, SessionEnded
 
     members = [f"M{i:02d}" for i in range(1, 9)]
     instruments = ["CEA24", "CEA25"]
@@ -51,6 +51,8 @@ def _workload(ledger, run: int, rng: random.Random, out) -> None:
         elif r < 0.93:
             cmd = MassCancel(cl)
             session = 0
+        elif r < 0.94:
+            cmd, m, session = SessionEnded(run * 100 + 1), "", 0
         elif r < 0.945:
             for c in (CloseMarket(), EndOfDay(), OpenMarket()):
                 ledger.execute(c, "ops", ts)
@@ -78,6 +80,9 @@ def child_main(directory: str, run: int, seed: int) -> None:
     rng = random.Random(seed)
     ledger = Ledger.open(demo_config(), directory, today=DAY, snapshot_every=rng.choice([150, 400, 100_000]),
                          segment_bytes=rng.choice([64 << 10, 1 << 20]))
+    from engine import Restarted
+
+    ledger.execute(Restarted(), "", 1)  # as the gateway does after a restart
     out = os.fdopen(1, "wb", buffering=0)
     out.write(f"ready {ledger.last_seq}\n".encode())
     _workload(ledger, run, rng, out)
