@@ -298,10 +298,14 @@ class Ledger:
             elif t is DayEnded:
                 end_of_day = True
         # an EntryRecord's fields in order (array_like)
-        records.append((KIND_ENTRY, encode((ts, member, session, throttled, command, rows))))
+        entry = encode((ts, member, session, throttled, command, rows))
         reports = [(m, body) for m, _, body in rows]
         journal = self.journal
-        seq = journal.append_group(records)
+        if records:
+            records.append((KIND_ENTRY, entry))
+            seq = journal.append_group(records)
+        else:
+            seq = journal.append(KIND_ENTRY, entry)  # no fills: a group of one, the fast path
         if rows:
             self._index(rows, journal.last_position)
         if end_of_day or seq - self._snap_seq >= self.snapshot_every:
@@ -310,6 +314,10 @@ class Ledger:
 
     def _index(self, rows, position: int) -> None:
         """Note the entry's position for each member whose reports reach a new index step."""
+        member, seq, _ = rows[0]
+        seqs = self._idx_seq.get(member)
+        if seqs and seq - seqs[-1] < INDEX_STEP and all(r[0] == member for r in rows):
+            return  # the common case: one member, nothing new to note
         seen = None
         for member, seq, _ in rows:
             if seen is not None and member in seen:
