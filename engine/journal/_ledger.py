@@ -29,7 +29,7 @@ from .._messages import (
 from ._format import (
     FORMAT_VERSION, KIND_ENTRY, KIND_FILL, KIND_START, EntryRecord, StartRecord,
 )
-from ._log import FileOps, Journal, JournalError, JournalStats
+from ._log import SWITCH_INTERVAL, FileOps, Journal, JournalError, JournalStats
 from ._snapshot import SnapshotBody, list_snapshots, prune_snapshots, read_snapshot, snapshot_name, write_snapshot
 
 __all__ = ["Ledger", "config_digest", "INDEX_STEP"]
@@ -85,7 +85,8 @@ class Ledger:
              today: str | None = None, snapshot_every: int = 100_000,
              on_durable: Callable[[int], None] | None = None,
              on_error: Callable[[BaseException], None] | None = None,
-             segment_bytes: int = 64 << 20, file_ops: FileOps | None = None) -> "Ledger":
+             segment_bytes: int = 64 << 20, file_ops: FileOps | None = None,
+             switch_interval: float | None = SWITCH_INTERVAL) -> "Ledger":
         """Recover (newest valid snapshot + replay of the records after it), or create a new
         journal: trading day = config.market.first_trading_day or ``today``. A new journal also
         journals the initial funding and OpenMarket if config.open_on_start."""
@@ -106,7 +107,8 @@ class Ledger:
         self._snap_thread: threading.Thread | None = None
         self._closed = False
         self.journal = Journal.open(self.directory, durability=durability, segment_bytes=segment_bytes,
-                                    on_durable=on_durable, on_error=on_error, file_ops=file_ops)
+                                    on_durable=on_durable, on_error=on_error, file_ops=file_ops,
+                                    switch_interval=switch_interval)
         try:
             if self.journal.last_seq == 0:
                 self.recovered = False
@@ -379,9 +381,21 @@ class Ledger:
                             self.engine.snapshot(), INDEX_STEP, index)
 
     def _snapshot_worker(self) -> None:
+        q = self._snap_queue
         while True:
-            body = self._snap_queue.get()
+            body = q.get()
             try:
+                # snapshots asked for faster than they are written: only the newest matters
+                while body is not None:
+                    try:
+                        newer = q.get_nowait()
+                    except queue.Empty:
+                        break
+                    q.task_done()
+                    if newer is None:
+                        q.put(None)  # stop after writing this one
+                        break
+                    body = newer
                 if body is None:
                     return
                 if not self.journal.wait_durable(body.seq):
