@@ -272,7 +272,7 @@ class Ledger:
         seq of the entry, events, [(member, report body)]); QueryBalances and commands with no
         events at all are not journaled and return seq = last_seq."""
         engine = self.engine
-        day = engine.trading_day
+        day = engine.trading_day  # before the command: an EndOfDay has no fills
         events = engine.execute(command, member, ts, session, throttled)
         if not events or type(command) is QueryBalances:
             return self.journal.last_seq, events, []
@@ -309,17 +309,18 @@ class Ledger:
         else:
             seq = journal.append(KIND_ENTRY, entry)  # no fills: a group of one, the fast path
         if rows:
-            self._index(rows, journal.last_position)
+            member0, seq0, _ = rows[0]
+            seqs = self._idx_seq.get(member0)
+            # the common case: one member's reports, not yet a new index step (see _index)
+            if not (seqs and seq0 - seqs[-1] < INDEX_STEP
+                    and (len(rows) == 1 or all(r[0] == member0 for r in rows))):
+                self._index(rows, journal.last_position)
         if end_of_day or seq - self._snap_seq >= self.snapshot_every:
             self.snapshot()
         return seq, events, reports
 
     def _index(self, rows, position: int) -> None:
         """Note the entry's position for each member whose reports reach a new index step."""
-        member, seq, _ = rows[0]
-        seqs = self._idx_seq.get(member)
-        if seqs and seq - seqs[-1] < INDEX_STEP and all(r[0] == member for r in rows):
-            return  # the common case: one member, nothing new to note
         seen = None
         for member, seq, _ in rows:
             if seen is not None and member in seen:
