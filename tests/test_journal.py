@@ -380,3 +380,31 @@ def test_durability_none_still_writes(tmp_path):
     j.close()
     with pytest.raises(JournalError):
         j.append(1, b"closed")
+
+
+def test_append_many_frames_each_record_as_its_own_group(tmp_path):
+    j = Journal.open(tmp_path, durability="none", segment_bytes=1024)
+    j.append(1, b"first")
+    assert j.append_many(2, [payload(i) for i in range(2, 202)]) == 201
+    assert j.append_many(2, []) == 201
+    last = j.last_position
+    j.sync()
+    assert next(iter(j.read_at(last))).seq == 201
+    j.close()
+    recs = list(read_records(tmp_path))
+    assert [r.seq for r in recs] == list(range(1, 202)) and all(r.group_end for r in recs)
+    assert [r.payload for r in recs[1:]] == [payload(i) for i in range(2, 202)]
+
+
+def test_open_lowers_the_switch_interval_unless_told_not_to(tmp_path):
+    import sys
+
+    before = sys.getswitchinterval()
+    try:
+        sys.setswitchinterval(0.005)
+        Journal.open(tmp_path / "a", durability="none", switch_interval=None).close()
+        assert sys.getswitchinterval() == pytest.approx(0.005)
+        Journal.open(tmp_path / "b", durability="none").close()
+        assert sys.getswitchinterval() == pytest.approx(0.0001)
+    finally:
+        sys.setswitchinterval(before)

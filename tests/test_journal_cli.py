@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from engine import CloseMarket, DayEnded, EndOfDay, NewOrder, OpenMarket, demo_config, parse_config, DEMO_TOML
+from engine import DEMO_TOML, CloseMarket, DayEnded, EndOfDay, NewOrder, OpenMarket, parse_config
 from engine.journal import Ledger, read_records
 from engine.journal._format import segment_name, unpack_position
 from gateway._journal_cli import add_journal_commands

@@ -14,7 +14,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from engine import (
-    AdminAck, Balances, CancelOrder, CloseMarket, DayEnded, Deposit, EndOfDay, Engine, Halt, MassCancel,
+    Balances, CancelOrder, CloseMarket, DayEnded, Deposit, EndOfDay, Halt, MassCancel,
     NewOrder, OpenMarket, QueryBalances, ReinstateMember, ReplaceOrder, Resume, SuspendMember, Withdraw,
     demo_config, parse_config, DEMO_TOML,
 )

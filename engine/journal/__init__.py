@@ -4,13 +4,14 @@ fill, snapshots of the engine, and the ``Ledger`` that puts the engine and its j
 
 from ._format import FORMAT_VERSION, KIND_ENTRY, KIND_FILL, KIND_START, EntryRecord, FillRecord, Record, StartRecord
 from ._ledger import INDEX_STEP, Ledger, config_digest
+from ._settle import settlement_report
 from ._log import (
     DURABILITY_MODES, CorruptJournalError, FileOps, Journal, JournalError, JournalFailedError, JournalStats,
     ScanResult, list_segments, read_records, scan_journal,
 )
 
 __all__ = [
-    "Ledger", "INDEX_STEP", "config_digest", "Journal", "JournalStats", "JournalError", "CorruptJournalError", "JournalFailedError", "FileOps",
+    "Ledger", "INDEX_STEP", "config_digest", "settlement_report", "Journal", "JournalStats", "JournalError", "CorruptJournalError", "JournalFailedError", "FileOps",
     "DURABILITY_MODES", "Record", "ScanResult", "list_segments", "read_records", "scan_journal",
     "FORMAT_VERSION", "KIND_START", "KIND_FILL", "KIND_ENTRY", "StartRecord", "FillRecord", "EntryRecord",
 ]

@@ -23,13 +23,13 @@ import msgspec
 from .._config import ExchangeConfig
 from .._engine import Engine
 from .._messages import (
-    CancelRejected, Command, DayEnded, Deposit, EndOfDay, Fill, MassCancelDone, OpenMarket, OrderAccepted,
+    CancelRejected, Command, DayEnded, Deposit, Fill, MassCancelDone, OpenMarket, OrderAccepted,
     OrderCancelled, OrderRejected, OrderReplaced, QueryBalances,
 )
 from ._format import (
-    FORMAT_VERSION, KIND_ENTRY, KIND_FILL, KIND_START, EntryRecord, FillRecord, StartRecord,
+    FORMAT_VERSION, KIND_ENTRY, KIND_FILL, KIND_START, EntryRecord, StartRecord,
 )
-from ._log import FileOps, Journal, JournalError, JournalStats
+from ._log import SWITCH_INTERVAL, FileOps, Journal, JournalError, JournalStats
 from ._snapshot import SnapshotBody, list_snapshots, prune_snapshots, read_snapshot, snapshot_name, write_snapshot
 
 __all__ = ["Ledger", "config_digest", "INDEX_STEP"]
@@ -85,7 +85,8 @@ class Ledger:
              today: str | None = None, snapshot_every: int = 100_000,
              on_durable: Callable[[int], None] | None = None,
              on_error: Callable[[BaseException], None] | None = None,
-             segment_bytes: int = 64 << 20, file_ops: FileOps | None = None) -> "Ledger":
+             segment_bytes: int = 64 << 20, file_ops: FileOps | None = None,
+             switch_interval: float | None = SWITCH_INTERVAL) -> "Ledger":
         """Recover (newest valid snapshot + replay of the records after it), or create a new
         journal: trading day = config.market.first_trading_day or ``today``. A new journal also
         journals the initial funding and OpenMarket if config.open_on_start."""
@@ -106,7 +107,8 @@ class Ledger:
         self._snap_thread: threading.Thread | None = None
         self._closed = False
         self.journal = Journal.open(self.directory, durability=durability, segment_bytes=segment_bytes,
-                                    on_durable=on_durable, on_error=on_error, file_ops=file_ops)
+                                    on_durable=on_durable, on_error=on_error, file_ops=file_ops,
+                                    switch_interval=switch_interval)
         try:
             if self.journal.last_seq == 0:
                 self.recovered = False
@@ -160,16 +162,16 @@ class Ledger:
         for body in self._snapshots():
             try:
                 first = next(iter(journal.read_at(body.position)), None)
-            except JournalError as exc:
-                log.warning("snapshot at seq %d does not match the journal (%s); trying an older one", body.seq, exc)
-                continue
-            if first is None or first.seq != body.seq or first.kind != KIND_ENTRY:
-                log.warning("snapshot at seq %d does not match the journal; trying an older one", body.seq)
+                if first is None or first.seq != body.seq or first.kind != KIND_ENTRY:
+                    raise ValueError(f"no ENTRY with seq {body.seq} at its position")
+                engine = Engine.restore(config, body.engine)
+            except (JournalError, ValueError, KeyError, TypeError, msgspec.MsgspecError) as exc:
+                log.warning("snapshot at seq %d is unusable (%s); trying an older one", body.seq, exc)
                 continue
             start = body
             break
         if start is not None:
-            self.engine = Engine.restore(config, start.engine)
+            self.engine = engine
             for member, (seqs, positions) in start.index.items():
                 a = array("q")
                 a.frombytes(seqs)
@@ -270,7 +272,7 @@ class Ledger:
         seq of the entry, events, [(member, report body)]); QueryBalances and commands with no
         events at all are not journaled and return seq = last_seq."""
         engine = self.engine
-        day = engine.trading_day
+        day = engine.trading_day  # before the command: an EndOfDay has no fills
         events = engine.execute(command, member, ts, session, throttled)
         if not events or type(command) is QueryBalances:
             return self.journal.last_seq, events, []
@@ -298,12 +300,21 @@ class Ledger:
             elif t is DayEnded:
                 end_of_day = True
         # an EntryRecord's fields in order (array_like)
-        records.append((KIND_ENTRY, encode((ts, member, session, throttled, command, rows))))
+        entry = encode((ts, member, session, throttled, command, rows))
         reports = [(m, body) for m, _, body in rows]
         journal = self.journal
-        seq = journal.append_group(records)
+        if records:
+            records.append((KIND_ENTRY, entry))
+            seq = journal.append_group(records)
+        else:
+            seq = journal.append(KIND_ENTRY, entry)  # no fills: a group of one, the fast path
         if rows:
-            self._index(rows, journal.last_position)
+            member0, seq0, _ = rows[0]
+            seqs = self._idx_seq.get(member0)
+            # the common case: one member's reports, not yet a new index step (see _index)
+            if not (seqs and seq0 - seqs[-1] < INDEX_STEP
+                    and (len(rows) == 1 or all(r[0] == member0 for r in rows))):
+                self._index(rows, journal.last_position)
         if end_of_day or seq - self._snap_seq >= self.snapshot_every:
             self.snapshot()
         return seq, events, reports
@@ -371,9 +382,21 @@ class Ledger:
                             self.engine.snapshot(), INDEX_STEP, index)
 
     def _snapshot_worker(self) -> None:
+        q = self._snap_queue
         while True:
-            body = self._snap_queue.get()
+            body = q.get()
             try:
+                # snapshots asked for faster than they are written: only the newest matters
+                while body is not None:
+                    try:
+                        newer = q.get_nowait()
+                    except queue.Empty:
+                        break
+                    q.task_done()
+                    if newer is None:
+                        q.put(None)  # stop after writing this one
+                        break
+                    body = newer
                 if body is None:
                     return
                 if not self.journal.wait_durable(body.seq):

@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import os
 import struct
+import sys
 import threading
 import time
 from bisect import bisect_right
@@ -21,7 +22,7 @@ from crc32c import crc32c
 
 from .._histogram import LATENCY_BOUNDS, SIZE_BOUNDS, FixedHistogram
 from ._format import (
-    FORMAT_VERSION, FRAME, FRAME_SIZE, GROUP_END, KIND_MASK, MAX_PAYLOAD, SEGMENT_HEADER,
+    FORMAT_VERSION, FRAME, FRAME_SIZE, GROUP_END, MAX_PAYLOAD, SEGMENT_HEADER,
     SEGMENT_MAGIC, Record, pack_position, parse_segment_name, segment_name, unpack_position,
 )
 
@@ -33,6 +34,7 @@ __all__ = [
 log = logging.getLogger("kaboni.journal")
 
 DURABILITY_MODES = ("fsync", "none")
+SWITCH_INTERVAL = 0.0001  # seconds: see Journal.open
 _READ_CHUNK = 4 << 20
 _HEAD_PACK = struct.Struct("<IQB").pack  # the frame after its CRC: length, seq, kind
 _CRC_PACK = struct.Struct("<I").pack
@@ -399,10 +401,20 @@ class Journal:
     def open(cls, directory: str | Path, *, durability: str = "fsync", segment_bytes: int = 64 << 20,
              on_durable: Callable[[int], None] | None = None,
              on_error: Callable[[BaseException], None] | None = None,
-             file_ops: FileOps | None = None) -> "Journal":
-        """Open (recovering a torn tail) or create the journal in ``directory``."""
+             file_ops: FileOps | None = None,
+             switch_interval: float | None = SWITCH_INTERVAL) -> "Journal":
+        """Open (recovering a torn tail) or create the journal in ``directory``.
+
+        ``switch_interval``: the writer thread needs the GIL for a moment after every
+        ``fdatasync``; with CPython's default 5 ms switch interval, a busy thread that often
+        releases and retakes the GIL (socket calls, hashing) can keep it waiting for 100 ms and
+        more (the convoy effect). So the process's interval is lowered to this value if it is
+        higher (``sys.setswitchinterval``); None leaves it alone.
+        """
         if durability not in DURABILITY_MODES:
             raise ValueError(f"durability must be one of {DURABILITY_MODES}, got {durability!r}")
+        if switch_interval is not None and sys.getswitchinterval() > switch_interval:
+            sys.setswitchinterval(switch_interval)
         self = object.__new__(cls)
         self.directory = Path(directory)
         self.directory.mkdir(parents=True, exist_ok=True)
