@@ -13,7 +13,6 @@ from __future__ import annotations
 import asyncio
 import datetime as _dt
 import gc
-import sys
 import logging
 import signal
 import ssl
@@ -235,9 +234,8 @@ class Server:
         # freeze them so collections only scan what the order path allocates.
         gc.collect()
         gc.freeze()
-        # The journal's writer thread needs the GIL twice per batch (to write, and to report the
-        # fsync); with the default 5 ms switch interval a busy loop delays it by up to that.
-        sys.setswitchinterval(0.0005)
+        # The GIL switch interval is the journal's to set (Journal.open lowers it so its writer
+        # thread is not starved by this busy loop); it is not touched here.
         log_event("start", host=self.host, port=self.port, metrics_port=self.metrics_port if self.metrics else "off",
                   data_dir=self.data_dir, trading_day=ledger.engine.trading_day, recovered=ledger.recovered,
                   tls=bool(gw.tls_cert), members=len(ledger.engine.members))
