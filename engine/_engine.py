@@ -45,6 +45,7 @@ class _Instrument:
         "symbol", "currency", "tick", "step", "min_qty", "max_qty", "band_bp", "fee_bp",
         "holding_limit", "reference", "lower", "upper", "status", "md_seq", "last_price",
         "day_value", "day_qty", "bids", "asks", "qty_floor", "price_floor",
+        "trades", "traded_qty", "traded_value",
     )
 
     def __init__(self, cfg: InstrumentConfig) -> None:
@@ -63,6 +64,8 @@ class _Instrument:
         self.last_price: int | None = None
         self.day_value = 0
         self.day_qty = 0
+        # Statistics of this process's lifetime (for metrics): not state, not in snapshots.
+        self.trades = self.traded_qty = self.traded_value = 0
         self.bids = SideBook(-1)
         self.asks = SideBook(1)
         self.set_reference(cfg.reference_price)
@@ -181,6 +184,11 @@ class Engine:
             instrument, ins.md_seq, ins.bids.depth(depth), ins.asks.depth(depth), ins.last_price,
             ins.reference, ins.status,
         )
+
+    def traded(self, instrument: str) -> tuple[int, int, int]:
+        """(trades, tonnes, value in minor units) traded in this process's lifetime, replay included."""
+        ins = self._instruments[instrument]
+        return ins.trades, ins.traded_qty, ins.traded_value
 
     def best_prices(self, instrument: str) -> tuple[int | None, int | None]:
         ins = self._instruments[instrument]
@@ -539,10 +547,13 @@ class Engine:
             if reason is not None:
                 break
         o.leaves = left
+        ins.trades += trade_id - self._next_trade_id
         self._next_trade_id = trade_id
         ins.md_seq = md
         t_qty = start - left
         if t_qty:
+            ins.traded_qty += t_qty
+            ins.traded_value += t_value
             t_cash = taker.cash[currency]
             t_hold = taker.holdings[symbol]
             if taker_buys:

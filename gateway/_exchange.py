@@ -38,7 +38,7 @@ REPORT_TYPES = frozenset((E.OrderAccepted, E.OrderRejected, E.Fill, E.OrderCance
                           E.CancelRejected, E.MassCancelDone))
 MARKET_TYPES = frozenset((E.BookUpdate, E.Trade, E.InstrumentStatus))
 REPLY_TYPES = frozenset((E.AdminAck, E.AdminRejected, E.Balances))
-_OrderRejected, _CancelRejected, _Trade = E.OrderRejected, E.CancelRejected, E.Trade
+_OrderRejected, _CancelRejected = E.OrderRejected, E.CancelRejected
 _hdr = struct.Struct(">I").pack
 ORDER_TYPES = frozenset(E.ORDER_COMMANDS)
 ORDER_NAMES = frozenset(c.__name__ for c in E.ORDER_COMMANDS)
@@ -74,6 +74,7 @@ class Exchange:
         self.engine = ledger.engine
         self.clock_ns = clock_ns                 # wall-clock ts for commands (ns since epoch)
         self.stats = stats or Stats()
+        self.stats.traded_base = {sym: self.engine.traded(sym) for sym in self.engine.instruments}
         gw = config.gateway
         self.max_frame = gw.max_frame
         self.max_sessions = gw.max_sessions_per_member
@@ -336,11 +337,6 @@ class Exchange:
                 if subs:
                     body = encode(ev)
                     out.append((seq, _MARKET, subs, sym, _hdr(len(body)) + body, None))
-                if t is _Trade and stats.enabled:
-                    acc = stats.trades[sym]
-                    acc[0] += 1
-                    acc[1] += ev.qty
-                    acc[2] += ev.qty * ev.price
             elif t in REPLY_TYPES:
                 if session is not None:
                     out.append((seq, _SESSION, session, None, frame(encode(ev)), None))

@@ -42,7 +42,10 @@ class Stats:
         self.rejected = {cls: 0 for cls in ORDER_COMMANDS}
         self.invalid: defaultdict[str, int] = defaultdict(int)  # by type name (never decoded)
         self.rejects: defaultdict[str, int] = defaultdict(int)
-        self.trades: defaultdict[str, list[int]] = defaultdict(lambda: [0, 0, 0])  # count, qty, value
+        # The engine counts trades, tonnes and value per instrument itself, once per matching
+        # order; these are its figures when this process started serving (after recovery's
+        # replay), so the exported counters count this process's trades only.
+        self.traded_base: dict[str, tuple[int, int, int]] = {}
         self.latencies: list[float] = []   # folded into order_to_report at scrape time
         self._order_to_report = FixedHistogram(ORDER_LATENCY_BOUNDS)
         self.throttled = 0
@@ -116,7 +119,9 @@ class KaboniCollector:
         value = CounterMetricFamily("kaboni_traded_value_minor_units", "Traded value in minor currency units.",
                                     labels=["instrument", "currency"])
         for sym in engine.instruments:
-            n, q, v = st.trades.get(sym, (0, 0, 0))
+            n, q, v = engine.traded(sym)
+            n0, q0, v0 = st.traded_base.get(sym, (0, 0, 0))
+            n, q, v = n - n0, q - q0, v - v0
             trades.add_metric([sym], n)
             qty.add_metric([sym], q)
             value.add_metric([sym, currency[sym]], v)
