@@ -271,15 +271,15 @@ class Engine:
         # unusual (a reject, a market/IOC/FOK order, a crossing price) takes the general helpers.
         acct = self._accounts[member]
         cl = cmd.cl_ord_id
-        used = acct.used_ids
+        taken = acct.taken
         live = acct.live
         if throttled:
-            used.add(cl)
+            taken.add(cl)
             return self._reject([], acct, ts, cl, "throttled", "over the session's message rate")
-        if cl in used or cl in live:
-            used.add(cl)  # a live order's id from a previous day: now used today too
+        if cl in taken:  # used today, or a live order's (live ids are always taken)
+            acct.carried.discard(cl)  # a live order's id from a previous day: now used today too
             return self._reject([], acct, ts, cl, "duplicate_cl_ord_id", f"cl_ord_id {cl!r} is already used")
-        used.add(cl)
+        taken.add(cl)
         if acct.suspended:
             return self._reject([], acct, ts, cl, "member_suspended", f"member {member} is suspended")
         try:
@@ -530,6 +530,8 @@ class Engine:
                     orders.popleft()
                     level.count -= 1
                     del maker.live[m.cl_ord_id]
+                    if maker.carried:
+                        maker.retire(m.cl_ord_id)
                     if m.session:
                         self._cod[m.session].pop(m.order_id, None)
                 if not left:
@@ -594,6 +596,7 @@ class Engine:
     def _forget(self, o: Order, acct: Account) -> None:
         """Drop a finished order from the member's live orders and its session's list."""
         acct.live.pop(o.cl_ord_id, None)
+        acct.retire(o.cl_ord_id)
         if o.session:
             # SessionEnded / Restarted have already taken the session's list away
             orders = self._cod.get(o.session)
@@ -618,18 +621,19 @@ class Engine:
         acct = self._accounts[member]
         cl = cmd.cl_ord_id
         orig = cmd.orig_cl_ord_id
-        used = acct.used_ids
-        live = acct.live
+        taken = acct.taken
         if throttled:
-            used.add(cl)
+            taken.add(cl)
             return self._cancel_reject([], acct, ts, cl, orig, "throttled", "over the session's message rate")
-        if cl in used or cl in live:
-            used.add(cl)  # a live order's id from a previous day: now used today too
+        if cl in taken:  # used today, or a live order's
+            acct.carried.discard(cl)  # a live order's id from a previous day: now used today too
             return self._cancel_reject([], acct, ts, cl, orig, "duplicate_cl_ord_id", f"cl_ord_id {cl!r} is already used")
-        used.add(cl)
-        o = live.pop(orig, None)  # no longer live once cancelled
+        taken.add(cl)
+        o = acct.live.pop(orig, None)  # no longer live once cancelled
         if o is None:
             return self._cancel_reject([], acct, ts, cl, orig, "unknown_order", f"no live order {orig!r}")
+        if acct.carried:
+            acct.retire(orig)
         ins = self._instruments[o.instrument]
         qty = o.leaves
         side = o.side
@@ -670,12 +674,12 @@ class Engine:
         orig = cmd.orig_cl_ord_id
         reject = self._cancel_rejecter(orig)
         if throttled:
-            acct.used_ids.add(cl)
+            acct.taken.add(cl)
             return reject(ev, acct, ts, cl, "throttled", "over the session's message rate")
-        if cl in acct.used_ids or cl in acct.live:
-            acct.used_ids.add(cl)  # a live order's id from a previous day: now used today too
+        if cl in acct.taken:
+            acct.carried.discard(cl)  # a live order's id from a previous day: now used today too
             return reject(ev, acct, ts, cl, "duplicate_cl_ord_id", f"cl_ord_id {cl!r} is already used")
-        acct.used_ids.add(cl)
+        acct.taken.add(cl)
         if acct.suspended:
             return reject(ev, acct, ts, cl, "member_suspended", f"member {member} is suspended")
         o = acct.live.get(orig)
@@ -719,6 +723,7 @@ class Engine:
             need = 0
         old_cl = o.cl_ord_id
         del acct.live[old_cl]
+        acct.retire(old_cl)
         side = ins.bids if o.side == BUY else ins.asks
         if price == o.price and qty <= o.qty:
             # keeps its place in the queue
@@ -762,12 +767,12 @@ class Engine:
         ev: list = []
         cl = cmd.cl_ord_id
         if throttled:
-            acct.used_ids.add(cl)
+            acct.taken.add(cl)
             return self._cancel_reject(ev, acct, ts, cl, None, "throttled", "over the session's message rate")
-        if cl in acct.used_ids or cl in acct.live:
-            acct.used_ids.add(cl)  # a live order's id from a previous day: now used today too
+        if cl in acct.taken:
+            acct.carried.discard(cl)  # a live order's id from a previous day: now used today too
             return self._cancel_reject(ev, acct, ts, cl, None, "duplicate_cl_ord_id", f"cl_ord_id {cl!r} is already used")
-        acct.used_ids.add(cl)
+        acct.taken.add(cl)
         if cmd.instrument is not None and cmd.instrument not in self._instruments:
             return self._cancel_reject(ev, acct, ts, cl, None, "unknown_instrument", f"no instrument {cmd.instrument!r}")
         targets = [
@@ -965,7 +970,7 @@ class Engine:
                 h.unsettled = h.bought = h.sold = h.paid = h.received = h.fees = 0
             for cash in acct.cash.values():
                 cash.proceeds = 0
-            acct.used_ids.clear()
+            acct.new_day()
         for symbol, total in fee_totals.items():
             if total:
                 ins = self._instruments[symbol]
@@ -1039,12 +1044,16 @@ class Engine:
                 acct.cash[c] = Cash(total, reserved, proceeds)
             for s, *figures in holdings:
                 acct.holdings[s] = Holding(*figures)
-            acct.used_ids = set(used)
+            acct.taken = set(used)
         for fields in orders:
             o = Order(*fields)
             ins = engine._instruments[o.instrument]
             (ins.bids if o.side == BUY else ins.asks).rest(o)
-            engine._accounts[o.member].live[o.cl_ord_id] = o
+            acct = engine._accounts[o.member]
+            acct.live[o.cl_ord_id] = o
+            if o.cl_ord_id not in acct.taken:  # live since an earlier day, not used today
+                acct.taken.add(o.cl_ord_id)
+                acct.carried.add(o.cl_ord_id)
             if o.session:
                 engine._cod.setdefault(o.session, {})[o.order_id] = o
         for c, total in fees:
@@ -1110,6 +1119,8 @@ class Engine:
         total_cash = {c: v.total for c, v in self._fees.items()}
         total_qty = {s: 0 for s in self._instruments}
         for acct in self._accounts.values():
+            if not acct.taken.issuperset(acct.live) or not acct.carried <= acct.live.keys():
+                fail(f"{acct.member}: a live order's id is not taken, or a carried id is not live")
             for cl, o in acct.live.items():
                 if o.cl_ord_id != cl or not o.leaves or o.order_id not in live_ids:
                     fail(f"{acct.member}: live order {cl!r} is not resting")
