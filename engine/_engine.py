@@ -126,7 +126,6 @@ class Engine:
         self._external_qty = {s: 0 for s in symbols}
         self._cod: dict[int, dict[int, Order]] = {}  # session -> its cancel-on-disconnect orders
         self._dispatch = {
-            NewOrder: self._new_order,
             CancelOrder: self._cancel_order,
             ReplaceOrder: self._replace_order,
             MassCancel: self._mass_cancel,
@@ -155,7 +154,117 @@ class Engine:
         ``throttled`` tells the engine that the gateway's throttle refused the request, so it
         is rejected ``throttled`` (and still uses up its ``cl_ord_id``).
         """
-        return self._dispatch[type(command)](command, member, ts, session, throttled)
+        if type(command) is not NewOrder:
+            return self._dispatch[type(command)](command, member, ts, session, throttled)
+        # A NewOrder (most of the traffic) is handled right here, not in a handler method of
+        # its own: that saves one Python call per order, about 5% of the engine's time in the
+        # matching benchmark. Everything a valid DAY/GTC limit order needs is inline; anything
+        # unusual (a reject, a market/IOC/FOK order) takes the general helpers, and a crossing
+        # order calls _match.
+        acct = self._accounts[member]
+        cl = command.cl_ord_id
+        taken = acct.taken
+        live = acct.live
+        if throttled:
+            taken.add(cl)
+            return self._reject([], acct, ts, cl, "throttled", "over the session's message rate")
+        if cl in taken:  # used today, or a live order's (live ids are always taken)
+            acct.carried.discard(cl)  # a live order's id from a previous day: now used today too
+            return self._reject([], acct, ts, cl, "duplicate_cl_ord_id", f"cl_ord_id {cl!r} is already used")
+        taken.add(cl)
+        if acct.suspended:
+            return self._reject([], acct, ts, cl, "member_suspended", f"member {member} is suspended")
+        try:
+            ins = self._instruments[command.instrument]
+        except KeyError:
+            return self._reject([], acct, ts, cl, "unknown_instrument", f"no instrument {command.instrument!r}")
+        if ins.status != OPEN:
+            if ins.status == CLOSED:
+                return self._reject([], acct, ts, cl, "market_closed", f"{ins.symbol} is closed")
+            return self._reject([], acct, ts, cl, "instrument_halted", f"{ins.symbol} is halted")
+        qty = command.qty
+        price = command.price
+        tif = command.tif
+        if tif is None:
+            tif = "day" if price is not None else "ioc"
+        # a quick test for anything off; _check_order then finds the first reject reason
+        if (price is None or not ins.qty_floor <= qty <= ins.max_qty or not ins.price_floor <= price <= ins.upper
+                or qty % ins.step or price % ins.tick):
+            ev: list = []
+            if self._check_order(acct, ins, qty, price, tif, ev, ts, cl, self._reject) is not True:
+                return ev
+        side = command.side
+        symbol = ins.symbol
+        holding = acct.holdings[symbol]
+        if side == BUY:
+            limit = ins.holding_limit
+            if limit is not None and holding.settled + holding.unsettled + holding.open_buy + qty > limit:
+                return self._reject([], acct, ts, cl, "holding_limit", f"would exceed the holding limit of {limit} t")
+            cash = acct.cash[ins.currency]
+            lim = price if price is not None else ins.upper
+            need = lim * qty
+            need -= -need * ins.fee_bp // 10_000  # plus the fee reserve, rounded up
+            if cash.total - cash.reserved < need:
+                return self._reject([], acct, ts, cl, "insufficient_funds",
+                                    f"needs {need} {ins.currency}, {cash.total - cash.reserved} available")
+            cash.reserved += need
+            holding.open_buy += qty
+            book = ins.bids
+            opp = ins.asks
+            key = -lim
+            opp_lim = lim  # opposite keys up to this cross
+        else:
+            if holding.settled - holding.reserved < qty:
+                return self._reject([], acct, ts, cl, "insufficient_allowances",
+                                    f"needs {qty} t, {holding.settled - holding.reserved} t available")
+            holding.reserved += qty
+            need = 0
+            book = ins.asks
+            opp = ins.bids
+            key = price if price is not None else ins.lower
+            opp_lim = -key
+        order_id = self._next_order_id
+        self._next_order_id = order_id + 1
+        o = Order(order_id, member, cl, symbol, side, price, qty, qty, tif, command.stp, session, need)
+        seq = acct.seq + 1
+        acct.seq = seq
+        accepted = OrderAccepted(seq, ts, member, cl, order_id, symbol, side, qty, price, tif)
+        if tif in _IMMEDIATE or price is None:
+            ev = [accepted]
+            self._enter(o, ins, acct, ev, ts)
+            return ev
+        if opp.best <= opp_lim:
+            # a crossing DAY/GTC limit order: what _enter does, without recomputing the sides
+            ev = [accepted]
+            reason = self._match(o, ins, opp, opp_lim, ev, ts)
+            qty = o.leaves
+            if not qty:
+                return ev
+            if reason is not None:
+                self._release(o, ins, acct)
+                o.leaves = 0
+                self._cancelled(ev, o, qty, ts, reason)
+                return ev
+        else:
+            ev = None
+        # rest (what is left) at the back of its level
+        level = book.levels.get(key)
+        if level is None:
+            level = book.new_level(key, price)
+        level.orders.append(o)
+        level_qty = level.qty + qty
+        level.qty = level_qty
+        count = level.count + 1
+        level.count = count
+        live[cl] = o
+        if session:
+            self._cod.setdefault(session, {})[order_id] = o
+        md = ins.md_seq + 1
+        ins.md_seq = md
+        if ev is None:
+            return [accepted, BookUpdate(symbol, md, side, price, level_qty, count)]
+        ev.append(BookUpdate(symbol, md, side, price, level_qty, count))
+        return ev
 
     @property
     def members(self) -> list[str]:
@@ -265,114 +374,6 @@ class Engine:
             if price < ins.lower or price > ins.upper:
                 return reject(ev, acct, ts, cl, "price_out_of_band", f"price {price} is outside the band {ins.lower}-{ins.upper}")
         return True
-
-    def _new_order(self, cmd: NewOrder, member: str, ts: int, session: int, throttled: bool) -> list:
-        # The hot path: everything a valid passive limit order needs is inlined here; anything
-        # unusual (a reject, a market/IOC/FOK order, a crossing price) takes the general helpers.
-        acct = self._accounts[member]
-        cl = cmd.cl_ord_id
-        taken = acct.taken
-        live = acct.live
-        if throttled:
-            taken.add(cl)
-            return self._reject([], acct, ts, cl, "throttled", "over the session's message rate")
-        if cl in taken:  # used today, or a live order's (live ids are always taken)
-            acct.carried.discard(cl)  # a live order's id from a previous day: now used today too
-            return self._reject([], acct, ts, cl, "duplicate_cl_ord_id", f"cl_ord_id {cl!r} is already used")
-        taken.add(cl)
-        if acct.suspended:
-            return self._reject([], acct, ts, cl, "member_suspended", f"member {member} is suspended")
-        try:
-            ins = self._instruments[cmd.instrument]
-        except KeyError:
-            return self._reject([], acct, ts, cl, "unknown_instrument", f"no instrument {cmd.instrument!r}")
-        if ins.status != OPEN:
-            if ins.status == CLOSED:
-                return self._reject([], acct, ts, cl, "market_closed", f"{ins.symbol} is closed")
-            return self._reject([], acct, ts, cl, "instrument_halted", f"{ins.symbol} is halted")
-        qty = cmd.qty
-        price = cmd.price
-        tif = cmd.tif
-        if tif is None:
-            tif = "day" if price is not None else "ioc"
-        # a quick test for anything off; _check_order then finds the first reject reason
-        if (price is None or not ins.qty_floor <= qty <= ins.max_qty or not ins.price_floor <= price <= ins.upper
-                or qty % ins.step or price % ins.tick):
-            ev: list = []
-            if self._check_order(acct, ins, qty, price, tif, ev, ts, cl, self._reject) is not True:
-                return ev
-        side = cmd.side
-        symbol = ins.symbol
-        holding = acct.holdings[symbol]
-        if side == BUY:
-            limit = ins.holding_limit
-            if limit is not None and holding.settled + holding.unsettled + holding.open_buy + qty > limit:
-                return self._reject([], acct, ts, cl, "holding_limit", f"would exceed the holding limit of {limit} t")
-            cash = acct.cash[ins.currency]
-            lim = price if price is not None else ins.upper
-            need = lim * qty
-            need -= -need * ins.fee_bp // 10_000  # plus the fee reserve, rounded up
-            if cash.total - cash.reserved < need:
-                return self._reject([], acct, ts, cl, "insufficient_funds",
-                                    f"needs {need} {ins.currency}, {cash.total - cash.reserved} available")
-            cash.reserved += need
-            holding.open_buy += qty
-            book = ins.bids
-            opp = ins.asks
-            key = -lim
-            opp_lim = lim  # opposite keys up to this cross
-        else:
-            if holding.settled - holding.reserved < qty:
-                return self._reject([], acct, ts, cl, "insufficient_allowances",
-                                    f"needs {qty} t, {holding.settled - holding.reserved} t available")
-            holding.reserved += qty
-            need = 0
-            book = ins.asks
-            opp = ins.bids
-            key = price if price is not None else ins.lower
-            opp_lim = -key
-        order_id = self._next_order_id
-        self._next_order_id = order_id + 1
-        o = Order(order_id, member, cl, symbol, side, price, qty, qty, tif, cmd.stp, session, need)
-        seq = acct.seq + 1
-        acct.seq = seq
-        accepted = OrderAccepted(seq, ts, member, cl, order_id, symbol, side, qty, price, tif)
-        if tif in _IMMEDIATE or price is None:
-            ev = [accepted]
-            self._enter(o, ins, acct, ev, ts)
-            return ev
-        if opp.best <= opp_lim:
-            # a crossing DAY/GTC limit order: what _enter does, without recomputing the sides
-            ev = [accepted]
-            reason = self._match(o, ins, opp, opp_lim, ev, ts)
-            qty = o.leaves
-            if not qty:
-                return ev
-            if reason is not None:
-                self._release(o, ins, acct)
-                o.leaves = 0
-                self._cancelled(ev, o, qty, ts, reason)
-                return ev
-        else:
-            ev = None
-        # rest (what is left) at the back of its level
-        level = book.levels.get(key)
-        if level is None:
-            level = book.new_level(key, price)
-        level.orders.append(o)
-        level_qty = level.qty + qty
-        level.qty = level_qty
-        count = level.count + 1
-        level.count = count
-        live[cl] = o
-        if session:
-            self._cod.setdefault(session, {})[order_id] = o
-        md = ins.md_seq + 1
-        ins.md_seq = md
-        if ev is None:
-            return [accepted, BookUpdate(symbol, md, side, price, level_qty, count)]
-        ev.append(BookUpdate(symbol, md, side, price, level_qty, count))
-        return ev
 
     def _enter(self, o: Order, ins: _Instrument, acct: Account, ev: list, ts: int) -> None:
         """Match an accepted order, then rest or cancel what is left of it."""
