@@ -74,7 +74,7 @@ class Holding(_Record):
 
 
 class Account:
-    __slots__ = ("member", "suspended", "seq", "cash", "holdings", "live", "used_ids")
+    __slots__ = ("member", "suspended", "seq", "cash", "holdings", "live", "taken", "carried")
 
     def __init__(self, member: str, currencies: list[str], instruments: list[str]) -> None:
         self.member = member
@@ -83,4 +83,26 @@ class Account:
         self.cash = {c: Cash() for c in currencies}
         self.holdings = {s: Holding() for s in instruments}
         self.live: dict[str, Order] = {}  # current cl_ord_id -> live order
-        self.used_ids: set[str] = set()  # cl_ord_ids used up this trading day
+        # Every cl_ord_id a new request may not use: the ids used up this trading day plus the
+        # ids of live orders. One set, so the duplicate check is one probe (the set grows to
+        # tens of thousands of ids a day; the probe is a cache miss, so it is the costly one).
+        self.taken: set[str] = set()
+        # Ids of live orders from earlier days that were not used today: taken, but not used.
+        # Usually empty (only GTC orders outlive a day), so hot paths test it before probing it.
+        self.carried: set[str] = set()
+
+    @property
+    def used_ids(self) -> set[str]:
+        """The cl_ord_ids used up this trading day (state hash, snapshots)."""
+        return self.taken - self.carried
+
+    def retire(self, cl: str) -> None:
+        """Order ``cl`` is no longer live: if it was carried over (not used today), free its id."""
+        if cl in self.carried:
+            self.carried.discard(cl)
+            self.taken.discard(cl)
+
+    def new_day(self) -> None:
+        """End of day: only the live orders' ids stay taken, as carried-over ids."""
+        self.taken = set(self.live)
+        self.carried = set(self.live)

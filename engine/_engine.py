@@ -126,7 +126,6 @@ class Engine:
         self._external_qty = {s: 0 for s in symbols}
         self._cod: dict[int, dict[int, Order]] = {}  # session -> its cancel-on-disconnect orders
         self._dispatch = {
-            NewOrder: self._new_order,
             CancelOrder: self._cancel_order,
             ReplaceOrder: self._replace_order,
             MassCancel: self._mass_cancel,
@@ -155,7 +154,117 @@ class Engine:
         ``throttled`` tells the engine that the gateway's throttle refused the request, so it
         is rejected ``throttled`` (and still uses up its ``cl_ord_id``).
         """
-        return self._dispatch[type(command)](command, member, ts, session, throttled)
+        if type(command) is not NewOrder:
+            return self._dispatch[type(command)](command, member, ts, session, throttled)
+        # A NewOrder (most of the traffic) is handled right here, not in a handler method of
+        # its own: that saves one Python call per order, about 5% of the engine's time in the
+        # matching benchmark. Everything a valid DAY/GTC limit order needs is inline; anything
+        # unusual (a reject, a market/IOC/FOK order) takes the general helpers, and a crossing
+        # order calls _match.
+        acct = self._accounts[member]
+        cl = command.cl_ord_id
+        taken = acct.taken
+        live = acct.live
+        if throttled:
+            taken.add(cl)
+            return self._reject([], acct, ts, cl, "throttled", "over the session's message rate")
+        if cl in taken:  # used today, or a live order's (live ids are always taken)
+            acct.carried.discard(cl)  # a live order's id from a previous day: now used today too
+            return self._reject([], acct, ts, cl, "duplicate_cl_ord_id", f"cl_ord_id {cl!r} is already used")
+        taken.add(cl)
+        if acct.suspended:
+            return self._reject([], acct, ts, cl, "member_suspended", f"member {member} is suspended")
+        try:
+            ins = self._instruments[command.instrument]
+        except KeyError:
+            return self._reject([], acct, ts, cl, "unknown_instrument", f"no instrument {command.instrument!r}")
+        if ins.status != OPEN:
+            if ins.status == CLOSED:
+                return self._reject([], acct, ts, cl, "market_closed", f"{ins.symbol} is closed")
+            return self._reject([], acct, ts, cl, "instrument_halted", f"{ins.symbol} is halted")
+        qty = command.qty
+        price = command.price
+        tif = command.tif
+        if tif is None:
+            tif = "day" if price is not None else "ioc"
+        # a quick test for anything off; _check_order then finds the first reject reason
+        if (price is None or not ins.qty_floor <= qty <= ins.max_qty or not ins.price_floor <= price <= ins.upper
+                or qty % ins.step or price % ins.tick):
+            ev: list = []
+            if self._check_order(acct, ins, qty, price, tif, ev, ts, cl, self._reject) is not True:
+                return ev
+        side = command.side
+        symbol = ins.symbol
+        holding = acct.holdings[symbol]
+        if side == BUY:
+            limit = ins.holding_limit
+            if limit is not None and holding.settled + holding.unsettled + holding.open_buy + qty > limit:
+                return self._reject([], acct, ts, cl, "holding_limit", f"would exceed the holding limit of {limit} t")
+            cash = acct.cash[ins.currency]
+            lim = price if price is not None else ins.upper
+            need = lim * qty
+            need -= -need * ins.fee_bp // 10_000  # plus the fee reserve, rounded up
+            if cash.total - cash.reserved < need:
+                return self._reject([], acct, ts, cl, "insufficient_funds",
+                                    f"needs {need} {ins.currency}, {cash.total - cash.reserved} available")
+            cash.reserved += need
+            holding.open_buy += qty
+            book = ins.bids
+            opp = ins.asks
+            key = -lim
+            opp_lim = lim  # opposite keys up to this cross
+        else:
+            if holding.settled - holding.reserved < qty:
+                return self._reject([], acct, ts, cl, "insufficient_allowances",
+                                    f"needs {qty} t, {holding.settled - holding.reserved} t available")
+            holding.reserved += qty
+            need = 0
+            book = ins.asks
+            opp = ins.bids
+            key = price if price is not None else ins.lower
+            opp_lim = -key
+        order_id = self._next_order_id
+        self._next_order_id = order_id + 1
+        o = Order(order_id, member, cl, symbol, side, price, qty, qty, tif, command.stp, session, need)
+        seq = acct.seq + 1
+        acct.seq = seq
+        accepted = OrderAccepted(seq, ts, member, cl, order_id, symbol, side, qty, price, tif)
+        if tif in _IMMEDIATE or price is None:
+            ev = [accepted]
+            self._enter(o, ins, acct, ev, ts)
+            return ev
+        if opp.best <= opp_lim:
+            # a crossing DAY/GTC limit order: what _enter does, without recomputing the sides
+            ev = [accepted]
+            reason = self._match(o, ins, opp, opp_lim, ev, ts)
+            qty = o.leaves
+            if not qty:
+                return ev
+            if reason is not None:
+                self._release(o, ins, acct)
+                o.leaves = 0
+                self._cancelled(ev, o, qty, ts, reason)
+                return ev
+        else:
+            ev = None
+        # rest (what is left) at the back of its level
+        level = book.levels.get(key)
+        if level is None:
+            level = book.new_level(key, price)
+        level.orders.append(o)
+        level_qty = level.qty + qty
+        level.qty = level_qty
+        count = level.count + 1
+        level.count = count
+        live[cl] = o
+        if session:
+            self._cod.setdefault(session, {})[order_id] = o
+        md = ins.md_seq + 1
+        ins.md_seq = md
+        if ev is None:
+            return [accepted, BookUpdate(symbol, md, side, price, level_qty, count)]
+        ev.append(BookUpdate(symbol, md, side, price, level_qty, count))
+        return ev
 
     @property
     def members(self) -> list[str]:
@@ -265,114 +374,6 @@ class Engine:
             if price < ins.lower or price > ins.upper:
                 return reject(ev, acct, ts, cl, "price_out_of_band", f"price {price} is outside the band {ins.lower}-{ins.upper}")
         return True
-
-    def _new_order(self, cmd: NewOrder, member: str, ts: int, session: int, throttled: bool) -> list:
-        # The hot path: everything a valid passive limit order needs is inlined here; anything
-        # unusual (a reject, a market/IOC/FOK order, a crossing price) takes the general helpers.
-        acct = self._accounts[member]
-        cl = cmd.cl_ord_id
-        used = acct.used_ids
-        live = acct.live
-        if throttled:
-            used.add(cl)
-            return self._reject([], acct, ts, cl, "throttled", "over the session's message rate")
-        if cl in used or cl in live:
-            used.add(cl)  # a live order's id from a previous day: now used today too
-            return self._reject([], acct, ts, cl, "duplicate_cl_ord_id", f"cl_ord_id {cl!r} is already used")
-        used.add(cl)
-        if acct.suspended:
-            return self._reject([], acct, ts, cl, "member_suspended", f"member {member} is suspended")
-        try:
-            ins = self._instruments[cmd.instrument]
-        except KeyError:
-            return self._reject([], acct, ts, cl, "unknown_instrument", f"no instrument {cmd.instrument!r}")
-        if ins.status != OPEN:
-            if ins.status == CLOSED:
-                return self._reject([], acct, ts, cl, "market_closed", f"{ins.symbol} is closed")
-            return self._reject([], acct, ts, cl, "instrument_halted", f"{ins.symbol} is halted")
-        qty = cmd.qty
-        price = cmd.price
-        tif = cmd.tif
-        if tif is None:
-            tif = "day" if price is not None else "ioc"
-        # a quick test for anything off; _check_order then finds the first reject reason
-        if (price is None or not ins.qty_floor <= qty <= ins.max_qty or not ins.price_floor <= price <= ins.upper
-                or qty % ins.step or price % ins.tick):
-            ev: list = []
-            if self._check_order(acct, ins, qty, price, tif, ev, ts, cl, self._reject) is not True:
-                return ev
-        side = cmd.side
-        symbol = ins.symbol
-        holding = acct.holdings[symbol]
-        if side == BUY:
-            limit = ins.holding_limit
-            if limit is not None and holding.settled + holding.unsettled + holding.open_buy + qty > limit:
-                return self._reject([], acct, ts, cl, "holding_limit", f"would exceed the holding limit of {limit} t")
-            cash = acct.cash[ins.currency]
-            lim = price if price is not None else ins.upper
-            need = lim * qty
-            need -= -need * ins.fee_bp // 10_000  # plus the fee reserve, rounded up
-            if cash.total - cash.reserved < need:
-                return self._reject([], acct, ts, cl, "insufficient_funds",
-                                    f"needs {need} {ins.currency}, {cash.total - cash.reserved} available")
-            cash.reserved += need
-            holding.open_buy += qty
-            book = ins.bids
-            opp = ins.asks
-            key = -lim
-            opp_lim = lim  # opposite keys up to this cross
-        else:
-            if holding.settled - holding.reserved < qty:
-                return self._reject([], acct, ts, cl, "insufficient_allowances",
-                                    f"needs {qty} t, {holding.settled - holding.reserved} t available")
-            holding.reserved += qty
-            need = 0
-            book = ins.asks
-            opp = ins.bids
-            key = price if price is not None else ins.lower
-            opp_lim = -key
-        order_id = self._next_order_id
-        self._next_order_id = order_id + 1
-        o = Order(order_id, member, cl, symbol, side, price, qty, qty, tif, cmd.stp, session, need)
-        seq = acct.seq + 1
-        acct.seq = seq
-        accepted = OrderAccepted(seq, ts, member, cl, order_id, symbol, side, qty, price, tif)
-        if tif in _IMMEDIATE or price is None:
-            ev = [accepted]
-            self._enter(o, ins, acct, ev, ts)
-            return ev
-        if opp.best <= opp_lim:
-            # a crossing DAY/GTC limit order: what _enter does, without recomputing the sides
-            ev = [accepted]
-            reason = self._match(o, ins, opp, opp_lim, ev, ts)
-            qty = o.leaves
-            if not qty:
-                return ev
-            if reason is not None:
-                self._release(o, ins, acct)
-                o.leaves = 0
-                self._cancelled(ev, o, qty, ts, reason)
-                return ev
-        else:
-            ev = None
-        # rest (what is left) at the back of its level
-        level = book.levels.get(key)
-        if level is None:
-            level = book.new_level(key, price)
-        level.orders.append(o)
-        level_qty = level.qty + qty
-        level.qty = level_qty
-        count = level.count + 1
-        level.count = count
-        live[cl] = o
-        if session:
-            self._cod.setdefault(session, {})[order_id] = o
-        md = ins.md_seq + 1
-        ins.md_seq = md
-        if ev is None:
-            return [accepted, BookUpdate(symbol, md, side, price, level_qty, count)]
-        ev.append(BookUpdate(symbol, md, side, price, level_qty, count))
-        return ev
 
     def _enter(self, o: Order, ins: _Instrument, acct: Account, ev: list, ts: int) -> None:
         """Match an accepted order, then rest or cancel what is left of it."""
@@ -530,6 +531,8 @@ class Engine:
                     orders.popleft()
                     level.count -= 1
                     del maker.live[m.cl_ord_id]
+                    if maker.carried:
+                        maker.retire(m.cl_ord_id)
                     if m.session:
                         self._cod[m.session].pop(m.order_id, None)
                 if not left:
@@ -594,6 +597,7 @@ class Engine:
     def _forget(self, o: Order, acct: Account) -> None:
         """Drop a finished order from the member's live orders and its session's list."""
         acct.live.pop(o.cl_ord_id, None)
+        acct.retire(o.cl_ord_id)
         if o.session:
             # SessionEnded / Restarted have already taken the session's list away
             orders = self._cod.get(o.session)
@@ -618,18 +622,19 @@ class Engine:
         acct = self._accounts[member]
         cl = cmd.cl_ord_id
         orig = cmd.orig_cl_ord_id
-        used = acct.used_ids
-        live = acct.live
+        taken = acct.taken
         if throttled:
-            used.add(cl)
+            taken.add(cl)
             return self._cancel_reject([], acct, ts, cl, orig, "throttled", "over the session's message rate")
-        if cl in used or cl in live:
-            used.add(cl)  # a live order's id from a previous day: now used today too
+        if cl in taken:  # used today, or a live order's
+            acct.carried.discard(cl)  # a live order's id from a previous day: now used today too
             return self._cancel_reject([], acct, ts, cl, orig, "duplicate_cl_ord_id", f"cl_ord_id {cl!r} is already used")
-        used.add(cl)
-        o = live.pop(orig, None)  # no longer live once cancelled
+        taken.add(cl)
+        o = acct.live.pop(orig, None)  # no longer live once cancelled
         if o is None:
             return self._cancel_reject([], acct, ts, cl, orig, "unknown_order", f"no live order {orig!r}")
+        if acct.carried:
+            acct.retire(orig)
         ins = self._instruments[o.instrument]
         qty = o.leaves
         side = o.side
@@ -670,12 +675,12 @@ class Engine:
         orig = cmd.orig_cl_ord_id
         reject = self._cancel_rejecter(orig)
         if throttled:
-            acct.used_ids.add(cl)
+            acct.taken.add(cl)
             return reject(ev, acct, ts, cl, "throttled", "over the session's message rate")
-        if cl in acct.used_ids or cl in acct.live:
-            acct.used_ids.add(cl)  # a live order's id from a previous day: now used today too
+        if cl in acct.taken:
+            acct.carried.discard(cl)  # a live order's id from a previous day: now used today too
             return reject(ev, acct, ts, cl, "duplicate_cl_ord_id", f"cl_ord_id {cl!r} is already used")
-        acct.used_ids.add(cl)
+        acct.taken.add(cl)
         if acct.suspended:
             return reject(ev, acct, ts, cl, "member_suspended", f"member {member} is suspended")
         o = acct.live.get(orig)
@@ -719,6 +724,7 @@ class Engine:
             need = 0
         old_cl = o.cl_ord_id
         del acct.live[old_cl]
+        acct.retire(old_cl)
         side = ins.bids if o.side == BUY else ins.asks
         if price == o.price and qty <= o.qty:
             # keeps its place in the queue
@@ -762,12 +768,12 @@ class Engine:
         ev: list = []
         cl = cmd.cl_ord_id
         if throttled:
-            acct.used_ids.add(cl)
+            acct.taken.add(cl)
             return self._cancel_reject(ev, acct, ts, cl, None, "throttled", "over the session's message rate")
-        if cl in acct.used_ids or cl in acct.live:
-            acct.used_ids.add(cl)  # a live order's id from a previous day: now used today too
+        if cl in acct.taken:
+            acct.carried.discard(cl)  # a live order's id from a previous day: now used today too
             return self._cancel_reject(ev, acct, ts, cl, None, "duplicate_cl_ord_id", f"cl_ord_id {cl!r} is already used")
-        acct.used_ids.add(cl)
+        acct.taken.add(cl)
         if cmd.instrument is not None and cmd.instrument not in self._instruments:
             return self._cancel_reject(ev, acct, ts, cl, None, "unknown_instrument", f"no instrument {cmd.instrument!r}")
         targets = [
@@ -965,7 +971,7 @@ class Engine:
                 h.unsettled = h.bought = h.sold = h.paid = h.received = h.fees = 0
             for cash in acct.cash.values():
                 cash.proceeds = 0
-            acct.used_ids.clear()
+            acct.new_day()
         for symbol, total in fee_totals.items():
             if total:
                 ins = self._instruments[symbol]
@@ -1039,12 +1045,16 @@ class Engine:
                 acct.cash[c] = Cash(total, reserved, proceeds)
             for s, *figures in holdings:
                 acct.holdings[s] = Holding(*figures)
-            acct.used_ids = set(used)
+            acct.taken = set(used)
         for fields in orders:
             o = Order(*fields)
             ins = engine._instruments[o.instrument]
             (ins.bids if o.side == BUY else ins.asks).rest(o)
-            engine._accounts[o.member].live[o.cl_ord_id] = o
+            acct = engine._accounts[o.member]
+            acct.live[o.cl_ord_id] = o
+            if o.cl_ord_id not in acct.taken:  # live since an earlier day, not used today
+                acct.taken.add(o.cl_ord_id)
+                acct.carried.add(o.cl_ord_id)
             if o.session:
                 engine._cod.setdefault(o.session, {})[o.order_id] = o
         for c, total in fees:
@@ -1110,6 +1120,8 @@ class Engine:
         total_cash = {c: v.total for c, v in self._fees.items()}
         total_qty = {s: 0 for s in self._instruments}
         for acct in self._accounts.values():
+            if not acct.taken.issuperset(acct.live) or not acct.carried <= acct.live.keys():
+                fail(f"{acct.member}: a live order's id is not taken, or a carried id is not live")
             for cl, o in acct.live.items():
                 if o.cl_ord_id != cl or not o.leaves or o.order_id not in live_ids:
                     fail(f"{acct.member}: live order {cl!r} is not resting")
