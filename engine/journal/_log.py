@@ -453,6 +453,7 @@ class Journal:
             firsts.pop()
             if self._sync:
                 ops.sync_dir(str(directory))
+        self._scanned: tuple[int, bytes, int] | None = None
         if not firsts:
             path = directory / segment_name(1)
             fd = ops.create(str(path))
@@ -479,6 +480,9 @@ class Journal:
             _check_header(path, data, first)
             records, group_end, group_seq, group_last = _scan_last_segment(path, first, data, _HEADER_SIZE, first)
             last_position = pack_position(first, group_last) if group_last >= 0 else 0
+            # the scan just checked every frame up to group_end: the replay after open reuses
+            # these bytes instead of reading and checking them again (see payloads)
+            self._scanned = (first, data, group_end)
             if group_end < len(data):
                 log.warning("%s: torn tail of %d bytes after offset %d (seq %d) truncated",
                             path, len(data) - group_end, group_end, group_seq)
@@ -802,6 +806,62 @@ class Journal:
             i += 1
             off = _HEADER_SIZE
             expect = segments[i]  # a segment's first record carries the seq in its name
+
+    def payloads(self, position: int, kind: int) -> Iterator[memoryview]:
+        """Payloads of the durable records of ``kind`` from ``position`` (a record's position)
+        on, as views into the segment's bytes: the replay path. Every frame is CRC-checked and
+        its seq checked for gaps, as in ``read_at``, but frames of other kinds are skipped
+        without building anything, and nothing is copied. The newest segment's bytes checked
+        by the recovery scan at open are used as they are (once: ``drop_scanned``)."""
+        seg, off = unpack_position(position)
+        lim_seg, lim_off = unpack_position(self._durable_pos)
+        if seg > lim_seg or (seg == lim_seg and off >= lim_off):
+            return
+        segments = self._segments
+        i = segments.index(seg)
+        unpack = _unpack_frame
+        check = crc32c
+        expect = None
+        while True:
+            seg = segments[i]
+            path = self.directory / segment_name(seg)
+            scanned = self._scanned
+            if scanned is not None and scanned[0] == seg:
+                data, checked = scanned[1], scanned[2]
+            else:
+                with open(path, "rb") as f:
+                    data = f.read()
+                checked = 0
+            end = lim_off if seg == lim_seg else len(data)
+            if len(data) < end:
+                raise CorruptJournalError(path, len(data), f"file ends before offset {end}")
+            mv = memoryview(data)
+            last = end - FRAME_SIZE
+            while off < end:
+                if off > last:
+                    raise CorruptJournalError(path, off, f"record cut off after {end - off} bytes")
+                crc, length, seq, k = unpack(data, off)
+                start = off + FRAME_SIZE
+                stop = start + length
+                if stop > end:
+                    raise CorruptJournalError(path, off, f"record cut off (length {length})")
+                if off >= checked and check(mv[off + 4:stop]) != crc:
+                    raise CorruptJournalError(path, off, f"checksum mismatch in record (seq field {seq})")
+                if seq != expect and expect is not None:
+                    raise CorruptJournalError(path, off, f"seq {seq} where {expect} was expected")
+                expect = seq + 1
+                if k & 0x7F == kind:
+                    yield mv[start:stop]
+                off = stop
+            if seg == lim_seg or i + 1 >= len(segments):
+                return
+            i += 1
+            off = _HEADER_SIZE
+            expect = segments[i]  # a segment's first record carries the seq in its name
+
+    def drop_scanned(self) -> None:
+        """Forget the newest segment's bytes kept from the recovery scan (after the replay)."""
+        self._scanned = None
 
     def read_at(self, position: int, kind: int | None = None) -> Iterator[Record]:
         """Durable records from ``position`` (a record's position) on; only ``kind`` if given."""
