@@ -9,6 +9,7 @@ failure is final: ``on_error`` is called, nothing more is reported durable and a
 from __future__ import annotations
 
 import logging
+import mmap
 import os
 import struct
 import sys
@@ -829,30 +830,32 @@ class Journal:
             if scanned is not None and scanned[0] == seg:
                 data, checked = scanned[1], scanned[2]
             else:
+                # mapped, not read: no copy of the segment (older segments never change)
                 with open(path, "rb") as f:
-                    data = f.read()
+                    data = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) if os.fstat(f.fileno()).st_size else b""
                 checked = 0
             end = lim_off if seg == lim_seg else len(data)
             if len(data) < end:
                 raise CorruptJournalError(path, len(data), f"file ends before offset {end}")
             mv = memoryview(data)
-            last = end - FRAME_SIZE
-            while off < end:
-                if off > last:
-                    raise CorruptJournalError(path, off, f"record cut off after {end - off} bytes")
-                crc, length, seq, k = unpack(data, off)
-                start = off + FRAME_SIZE
-                stop = start + length
-                if stop > end:
-                    raise CorruptJournalError(path, off, f"record cut off (length {length})")
-                if off >= checked and check(mv[off + 4:stop]) != crc:
-                    raise CorruptJournalError(path, off, f"checksum mismatch in record (seq field {seq})")
-                if seq != expect and expect is not None:
-                    raise CorruptJournalError(path, off, f"seq {seq} where {expect} was expected")
-                expect = seq + 1
-                if k & 0x7F == kind:
-                    yield mv[start:stop]
-                off = stop
+            if expect is None and off < end and off + FRAME_SIZE <= end:
+                expect = unpack(data, off)[2]
+            try:
+                while off < end:
+                    crc, length, seq, k = unpack(data, off)
+                    stop = off + FRAME_SIZE + length
+                    if stop > end:
+                        raise CorruptJournalError(path, off, f"record cut off (length {length})")
+                    if off >= checked and check(mv[off + 4:stop]) != crc:
+                        raise CorruptJournalError(path, off, f"checksum mismatch in record (seq field {seq})")
+                    if seq != expect:
+                        raise CorruptJournalError(path, off, f"seq {seq} where {expect} was expected")
+                    expect = seq + 1
+                    if k & 0x7F == kind:
+                        yield mv[off + FRAME_SIZE:stop]
+                    off = stop
+            except struct.error:
+                raise CorruptJournalError(path, off, f"record cut off after {end - off} bytes") from None
             if seg == lim_seg or i + 1 >= len(segments):
                 return
             i += 1
