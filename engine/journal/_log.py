@@ -614,18 +614,17 @@ class Journal:
             if self._seg_size >= self._segment_bytes:
                 self._roll()
             buf = self._buf
-            seq = self._next_seq
+            first = self._next_seq
             start = len(buf)
-            last = start
-            for payload in payloads:
-                last = len(buf)
+            rec = b""
+            for seq, payload in zip(range(first, first + len(payloads)), payloads):
                 rec = head(len(payload), seq, kind) + payload
                 buf += crc(check(rec))
                 buf += rec
-                seq += 1
+            seq = first + len(payloads)
             offset = self._seg_size
             self._seg_size = offset + len(buf) - start
-            self._last_off = offset + last - start
+            self._last_off = offset + len(buf) - 4 - len(rec) - start  # the last record's frame
             self._next_seq = seq
             if self._t0 is None:
                 self._t0 = time.monotonic()
