@@ -41,6 +41,8 @@ _HEAD_PACK = struct.Struct("<IQB").pack  # the frame after its CRC: length, seq,
 _CRC_PACK = struct.Struct("<I").pack
 _HEADER_SIZE = SEGMENT_HEADER.size
 _unpack_frame = FRAME.unpack_from
+if FRAME_SIZE != 17:  # Journal.payloads has it as a literal
+    raise ImportError("Journal.payloads assumes 17-byte frame headers")
 
 
 class JournalError(Exception):
@@ -842,16 +844,16 @@ class Journal:
             try:
                 while off < end:
                     crc, length, seq, k = unpack(data, off)
-                    stop = off + FRAME_SIZE + length
+                    stop = off + 17 + length  # FRAME_SIZE, as a constant: this loop is the replay's
                     if stop > end:
                         raise CorruptJournalError(path, off, f"record cut off (length {length})")
                     if off >= checked and check(mv[off + 4:stop]) != crc:
                         raise CorruptJournalError(path, off, f"checksum mismatch in record (seq field {seq})")
                     if seq != expect:
                         raise CorruptJournalError(path, off, f"seq {seq} where {expect} was expected")
-                    expect = seq + 1
+                    expect += 1
                     if k & 0x7F == kind:
-                        yield mv[off + FRAME_SIZE:stop]
+                        yield mv[off + 17:stop]
                     off = stop
             except struct.error:
                 raise CorruptJournalError(path, off, f"record cut off after {end - off} bytes") from None
