@@ -682,6 +682,7 @@ class Journal:
                 return
             self._closing = True
             self._limit = -1
+            self._scanned = None
             self._cond.notify_all()
         self._thread.join()
         with self._cond:
@@ -724,6 +725,7 @@ class Journal:
                     cond.wait()
                 if self._t0 is None:
                     return
+                self._scanned = None  # appends have begun, the replay at open is over: free those bytes
                 chunks = self._chunks
                 self._chunks = [[self._seg, bytearray()]]
                 self._buf = self._chunks[-1][1]
@@ -864,7 +866,8 @@ class Journal:
             expect = segments[i]  # a segment's first record carries the seq in its name
 
     def drop_scanned(self) -> None:
-        """Forget the newest segment's bytes kept from the recovery scan (after the replay)."""
+        """Forget the newest segment's bytes kept from the recovery scan (after the replay;
+        also done by the first write and by ``close``)."""
         self._scanned = None
 
     def read_at(self, position: int, kind: int | None = None) -> Iterator[Record]:
