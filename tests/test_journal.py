@@ -439,3 +439,49 @@ def test_open_lowers_the_switch_interval_unless_told_not_to(tmp_path):
         assert sys.getswitchinterval() == pytest.approx(0.0001)
     finally:
         sys.setswitchinterval(before)
+
+
+def test_fsync_mode_makes_each_batch_durable_with_one_dsync_write(tmp_path, monkeypatch):
+    """The plain file layer writes each batch with pwritev2(RWF_DSYNC) (durable on return, no
+    separate fdatasync); no durability callback comes before the write covering its records."""
+    if not hasattr(os, "RWF_DSYNC"):
+        pytest.skip("no RWF_DSYNC on this platform")  # Linux >= 4.7 has it
+    real_pwritev, real_fdatasync = os.pwritev, os.fdatasync
+    lock = threading.Lock()
+    state = {"durable_bytes": 0, "flags": set(), "fdatasyncs": 0}
+
+    def pwritev(fd, buffers, offset, flags=0):
+        n = real_pwritev(fd, buffers, offset, flags)
+        with lock:
+            state["flags"].add(flags)
+            state["durable_bytes"] += n
+        return n
+
+    def fdatasync(fd):
+        with lock:
+            state["fdatasyncs"] += 1
+        real_fdatasync(fd)
+
+    monkeypatch.setattr(os, "pwritev", pwritev)
+    monkeypatch.setattr(os, "fdatasync", fdatasync)
+    seen = []
+    j = Journal.open(tmp_path, on_durable=lambda seq: seen.append((seq, state["durable_bytes"])))
+    syncs_at_open = state["fdatasyncs"]
+    for i in range(1, 401):
+        j.append(1, payload(i))
+        if i % 50 == 0:
+            j.sync()
+    j.close()
+    assert state["flags"] == {os.RWF_DSYNC} and state["fdatasyncs"] == syncs_at_open
+    data = (tmp_path / segment_name(1)).read_bytes()
+    assert seen and seen[-1][0] == 400
+    for seq, durable in seen:
+        # the frames inside the bytes made durable before the callback reach seq
+        off, last = 24, 0
+        while off + FRAME_SIZE <= 24 + durable:
+            length, rec_seq = int.from_bytes(data[off + 4:off + 8], "little"), int.from_bytes(data[off + 8:off + 16], "little")
+            if off + FRAME_SIZE + length > 24 + durable:
+                break
+            last = rec_seq
+            off += FRAME_SIZE + length
+        assert last >= seq

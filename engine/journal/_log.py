@@ -8,6 +8,7 @@ failure is final: ``on_error`` is called, nothing more is reported durable and a
 
 from __future__ import annotations
 
+import errno
 import logging
 import mmap
 import os
@@ -77,6 +78,13 @@ class FileOps:
 
     def sync(self, fd: int) -> None:
         os.fdatasync(fd)
+
+    def write_durable(self, fd: int, data) -> int:
+        """Write at the end and make it durable in one system call: ``pwritev2`` with
+        ``RWF_DSYNC`` returns once the data is as durable as after ``fdatasync``. The writer
+        uses it in fsync mode when ``write`` and ``sync`` are these (not overridden): one
+        call instead of two halves the times the writer must win the GIL back per batch."""
+        return os.pwritev(fd, [data], -1, os.RWF_DSYNC)
 
     def sync_dir(self, path: str) -> None:
         fd = os.open(path, os.O_RDONLY)
@@ -427,6 +435,11 @@ class Journal:
         self._on_durable = on_durable
         self._on_error = on_error
         self._ops = file_ops or FileOps()
+        # one-call durable writes, unless a file layer that overrides write or sync is given
+        # (an instrumented one must see every write and every sync)
+        ops_type = type(self._ops)
+        self._dsync = (self._sync and hasattr(os, "RWF_DSYNC") and ops_type.write is FileOps.write
+                       and ops_type.sync is FileOps.sync)
         self.stats = JournalStats(self)
         self._lock = threading.Lock()
         self._cond = threading.Condition(self._lock)
@@ -713,6 +726,29 @@ class Journal:
         finally:
             view.release()
 
+    def _write_durable(self, fd: int, data) -> bool:
+        """Write ``data`` with ``FileOps.write_durable``; True if all of it is durable. If the
+        kernel or file system refuses ``RWF_DSYNC``, the rest is written plainly, one-call
+        writes are switched off, and False tells the caller to ``sync``."""
+        view = memoryview(data)
+        try:
+            while view:
+                try:
+                    n = self._ops.write_durable(fd, view)
+                except OSError as exc:
+                    if exc.errno not in (errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):
+                        raise
+                    log.warning("RWF_DSYNC writes not supported here (%r); using write + fdatasync", exc)
+                    self._dsync = False
+                    self._write_all(fd, view)
+                    return False
+                if n <= 0:
+                    raise OSError(f"write returned {n}")
+                view = view[n:]
+        finally:
+            view.release()
+        return True
+
     def _writer(self) -> None:
         ops = self._ops
         cond = self._cond
@@ -736,7 +772,10 @@ class Journal:
             try:
                 written = 0
                 new_files = False
-                for seg, data in chunks:
+                synced = False
+                last_chunk = chunks[-1]
+                for chunk in chunks:
+                    seg, data = chunk
                     if seg != self._segments[-1]:
                         # roll: the old segment is whole and synced before the new one exists
                         if sync:
@@ -747,12 +786,17 @@ class Journal:
                         self._file_size = 0
                         new_files = True
                     if data:
-                        self._write_all(self._fd, data)
+                        if self._dsync and chunk is last_chunk:
+                            t1 = monotonic()
+                            synced = self._write_durable(self._fd, data)
+                        else:
+                            self._write_all(self._fd, data)
                         self._file_size += len(data)
                         written += len(data)
                 if sync:
-                    t1 = monotonic()
-                    ops.sync(self._fd)
+                    if not synced:
+                        t1 = monotonic()
+                        ops.sync(self._fd)
                     if new_files:
                         ops.sync_dir(str(self.directory))
                     t2 = monotonic()
