@@ -195,6 +195,37 @@ def test_flipped_byte_in_an_older_segment_is_found_by_readers(tmp_path):
     j.close()
 
 
+def test_payloads_are_the_records_of_one_kind_across_segments(tmp_path):
+    fill(tmp_path, 300, segment_bytes=2048).close()
+    j = Journal.open(tmp_path, segment_bytes=2048)  # the newest segment's scanned bytes are reused
+    assert len(list_segments(tmp_path)) > 3
+    start = next(iter(j.records(5, 5))).position
+    for kind in (1, 2, 3):
+        want = [r.payload for r in j.read_at(start, kind)]
+        assert want and [bytes(p) for p in j.payloads(start, kind)] == want
+    j.drop_scanned()
+    assert [bytes(p) for p in j.payloads(start, 2)] == [r.payload for r in j.read_at(start, 2)]
+    j.append(2, b"later")  # not durable yet in the writer's view until synced
+    j.sync()
+    assert bytes(list(j.payloads(start, 2))[-1]) == b"later"
+    j.close()
+
+
+@pytest.mark.parametrize("where", ["payload", "seq"])
+def test_payloads_check_every_frame_of_an_older_segment(tmp_path, where):
+    fill(tmp_path, 400, segment_bytes=2048).close()
+    path, off = _offset_of(tmp_path, 31)  # a kind-2 record: the kind-1 payloads skip it, unchecked no more
+    assert path.name == segment_name(list_segments(tmp_path)[0])
+    data = bytearray(path.read_bytes())
+    data[off + FRAME_SIZE if where == "payload" else off + 8] ^= 1
+    path.write_bytes(bytes(data))
+    j = Journal.open(tmp_path, segment_bytes=2048)
+    with pytest.raises(CorruptJournalError) as info:
+        list(j.payloads(next(iter(j.records(1, 1))).position, 1))
+    assert (info.value.path, info.value.offset) == (str(path), off)
+    j.close()
+
+
 def test_bad_segment_header_is_an_error(tmp_path):
     fill(tmp_path, 10).close()
     path = tmp_path / segment_name(1)
@@ -408,3 +439,49 @@ def test_open_lowers_the_switch_interval_unless_told_not_to(tmp_path):
         assert sys.getswitchinterval() == pytest.approx(0.0001)
     finally:
         sys.setswitchinterval(before)
+
+
+def test_fsync_mode_makes_each_batch_durable_with_one_dsync_write(tmp_path, monkeypatch):
+    """The plain file layer writes each batch with pwritev2(RWF_DSYNC) (durable on return, no
+    separate fdatasync); no durability callback comes before the write covering its records."""
+    if not hasattr(os, "RWF_DSYNC"):
+        pytest.skip("no RWF_DSYNC on this platform")  # Linux >= 4.7 has it
+    real_pwritev, real_fdatasync = os.pwritev, os.fdatasync
+    lock = threading.Lock()
+    state = {"durable_bytes": 0, "flags": set(), "fdatasyncs": 0}
+
+    def pwritev(fd, buffers, offset, flags=0):
+        n = real_pwritev(fd, buffers, offset, flags)
+        with lock:
+            state["flags"].add(flags)
+            state["durable_bytes"] += n
+        return n
+
+    def fdatasync(fd):
+        with lock:
+            state["fdatasyncs"] += 1
+        real_fdatasync(fd)
+
+    monkeypatch.setattr(os, "pwritev", pwritev)
+    monkeypatch.setattr(os, "fdatasync", fdatasync)
+    seen = []
+    j = Journal.open(tmp_path, on_durable=lambda seq: seen.append((seq, state["durable_bytes"])))
+    syncs_at_open = state["fdatasyncs"]
+    for i in range(1, 401):
+        j.append(1, payload(i))
+        if i % 50 == 0:
+            j.sync()
+    j.close()
+    assert state["flags"] == {os.RWF_DSYNC} and state["fdatasyncs"] == syncs_at_open
+    data = (tmp_path / segment_name(1)).read_bytes()
+    assert seen and seen[-1][0] == 400
+    for seq, durable in seen:
+        # the frames inside the bytes made durable before the callback reach seq
+        off, last = 24, 0
+        while off + FRAME_SIZE <= 24 + durable:
+            length, rec_seq = int.from_bytes(data[off + 4:off + 8], "little"), int.from_bytes(data[off + 8:off + 16], "little")
+            if off + FRAME_SIZE + length > 24 + durable:
+                break
+            last = rec_seq
+            off += FRAME_SIZE + length
+        assert last >= seq

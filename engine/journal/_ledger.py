@@ -13,6 +13,7 @@ import hashlib
 import logging
 import queue
 import threading
+import typing
 from array import array
 from bisect import bisect_right
 from collections.abc import Callable, Iterator
@@ -52,14 +53,39 @@ class _EntryReports(msgspec.Struct, array_like=True, gc=False):
     reports: list[tuple[str, int, bytes]]
 
 
+def _unconstrained(cls):
+    """A twin of command class ``cls`` (same tag, fields and defaults) without the field
+    constraints. Replay decodes journaled commands into these: they were validated when they
+    were first taken, and the regular expression on ``cl_ord_id`` alone costs more than the
+    rest of the decoding. ``_REPLAY_CLASS`` maps a twin back to its class."""
+    fields = []
+    for f in msgspec.structs.fields(cls):
+        tp = f.type
+        if typing.get_origin(tp) is typing.Annotated:
+            tp = typing.get_args(tp)[0]
+        if f.default is not msgspec.NODEFAULT:
+            fields.append((f.name, tp, f.default))
+        elif f.default_factory is not msgspec.NODEFAULT:
+            fields.append((f.name, tp, msgspec.field(default_factory=f.default_factory)))
+        else:
+            fields.append((f.name, tp))
+    info = msgspec.inspect.type_info(cls)
+    return msgspec.defstruct(f"_Replay{cls.__name__}", fields, tag_field=info.tag_field, tag=info.tag,
+                             gc=False)
+
+
+_REPLAY_CLASS = {_unconstrained(cls): cls for cls in typing.get_args(Command)}
+
+
 class _EntryReplay(msgspec.Struct, array_like=True, gc=False):
-    """An ENTRY as replay needs it: the command decoded, the report bodies left alone."""
+    """An ENTRY as replay needs it: the command decoded (into its unconstrained twin), the
+    report bodies left alone."""
 
     ts: int
     member: str
     session: int
     throttled: bool
-    command: Command
+    command: typing.Union[tuple(_REPLAY_CLASS)]  # type: ignore[valid-type]
     reports: msgspec.Raw
 
 
@@ -179,8 +205,8 @@ class Ledger:
                 b.frombytes(positions)
                 self._idx_seq[member] = a
                 self._idx_pos[member] = b
-            records = journal.read_at(start.position, KIND_ENTRY)
-            next(records)
+            records = journal.payloads(start.position, KIND_ENTRY)
+            next(records)  # the snapshot's own entry
             replay_from = start.position
             self._snap_seq = start.seq
             log.info("restored snapshot at seq %d; replaying %d records", start.seq, journal.last_seq - start.seq)
@@ -188,14 +214,17 @@ class Ledger:
             first = next(journal.records(1, 1))
             if first.kind != KIND_START:
                 raise JournalError(f"record 1 of {self.directory} is not a START record")
-            records = journal.records(2, kind=KIND_ENTRY)
+            records = journal.payloads(first.position, KIND_ENTRY)
             replay_from = first.position
             head = _start_decoder.decode(first.payload)
             if head.config_sha256 != config_digest(config):
                 log.warning("the configuration differs from the one this journal was started with")
             self.engine = Engine(config, head.trading_day)
             self._snap_seq = 0
-        count = self._replay(records)
+        try:
+            count = self._replay(records)
+        finally:
+            journal.drop_scanned()
         if count:
             # index the replayed entries on first need (reports, snapshot), not on the restart path
             self._unindexed = (replay_from, journal.last_seq)
@@ -210,14 +239,17 @@ class Ledger:
             if body is not None:
                 yield body
 
-    def _replay(self, records) -> int:
-        """Run the journaled commands through the engine; returns how many."""
+    def _replay(self, payloads) -> int:
+        """Run the journaled commands (ENTRY payloads) through the engine; returns how many."""
         execute = self.engine.execute
         decode = _entry_decoder.decode
+        classes = _REPLAY_CLASS
+        astuple = msgspec.structs.astuple
         count = 0
-        for _, _, _, payload, _ in records:
+        for payload in payloads:
             e = decode(payload)
-            execute(e.command, e.member, e.ts, e.session, e.throttled)
+            c = e.command
+            execute(classes[type(c)](*astuple(c)), e.member, e.ts, e.session, e.throttled)
             count += 1
         return count
 
