@@ -442,7 +442,10 @@ class Journal:
                        and ops_type.sync is FileOps.sync)
         self.stats = JournalStats(self)
         self._lock = threading.Lock()
-        self._cond = threading.Condition(self._lock)
+        self._cond = threading.Condition(self._lock)  # durability waiters: flush, wait_durable, follow
+        # The writer thread waits on a condition of its own: a notify() for it can then never be
+        # taken by a reader waiting for durability (which would leave the batch unwritten).
+        self._wake = threading.Condition(self._lock)
         self._error: BaseException | None = None
         self._closing = False
         self._closed = False
@@ -587,7 +590,7 @@ class Journal:
             self._last_off = pos
             if self._t0 is None:
                 self._t0 = time.monotonic()
-                self._cond.notify()
+                self._wake.notify()
             return seq - 1
 
     def append(self, kind: int, payload: bytes, _head=_HEAD_PACK, _crc=_CRC_PACK, _crc32c=crc32c) -> int:
@@ -606,7 +609,7 @@ class Journal:
                 self._last_off = pos
                 if self._t0 is None:
                     self._t0 = time.monotonic()
-                    self._cond.notify()
+                    self._wake.notify()
                 return seq
         return self.append_group(((kind, payload),))
 
@@ -643,7 +646,7 @@ class Journal:
             self._next_seq = seq
             if self._t0 is None:
                 self._t0 = time.monotonic()
-                self._cond.notify()
+                self._wake.notify()
             return seq - 1
 
     def _roll(self) -> None:
@@ -697,6 +700,7 @@ class Journal:
             self._limit = -1
             self._scanned = None
             self._cond.notify_all()
+            self._wake.notify()
         self._thread.join()
         with self._cond:
             self._closed = True
@@ -758,7 +762,7 @@ class Journal:
         while True:
             with cond:
                 while self._t0 is None and not self._closing:
-                    cond.wait()
+                    self._wake.wait()
                 if self._t0 is None:
                     return
                 self._scanned = None  # appends have begun, the replay at open is over: free those bytes
