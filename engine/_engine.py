@@ -668,19 +668,33 @@ class Engine:
         return [OrderCancelled(seq, ts, member, cl or orig, o.order_id, orig, qty, 0, "requested"),
                 BookUpdate(ins.symbol, md, side, level.price, level.qty, count)]
 
+    @staticmethod
+    def _use_id(acct: Account, cl: str, throttled: bool) -> tuple[str, str] | None:
+        """The protocol's id rule: a request uses its ``cl_ord_id`` up, accepted or rejected.
+
+        Returns (reason, text) when the request is refused here (``throttled`` or
+        ``duplicate_cl_ord_id``), else None. ``execute`` (NewOrder) and ``_cancel_order`` carry
+        inlined copies of these lines, because they are the hot path.
+        """
+        taken = acct.taken
+        if throttled:
+            taken.add(cl)
+            return "throttled", "over the session's message rate"
+        if cl in taken:  # used today, or a live order's
+            acct.carried.discard(cl)  # a live order's id from a previous day: now used today too
+            return "duplicate_cl_ord_id", f"cl_ord_id {cl!r} is already used"
+        taken.add(cl)
+        return None
+
     def _replace_order(self, cmd: ReplaceOrder, member: str, ts: int, session: int, throttled: bool) -> list:
         acct = self._accounts[member]
         ev: list = []
         cl = cmd.cl_ord_id
         orig = cmd.orig_cl_ord_id
         reject = self._cancel_rejecter(orig)
-        if throttled:
-            acct.taken.add(cl)
-            return reject(ev, acct, ts, cl, "throttled", "over the session's message rate")
-        if cl in acct.taken:
-            acct.carried.discard(cl)  # a live order's id from a previous day: now used today too
-            return reject(ev, acct, ts, cl, "duplicate_cl_ord_id", f"cl_ord_id {cl!r} is already used")
-        acct.taken.add(cl)
+        refused = self._use_id(acct, cl, throttled)
+        if refused is not None:
+            return reject(ev, acct, ts, cl, *refused)
         if acct.suspended:
             return reject(ev, acct, ts, cl, "member_suspended", f"member {member} is suspended")
         o = acct.live.get(orig)
@@ -767,13 +781,9 @@ class Engine:
         acct = self._accounts[member]
         ev: list = []
         cl = cmd.cl_ord_id
-        if throttled:
-            acct.taken.add(cl)
-            return self._cancel_reject(ev, acct, ts, cl, None, "throttled", "over the session's message rate")
-        if cl in acct.taken:
-            acct.carried.discard(cl)  # a live order's id from a previous day: now used today too
-            return self._cancel_reject(ev, acct, ts, cl, None, "duplicate_cl_ord_id", f"cl_ord_id {cl!r} is already used")
-        acct.taken.add(cl)
+        refused = self._use_id(acct, cl, throttled)
+        if refused is not None:
+            return self._cancel_reject(ev, acct, ts, cl, None, *refused)
         if cmd.instrument is not None and cmd.instrument not in self._instruments:
             return self._cancel_reject(ev, acct, ts, cl, None, "unknown_instrument", f"no instrument {cmd.instrument!r}")
         targets = [

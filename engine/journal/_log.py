@@ -564,12 +564,7 @@ class Journal:
         if not items:
             raise ValueError("an empty group")
         with self._lock:
-            if self._error is not None:
-                raise JournalFailedError(f"journal failed: {self._error!r}") from self._error
-            if self._closing:
-                raise JournalError("journal is closed")
-            if self._seg_size >= self._segment_bytes:
-                self._roll()
+            self._ready_for_group()
             buf = self._buf
             seq = self._next_seq
             start = len(buf)
@@ -625,12 +620,7 @@ class Journal:
         if not payloads:
             return self.last_seq
         with self._lock:
-            if self._error is not None:
-                raise JournalFailedError(f"journal failed: {self._error!r}") from self._error
-            if self._closing:
-                raise JournalError("journal is closed")
-            if self._seg_size >= self._segment_bytes:
-                self._roll()
+            self._ready_for_group()
             buf = self._buf
             first = self._next_seq
             start = len(buf)
@@ -648,6 +638,15 @@ class Journal:
                 self._t0 = time.monotonic()
                 self._wake.notify()
             return seq - 1
+
+    def _ready_for_group(self) -> None:
+        """Refuse appends to a failed or closing journal; roll a full segment (lock held)."""
+        if self._error is not None:
+            raise JournalFailedError(f"journal failed: {self._error!r}") from self._error
+        if self._closing:
+            raise JournalError("journal is closed")
+        if self._seg_size >= self._segment_bytes:
+            self._roll()
 
     def _roll(self) -> None:
         """Start a new segment at the next seq (lock held). Groups never straddle segments."""
