@@ -1,10 +1,10 @@
 """Member accounts: cash per currency, allowance holdings per instrument, order-id bookkeeping.
 
 Plain mutable records; the engine owns every rule about them (reservations, settlement).
-``Cash`` and ``Holding`` are ``__slots__`` classes rather than msgspec Structs: every fill
-updates several of their fields, and CPython 3.11 specialises attribute stores only on types
-with the default ``__setattr__`` (a Struct's costs about half as much again per store). They
-are never encoded; snapshots flatten them into lists.
+``Cash`` and ``Holding`` are plain classes rather than msgspec Structs: every fill updates
+several of their fields, and in the compiled engine they are native classes whose fields are
+C struct members (interpreted, ``__slots__`` keeps CPython's specialised attribute stores).
+They are never encoded; snapshots flatten them into lists.
 """
 
 from __future__ import annotations
@@ -14,40 +14,13 @@ from ._book import Order
 __all__ = ["Cash", "Holding", "Account"]
 
 
-class _Record:
-    """Fields in ``__slots__`` order, positional or keyword, all defaulting to 0."""
+class Cash:
+    __slots__ = ("total", "reserved", "proceeds")
 
-    __slots__ = ()
-
-    def __init__(self, *values: int, **named: int) -> None:
-        fields = self.__slots__
-        if len(values) > len(fields):
-            raise TypeError(f"{type(self).__name__} takes at most {len(fields)} values")
-        for name, value in zip(fields, values):
-            setattr(self, name, value)
-        for name in fields[len(values):]:
-            setattr(self, name, named.pop(name, 0))
-        if named:
-            raise TypeError(f"{type(self).__name__} has no field {next(iter(named))!r}")
-
-    def __repr__(self) -> str:
-        body = ", ".join(f"{name}={getattr(self, name)!r}" for name in self.__slots__)
-        return f"{type(self).__name__}({body})"
-
-    def __eq__(self, other: object) -> bool:
-        if type(other) is not type(self):
-            return NotImplemented
-        return all(getattr(self, n) == getattr(other, n) for n in self.__slots__)
-
-    __hash__ = None  # mutable
-
-
-class Cash(_Record):
-    __slots__ = (
-        "total",
-        "reserved",  # held for open buy orders (price x qty plus fee reserve)
-        "proceeds",  # today's net sale proceeds: spendable, not withdrawable until end of day
-    )
+    def __init__(self, total: int = 0, reserved: int = 0, proceeds: int = 0) -> None:
+        self.total = total
+        self.reserved = reserved  # held for open buy orders (price x qty plus fee reserve)
+        self.proceeds = proceeds  # today's net sale proceeds: spendable, not withdrawable until end of day
 
     @property
     def available(self) -> int:
@@ -57,20 +30,50 @@ class Cash(_Record):
     def withdrawable(self) -> int:
         return max(0, self.total - self.reserved - self.proceeds)
 
+    def fields(self) -> list[int]:
+        return [self.total, self.reserved, self.proceeds]
 
-class Holding(_Record):
-    __slots__ = (
-        "settled",
-        "unsettled",  # bought today: not sellable until end of day
-        "reserved",  # held for open sell orders
-        "open_buy",  # open quantity of resting and incoming buy orders (holding limit)
+    def __repr__(self) -> str:
+        return f"Cash(total={self.total}, reserved={self.reserved}, proceeds={self.proceeds})"
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Cash) and self.fields() == other.fields()
+
+    __hash__ = None  # type: ignore[assignment]  # mutable
+
+
+class Holding:
+    __slots__ = ("settled", "unsettled", "reserved", "open_buy", "bought", "sold", "paid", "received", "fees")
+
+    def __init__(self, settled: int = 0, unsettled: int = 0, reserved: int = 0, open_buy: int = 0,
+                 bought: int = 0, sold: int = 0, paid: int = 0, received: int = 0, fees: int = 0) -> None:
+        self.settled = settled
+        self.unsettled = unsettled  # bought today: not sellable until end of day
+        self.reserved = reserved  # held for open sell orders
+        self.open_buy = open_buy  # open quantity of resting and incoming buy orders (holding limit)
         # today's settlement figures
-        "bought", "sold", "paid", "received", "fees",
-    )
+        self.bought = bought
+        self.sold = sold
+        self.paid = paid
+        self.received = received
+        self.fees = fees
 
     @property
     def available(self) -> int:
         return self.settled - self.reserved
+
+    def fields(self) -> list[int]:
+        return [self.settled, self.unsettled, self.reserved, self.open_buy, self.bought, self.sold, self.paid,
+                self.received, self.fees]
+
+    def __repr__(self) -> str:
+        names = ("settled", "unsettled", "reserved", "open_buy", "bought", "sold", "paid", "received", "fees")
+        return "Holding(" + ", ".join(f"{n}={v}" for n, v in zip(names, self.fields())) + ")"
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Holding) and self.fields() == other.fields()
+
+    __hash__ = None  # type: ignore[assignment]  # mutable
 
 
 class Account:
@@ -80,8 +83,8 @@ class Account:
         self.member = member
         self.suspended = False
         self.seq = 0  # last report seq
-        self.cash = {c: Cash() for c in currencies}
-        self.holdings = {s: Holding() for s in instruments}
+        self.cash: dict[str, Cash] = {c: Cash() for c in currencies}
+        self.holdings: dict[str, Holding] = {s: Holding() for s in instruments}
         self.live: dict[str, Order] = {}  # current cl_ord_id -> live order
         # Every cl_ord_id a new request may not use: the ids used up this trading day plus the
         # ids of live orders. One set, so the duplicate check is one probe (the set grows to

@@ -18,7 +18,7 @@ from collections import deque
 from heapq import heappop, heappush, nsmallest
 from operator import attrgetter
 
-import msgspec
+from ._messages import Side, Stp, Tif
 
 __all__ = ["Order", "Level", "SideBook", "NO_PRICE"]
 
@@ -26,21 +26,38 @@ NO_PRICE = 1 << 62  # best key of an empty side: no limit key is ever above it
 _leaves = attrgetter("leaves")
 
 
-class Order(msgspec.Struct, gc=False):
-    """A resting or incoming order. Mutable: the book and the engine update it in place."""
+class Order:
+    """A resting or incoming order. Mutable: the book and the engine update it in place.
 
-    order_id: int
-    member: str
-    cl_ord_id: str
-    instrument: str
-    side: str
-    price: int | None  # None for market orders, which never rest
-    qty: int  # total ordered quantity, filled part included
-    leaves: int  # open quantity; 0 once filled or cancelled
-    tif: str
-    stp: str
-    session: int  # cancel-on-disconnect session, 0 for none
-    reserved: int  # buy orders: cash still reserved for the open quantity and its fees
+    A plain class rather than a msgspec Struct: it is never encoded (snapshots flatten it),
+    and as a native class of the compiled engine its fields are C struct members.
+    """
+
+    __slots__ = ("order_id", "member", "cl_ord_id", "instrument", "side", "price", "qty", "leaves", "tif",
+                 "stp", "session", "reserved")
+
+    def __init__(self, order_id: int, member: str, cl_ord_id: str, instrument: str, side: Side,
+                 price: int | None, qty: int, leaves: int, tif: Tif, stp: Stp, session: int, reserved: int) -> None:
+        self.order_id = order_id
+        self.member = member
+        self.cl_ord_id = cl_ord_id
+        self.instrument = instrument
+        self.side = side
+        self.price = price  # None for market orders, which never rest
+        self.qty = qty  # total ordered quantity, filled part included
+        self.leaves = leaves  # open quantity; 0 once filled or cancelled
+        self.tif = tif
+        self.stp = stp
+        self.session = session  # cancel-on-disconnect session, 0 for none
+        self.reserved = reserved  # buy orders: cash still reserved for the open quantity and its fees
+
+    def fields(self) -> list:
+        """The fields in constructor order (snapshots)."""
+        return [self.order_id, self.member, self.cl_ord_id, self.instrument, self.side, self.price, self.qty,
+                self.leaves, self.tif, self.stp, self.session, self.reserved]
+
+    def __repr__(self) -> str:
+        return f"Order{tuple(self.fields())!r}"
 
 
 class Level:
@@ -93,10 +110,12 @@ class SideBook:
 
     def rest(self, order: Order) -> Level:
         """Append an order at the back of its price level."""
-        key = self.sign * order.price
+        price = order.price
+        assert price is not None, "market orders never rest"
+        key = self.sign * price
         level = self.levels.get(key)
         if level is None:
-            level = self.new_level(key, order.price)
+            level = self.new_level(key, price)
         level.orders.append(order)
         level.qty += order.leaves
         level.count += 1
@@ -120,7 +139,9 @@ class SideBook:
 
     def remove(self, order: Order) -> Level:
         """Take a live order out of the book (cancel, replace); the caller zeroes nothing."""
-        key = self.sign * order.price
+        price = order.price
+        assert price is not None, "market orders never rest"
+        key = self.sign * price
         level = self.levels[key]
         level.qty -= order.leaves
         level.count -= 1

@@ -13,29 +13,31 @@ from __future__ import annotations
 import datetime as _dt
 import hashlib
 from operator import attrgetter
+from typing import Any, Callable, Final
 
 import msgspec
 
 from ._accounts import Account, Cash, Holding
 from ._book import NO_PRICE, Order, SideBook
+from ._errors import InvariantError
 from ._config import ExchangeConfig, InstrumentConfig, price_band
 from ._messages import (
     AdminAck, AdminRejected, AllowanceBalance, Balances, BookSnapshot, BookUpdate, CancelOrder,
     CancelRejected, CashBalance, CloseMarket, DayEnded, Deposit, EndOfDay, Fill, Halt,
     InstrumentStatus, MassCancel, MassCancelDone, NewOrder, OpenMarket, OrderAccepted,
     OrderCancelled, OrderRejected, OrderReplaced, QueryBalances, ReinstateMember, ReplaceOrder,
-    Restarted, Resume, SessionEnded, SettlementLine, SuspendMember, Trade, Withdraw,
+    Restarted, Resume, SessionEnded, SettlementLine, Side, Status, SuspendMember, Trade, Withdraw,
+    CancelReason, RejectReason,
 )
 
 __all__ = ["Engine", "InvariantError", "SNAPSHOT_VERSION"]
 
 SNAPSHOT_VERSION = 1
-BUY, SELL = "buy", "sell"
-OPEN, HALTED, CLOSED = "open", "halted", "closed"
-
-
-class InvariantError(AssertionError):
-    """A broken internal invariant: a bug, never a client's fault."""
+BUY: Final = "buy"
+SELL: Final = "sell"
+OPEN: Final = "open"
+HALTED: Final = "halted"
+CLOSED: Final = "closed"
 
 
 class _Instrument:
@@ -59,7 +61,7 @@ class _Instrument:
         self.band_bp = cfg.band_bp
         self.fee_bp = cfg.fee_bp
         self.holding_limit = cfg.holding_limit
-        self.status = CLOSED
+        self.status: Status = CLOSED
         self.md_seq = 0
         self.last_price: int | None = None
         self.day_value = 0
@@ -125,7 +127,7 @@ class Engine:
         self._external_cash = {c: 0 for c in self._currencies}  # deposits - withdrawals
         self._external_qty = {s: 0 for s in symbols}
         self._cod: dict[int, dict[int, Order]] = {}  # session -> its cancel-on-disconnect orders
-        self._dispatch = {
+        self._dispatch: dict[type, Callable[[Any, str, int, int, bool], list]] = {
             CancelOrder: self._cancel_order,
             ReplaceOrder: self._replace_order,
             MassCancel: self._mass_cancel,
@@ -190,9 +192,9 @@ class Engine:
         # a quick test for anything off; _check_order then finds the first reject reason
         if (price is None or not ins.qty_floor <= qty <= ins.max_qty or not ins.price_floor <= price <= ins.upper
                 or qty % ins.step or price % ins.tick):
-            ev: list = []
-            if self._check_order(acct, ins, qty, price, tif, ev, ts, cl, self._reject) is not True:
-                return ev
+            rejected: list = []
+            if self._check_order(acct, ins, qty, price, tif, rejected, ts, cl, self._reject) is not True:
+                return rejected
         side = command.side
         symbol = ins.symbol
         holding = acct.holdings[symbol]
@@ -229,6 +231,7 @@ class Engine:
         seq = acct.seq + 1
         acct.seq = seq
         accepted = OrderAccepted(seq, ts, member, cl, order_id, symbol, side, qty, price, tif)
+        ev: list | None
         if tif in _IMMEDIATE or price is None:
             ev = [accepted]
             self._enter(o, ins, acct, ev, ts)
@@ -246,7 +249,7 @@ class Engine:
                 self._cancelled(ev, o, qty, ts, reason)
                 return ev
         else:
-            ev = None
+            ev = None  # the common case: a passive order, two events
         # rest (what is left) at the back of its level
         level = book.levels.get(key)
         if level is None:
@@ -339,7 +342,7 @@ class Engine:
     # -----------------------------------------------------------------------------------------
     # Reports
 
-    def _reject(self, ev: list, acct: Account, ts: int, cl: str, reason: str, text: str) -> list:
+    def _reject(self, ev: list, acct: Account, ts: int, cl: str, reason: RejectReason, text: str) -> list:
         acct.seq += 1
         ev.append(OrderRejected(acct.seq, ts, acct.member, cl, reason, text))
         return ev
@@ -349,7 +352,7 @@ class Engine:
         ev.append(CancelRejected(acct.seq, ts, acct.member, cl, orig, reason, text))
         return ev
 
-    def _cancelled(self, ev: list, o: Order, qty: int, ts: int, reason: str, cl: str | None = None) -> None:
+    def _cancelled(self, ev: list, o: Order, qty: int, ts: int, reason: CancelReason, cl: str | None = None) -> None:
         """Report the cancellation of ``qty`` open tonnes of an order."""
         acct = self._accounts[o.member]
         acct.seq += 1
@@ -383,7 +386,7 @@ class Engine:
         else:
             opp = ins.bids
             lim = -(o.price if o.price is not None else ins.lower)
-        reason = None
+        reason: CancelReason | None = None
         if opp.best <= lim:
             if o.tif == "fok" and not self._fok_fillable(o, opp, lim):
                 reason = "fok"
@@ -426,7 +429,7 @@ class Engine:
                         return True
         return False
 
-    def _match(self, o: Order, ins: _Instrument, opp: SideBook, lim: int, ev: list, ts: int) -> str | None:
+    def _match(self, o: Order, ins: _Instrument, opp: SideBook, lim: int, ev: list, ts: int) -> CancelReason | None:
         """Trade ``o`` against the opposite side; returns a cancel reason for its rest, if any.
 
         Every fill is delivery versus payment at the resting price, with a fee per side. The
@@ -439,7 +442,7 @@ class Engine:
         currency = ins.currency
         taker_side = o.side
         taker_buys = taker_side == BUY
-        maker_side = SELL if taker_buys else BUY
+        maker_side: Side = SELL if taker_buys else BUY
         t_member = o.member
         t_cl = o.cl_ord_id
         t_id = o.order_id
@@ -451,7 +454,7 @@ class Engine:
         md = ins.md_seq
         t_value = t_fee = 0  # the taker's totals over its fills
         price = last_price = None
-        reason = None
+        reason: CancelReason | None = None
         while left and opp.best <= lim:
             key = opp.best
             level = levels[key]
@@ -604,7 +607,7 @@ class Engine:
             if orders is not None:
                 orders.pop(o.order_id, None)
 
-    def _cancel_resting(self, o: Order, ev: list, ts: int, reason: str, cl: str | None = None) -> None:
+    def _cancel_resting(self, o: Order, ev: list, ts: int, reason: CancelReason, cl: str | None = None) -> None:
         """Cancel a resting order: off the book, reservation released, reported."""
         ins = self._instruments[o.instrument]
         acct = self._accounts[o.member]
@@ -638,16 +641,18 @@ class Engine:
         ins = self._instruments[o.instrument]
         qty = o.leaves
         side = o.side
+        price = o.price
+        assert price is not None, "market orders never rest"
         if side == BUY:
             acct.cash[ins.currency].reserved -= o.reserved
             o.reserved = 0
             acct.holdings[ins.symbol].open_buy -= qty
             book = ins.bids
-            key = -o.price
+            key = -price
         else:
             acct.holdings[ins.symbol].reserved -= qty
             book = ins.asks
-            key = o.price
+            key = price
         if o.session:
             self._cod[o.session].pop(o.order_id, None)
         level = book.levels[key]
@@ -960,7 +965,7 @@ class Engine:
             ins.set_reference(close)
             # GTC orders outside the new band are cancelled
             for o in _by_order_id(ins):
-                if o.price < ins.lower or o.price > ins.upper:
+                if o.price is None or o.price < ins.lower or o.price > ins.upper:
                     self._cancel_resting(o, ev, ts, "expired")
             ins.last_price = None
             ins.day_value = ins.day_qty = 0
@@ -1003,8 +1008,7 @@ class Engine:
                                 ins.day_value, ins.day_qty])
             for side in (ins.bids, ins.asks):
                 for o in side.orders():
-                    orders.append([o.order_id, o.member, o.cl_ord_id, o.instrument, o.side, o.price, o.qty,
-                                   o.leaves, o.tif, o.stp, o.session, o.reserved])
+                    orders.append(o.fields())
         accounts = []
         for acct in self._accounts.values():
             accounts.append([
@@ -1116,7 +1120,9 @@ class Engine:
                             fail(f"order {o.order_id} rests twice")
                         live_ids.add(o.order_id)
                         k = (o.member, ins.currency if name == BUY else ins.symbol)
-                        if name == BUY:
+                        if o.price is None:
+                            fail(f"order {o.order_id}: a market order rests")
+                        elif name == BUY:
                             need = o.price * o.leaves + _fee_reserve(o.price, o.leaves, ins.fee_bp)
                             if o.reserved != need:
                                 fail(f"order {o.order_id}: reserves {o.reserved}, needs {need}")

@@ -1,0 +1,10 @@
+"""Errors of the engine. In a module of their own because the compiled modules cannot
+subclass ``AssertionError`` (mypyc's native classes inherit from a few builtin types only)."""
+
+from __future__ import annotations
+
+__all__ = ["InvariantError"]
+
+
+class InvariantError(AssertionError):
+    """A broken internal invariant: a bug, never a client's fault."""
