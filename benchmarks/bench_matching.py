@@ -244,6 +244,9 @@ def main(argv=None) -> int:
 
     print(f"Kaboni matching benchmark: {args.n:,} events, seed {args.seed}")
     print(f"machine: {os.cpu_count()} cores, {cpu_model()}, Python {platform.python_version()}")
+    compiled = sys.modules["engine._engine"].__file__.endswith(".so")
+    print("engine: " + ("compiled by mypyc" if compiled
+                        else "interpreted (no compiled extension: `pip install -e .` builds it)"))
     t0 = time.perf_counter()
     if have_shared:
         events, stats = workload.generate(args.n, args.seed)

@@ -1,0 +1,26 @@
+"""Refuse to test a stale compiled engine.
+
+``pip install -e .`` compiles the engine's hot modules with mypyc into extension modules next
+to their sources, and Python imports the extension first. After an edit to one of those
+sources the extension would still run the old code, so the suite stops and says what to do.
+"""
+
+from __future__ import annotations
+
+import importlib.machinery
+from pathlib import Path
+
+import pytest
+
+ENGINE = Path(__file__).resolve().parent.parent / "engine"
+COMPILED = ("_book", "_accounts", "_engine")
+
+
+def pytest_sessionstart(session: pytest.Session) -> None:
+    for name in COMPILED:
+        source = ENGINE / f"{name}.py"
+        for suffix in importlib.machinery.EXTENSION_SUFFIXES:
+            ext = ENGINE / f"{name}{suffix}"
+            if ext.exists() and ext.stat().st_mtime < source.stat().st_mtime:
+                pytest.exit(f"{ext.name} is older than {source.name}: rebuild it with `pip install -e .`"
+                            f" (or delete the extension to test the pure-Python engine)", returncode=2)
