@@ -10,7 +10,7 @@ import os
 
 from setuptools import setup
 
-COMPILED = ["engine/_book.py", "engine/_accounts.py", "engine/_engine.py"]
+COMPILED = ["engine/_book.py", "engine/_accounts.py", "engine/_engine.py", "engine/_replay.py"]
 
 
 def ext_modules() -> list:

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 ENGINE = Path(__file__).resolve().parent.parent / "engine"
-COMPILED = ("_book", "_accounts", "_engine")
+COMPILED = ("_book", "_accounts", "_engine", "_replay")
 
 
 def pytest_sessionstart(session: pytest.Session) -> None:

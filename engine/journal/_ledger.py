@@ -10,6 +10,7 @@ entries after it; without a snapshot, a replay from the journal's first record.
 from __future__ import annotations
 
 import hashlib
+import mmap
 import logging
 import queue
 import threading
@@ -23,6 +24,7 @@ import msgspec
 
 from .._config import ExchangeConfig
 from .._engine import Engine
+from .._replay import run_entries
 from .._messages import (
     CancelRejected, Command, DayEnded, Deposit, Fill, MassCancelDone, OpenMarket, OrderAccepted,
     OrderCancelled, OrderRejected, OrderReplaced, QueryBalances,
@@ -92,6 +94,16 @@ class _EntryReplay(msgspec.Struct, array_like=True, gc=False):
 _entry_decoder = msgspec.msgpack.Decoder(_EntryReplay)
 _entry_reports_decoder = msgspec.msgpack.Decoder(_EntryReports)
 _start_decoder = msgspec.msgpack.Decoder(StartRecord)
+
+
+def _skip_first(batches: Iterator[tuple[mmap.mmap | bytes, list[int]]]) -> Iterator[tuple[mmap.mmap | bytes, list[int]]]:
+    """The replay's batches without their first payload."""
+    first = True
+    for data, spans in batches:
+        if first and spans:
+            first = False
+            spans = spans[2:]
+        yield data, spans
 
 
 def config_digest(config: ExchangeConfig) -> str:
@@ -205,8 +217,8 @@ class Ledger:
                 b.frombytes(positions)
                 self._idx_seq[member] = a
                 self._idx_pos[member] = b
-            records = journal.payloads(start.position, KIND_ENTRY)
-            next(records)  # the snapshot's own entry
+            records = journal.payload_spans(start.position, KIND_ENTRY)
+            records = _skip_first(records)  # the snapshot's own entry
             replay_from = start.position
             self._snap_seq = start.seq
             log.info("restored snapshot at seq %d; replaying %d records", start.seq, journal.last_seq - start.seq)
@@ -214,7 +226,7 @@ class Ledger:
             first = next(journal.records(1, 1))
             if first.kind != KIND_START:
                 raise JournalError(f"record 1 of {self.directory} is not a START record")
-            records = journal.payloads(first.position, KIND_ENTRY)
+            records = journal.payload_spans(first.position, KIND_ENTRY)
             replay_from = first.position
             head = _start_decoder.decode(first.payload)
             if head.config_sha256 != config_digest(config):
@@ -239,18 +251,21 @@ class Ledger:
             if body is not None:
                 yield body
 
-    def _replay(self, payloads) -> int:
-        """Run the journaled commands (ENTRY payloads) through the engine; returns how many."""
-        execute = self.engine.execute
+    def _replay(self, batches: Iterator[tuple[mmap.mmap | bytes, list[int]]]) -> int:
+        """Run the journaled commands (ENTRY payloads, per segment) through the engine; returns
+        how many.
+
+        The engine builds no order events meanwhile (``Engine.events``): the reports are in
+        the journal as they were sent, and only the state is wanted here."""
+        engine = self.engine
         decode = _entry_decoder.decode
-        classes = _REPLAY_CLASS
-        astuple = msgspec.structs.astuple
         count = 0
-        for payload in payloads:
-            e = decode(payload)
-            c = e.command
-            execute(classes[type(c)](*astuple(c)), e.member, e.ts, e.session, e.throttled)
-            count += 1
+        engine.events = False
+        try:
+            for data, spans in batches:
+                count += run_entries(engine, data, spans, decode, _REPLAY_CLASS)
+        finally:
+            engine.events = True
         return count
 
     def _ensure_index(self) -> None:

@@ -23,6 +23,9 @@ from pathlib import Path
 from crc32c import crc32c
 
 from .._histogram import LATENCY_BOUNDS, SIZE_BOUNDS, FixedHistogram
+from .._replay import FRAME as _replay_frame
+from .._replay import FRAME_SIZE as _REPLAY_FRAME_SIZE
+from .._replay import scan_frames
 from ._format import (
     FORMAT_VERSION, FRAME, FRAME_SIZE, GROUP_END, MAX_PAYLOAD, SEGMENT_HEADER,
     SEGMENT_MAGIC, Record, pack_position, parse_segment_name, segment_name, unpack_position,
@@ -41,9 +44,14 @@ _READ_CHUNK = 4 << 20
 _HEAD_PACK = struct.Struct("<IQB").pack  # the frame after its CRC: length, seq, kind
 _CRC_PACK = struct.Struct("<I").pack
 _HEADER_SIZE = SEGMENT_HEADER.size
+_FRAME_PROBLEMS = {  # scan_frames' problems, as errors
+    "cut": "record cut off before the end of the durable part",
+    "checksum": "checksum mismatch in record",
+    "seq": "record out of sequence: seq {seq} was expected",
+}
 _unpack_frame = FRAME.unpack_from
-if FRAME_SIZE != 17:  # Journal.payloads has it as a literal
-    raise ImportError("Journal.payloads assumes 17-byte frame headers")
+if FRAME.format != _replay_frame.format or FRAME_SIZE != _REPLAY_FRAME_SIZE:  # the compiled replay keeps its own copy
+    raise ImportError("engine/_replay.py's frame layout differs from the journal format's")
 
 
 class JournalError(Exception):
@@ -860,18 +868,25 @@ class Journal:
 
     def payloads(self, position: int, kind: int) -> Iterator[memoryview]:
         """Payloads of the durable records of ``kind`` from ``position`` (a record's position)
-        on, as views into the segment's bytes: the replay path. Every frame is CRC-checked and
-        its seq checked for gaps, as in ``read_at``, but frames of other kinds are skipped
-        without building anything, and nothing is copied. The newest segment's bytes checked
-        by the recovery scan at open are used as they are (once: ``drop_scanned``)."""
+        on, as views into the segments' bytes (see ``payload_spans``)."""
+        for data, spans in self.payload_spans(position, kind):
+            view = memoryview(data)
+            for i in range(0, len(spans), 2):
+                yield view[spans[i]:spans[i + 1]]
+
+    def payload_spans(self, position: int, kind: int) -> Iterator[tuple[mmap.mmap | bytes, list[int]]]:
+        """The replay path: per segment, its bytes and the bounds (start, stop, ...) of
+        the payloads of the durable records of ``kind`` in it, from ``position`` (a record's
+        position) on. Every frame is CRC-checked and its seq checked for gaps, as in
+        ``read_at``, but nothing is built for frames of other kinds and nothing is copied:
+        older segments are mapped, and the newest segment's bytes checked by the recovery scan
+        at open are used as they are (once: ``drop_scanned``)."""
         seg, off = unpack_position(position)
         lim_seg, lim_off = unpack_position(self._durable_pos)
         if seg > lim_seg or (seg == lim_seg and off >= lim_off):
             return
         segments = self._segments
         i = segments.index(seg)
-        unpack = _unpack_frame
-        check = crc32c
         expect = None
         while True:
             seg = segments[i]
@@ -887,25 +902,14 @@ class Journal:
             end = lim_off if seg == lim_seg else len(data)
             if len(data) < end:
                 raise CorruptJournalError(path, len(data), f"file ends before offset {end}")
-            mv = memoryview(data)
-            if expect is None and off < end and off + FRAME_SIZE <= end:
-                expect = unpack(data, off)[2]
-            try:
-                while off < end:
-                    crc, length, seq, k = unpack(data, off)
-                    stop = off + 17 + length  # FRAME_SIZE, as a constant: this loop is the replay's
-                    if stop > end:
-                        raise CorruptJournalError(path, off, f"record cut off (length {length})")
-                    if off >= checked and check(mv[off + 4:stop]) != crc:
-                        raise CorruptJournalError(path, off, f"checksum mismatch in record (seq field {seq})")
-                    if seq != expect:
-                        raise CorruptJournalError(path, off, f"seq {seq} where {expect} was expected")
-                    expect += 1
-                    if k & 0x7F == kind:
-                        yield mv[off + 17:stop]
-                    off = stop
-            except struct.error:
-                raise CorruptJournalError(path, off, f"record cut off after {end - off} bytes") from None
+            if expect is None:
+                expect = _unpack_frame(data, off)[2] if off + FRAME_SIZE <= end else 0
+            view = memoryview(data)
+            spans: list[int] = []
+            off, expect, problem = scan_frames(data, view, off, end, checked, expect, kind, spans)
+            if problem:
+                raise CorruptJournalError(path, off, _FRAME_PROBLEMS[problem].format(seq=expect))
+            yield data, spans
             if seg == lim_seg or i + 1 >= len(segments):
                 return
             i += 1

@@ -1,0 +1,71 @@
+"""The replay's inner loops: walking a segment's frames and running its entries.
+
+Compiled with mypyc together with the engine (``setup.py``), so that a restart without a
+snapshot runs at the engine's own pace: per frame, the walk costs a header unpack, a CRC32C
+and a seq check, and per entry, the run costs a decode and a direct call into the compiled
+``Engine.execute``. Plain Python where the extension is absent.
+"""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Callable
+from mmap import mmap
+from typing import Any, Final
+
+from crc32c import crc32c
+from msgspec.structs import astuple
+
+from ._engine import Engine
+
+__all__ = ["scan_frames", "run_entries"]
+
+# _format.FRAME and FRAME_SIZE (that module is not compiled; _log checks that they agree)
+FRAME: Final = struct.Struct("<IIQB")  # crc32c, payload length, seq, kind
+FRAME_SIZE: Final = 17
+_unpack_frame = FRAME.unpack_from
+KIND_MASK: Final = 0x7F
+
+
+def scan_frames(data: mmap | bytes, view: memoryview, off: int, end: int, checked: int, expect: int, kind: int,
+                spans: list[int]) -> tuple[int, int, str]:
+    """Walk the frames of ``data[off:end]``: CRC-check those at or after ``checked``, check that
+    seqs run on from ``expect``, and append the payload bounds (start, stop) of the frames of
+    ``kind`` to ``spans``.
+
+    Returns (offset reached, next expected seq, problem): the problem is "" when the walk
+    reached ``end``, else what is wrong with the frame at the offset reached ("cut",
+    "checksum" or "seq"); the caller turns it into an error that names the file.
+    """
+    while off < end:
+        if end - off < FRAME_SIZE:
+            return off, expect, "cut"
+        crc, length, seq, k = _unpack_frame(data, off)
+        stop = off + FRAME_SIZE + length
+        if stop > end:
+            return off, expect, "cut"
+        if off >= checked and crc32c(view[off + 4:stop]) != crc:
+            return off, expect, "checksum"
+        if seq != expect:
+            return off, expect, "seq"
+        expect += 1
+        if k & KIND_MASK == kind:
+            spans.append(off + FRAME_SIZE)
+            spans.append(stop)
+        off = stop
+    return off, expect, ""
+
+
+def run_entries(engine: Engine, data: mmap | bytes, spans: list[int], decode: Callable[[Any], Any],
+                classes: dict[type, type]) -> int:
+    """Run the ENTRY payloads at ``spans`` through the engine; returns how many.
+
+    ``decode`` gives an entry whose command is an unconstrained twin of its class (validated
+    when it was first taken); ``classes`` maps the twin back to the class the engine knows.
+    """
+    for i in range(0, len(spans), 2):
+        entry = decode(data[spans[i]:spans[i + 1]])
+        command = entry.command
+        engine.execute(classes[type(command)](*astuple(command)), entry.member, entry.ts, entry.session,
+                       entry.throttled)
+    return len(spans) // 2
