@@ -322,6 +322,28 @@ class TracingOps(FileOps):
                 (target / Path(path).name).write_bytes(data)
 
 
+class TracingDsyncOps(TracingOps):
+    """The same model of the disk for the default fsync path: one ``pwritev2(RWF_DSYNC)`` per
+    batch, whose bytes are on disk when it returns (with everything written before them)."""
+
+    def write_durable(self, fd, data):
+        with self.lock:
+            self.in_sync += 1
+            self.syncs += 1
+        try:
+            if self.sync_delay:
+                time.sleep(self.sync_delay)
+            n = super().write_durable(fd, data)
+            with self.lock:
+                path = self.paths[fd]
+                self.written[path] += bytes(data[:n])
+                self.synced[path] = bytes(self.written[path])
+            return n
+        finally:
+            with self.lock:
+                self.in_sync -= 1
+
+
 def _durable_seqs(ops: TracingOps) -> int:
     """Highest seq whose whole prefix is in synced bytes."""
     import tempfile
@@ -334,8 +356,9 @@ def _durable_seqs(ops: TracingOps) -> int:
     return len(seqs)
 
 
-def test_no_durability_callback_before_its_fdatasync_returns(tmp_path):
-    ops = TracingOps(sync_delay=0.002)
+@pytest.mark.parametrize("layer", [TracingOps, TracingDsyncOps], ids=["write+fdatasync", "pwritev2-dsync"])
+def test_no_durability_callback_before_its_fdatasync_returns(tmp_path, layer):
+    ops = layer(sync_delay=0.002)
     violations = []
     called = []
 
@@ -356,11 +379,13 @@ def test_no_durability_callback_before_its_fdatasync_returns(tmp_path):
     assert violations == []
 
 
-def test_power_loss_loses_nothing_confirmed(tmp_path):
-    ops = TracingOps(sync_delay=0.001)
+@pytest.mark.parametrize("layer", [TracingOps, TracingDsyncOps], ids=["write+fdatasync", "pwritev2-dsync"])
+def test_power_loss_loses_nothing_confirmed(tmp_path, layer):
+    ops = layer(sync_delay=0.001)
     confirmed = [0]
     j = Journal.open(tmp_path / "j", on_durable=lambda s: confirmed.__setitem__(0, s), file_ops=ops,
                      segment_bytes=16384)
+    assert j._dsync == (layer is TracingDsyncOps)  # the layer really takes the path it is named for
     stop = time.monotonic() + 0.5
     i = 0
     while time.monotonic() < stop:

@@ -443,11 +443,12 @@ class Journal:
         self._on_durable = on_durable
         self._on_error = on_error
         self._ops = file_ops or FileOps()
-        # one-call durable writes, unless a file layer that overrides write or sync is given
-        # (an instrumented one must see every write and every sync)
+        # one-call durable writes, unless a file layer overrides write or sync but not
+        # write_durable (an instrumented one must see every write and every sync)
         ops_type = type(self._ops)
-        self._dsync = (self._sync and hasattr(os, "RWF_DSYNC") and ops_type.write is FileOps.write
-                       and ops_type.sync is FileOps.sync)
+        self._dsync = self._sync and hasattr(os, "RWF_DSYNC") and (
+            ops_type.write_durable is not FileOps.write_durable
+            or (ops_type.write is FileOps.write and ops_type.sync is FileOps.sync))
         self.stats = JournalStats(self)
         self._lock = threading.Lock()
         self._cond = threading.Condition(self._lock)  # durability waiters: flush, wait_durable, follow
