@@ -207,7 +207,7 @@ class Exchange:
                 reject = ("invalid_resume", f"resume_from {logon.resume_from} is outside 0..{last}")
         if reject is not None:
             session.reject()
-            session.cause = "client_close"
+            session.cause = "logon_rejected"
             session.sink.write(frame(encode(LogonRejected(*reject))))
             session.sink.close()
             log_event("logon_rejected", member=member, reason=reject[0])

@@ -2,6 +2,7 @@
 
 import asyncio
 import socket
+import time
 
 import msgspec
 import pytest
@@ -64,6 +65,8 @@ class Raw:
 
 
 def test_bad_credentials(server):
+    disconnects = server.exchange.stats.disconnects
+    before = dict(disconnects)
     r = Raw(server.port)
     r.send({"type": "Logon", "member": "M01", "token": "nope"})
     assert r.recv()["reason"] == "bad_credentials"
@@ -71,6 +74,12 @@ def test_bad_credentials(server):
     r = Raw(server.port)
     r.send({"type": "Logon", "member": "ghost", "token": "ghost-token"})
     assert r.recv()["reason"] == "bad_credentials"
+    assert r.closed()
+    deadline = time.monotonic() + 5
+    while disconnects["logon_rejected"] < before.get("logon_rejected", 0) + 2 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert disconnects["logon_rejected"] == before.get("logon_rejected", 0) + 2
+    assert disconnects["client_close"] == before.get("client_close", 0)
 
 
 def test_fifth_session_rejected_only_it_closes(server):
