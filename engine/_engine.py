@@ -19,15 +19,15 @@ import msgspec
 
 from ._accounts import Account, Cash, Holding
 from ._book import NO_PRICE, Order, SideBook
-from ._errors import InvariantError
 from ._config import ExchangeConfig, InstrumentConfig, price_band
+from ._errors import InvariantError
 from ._messages import (
     AdminAck, AdminRejected, AllowanceBalance, Balances, BookSnapshot, BookUpdate, CancelOrder,
-    CancelRejected, CashBalance, CloseMarket, DayEnded, Deposit, EndOfDay, Fill, Halt,
+    CancelReason, CancelRejected, CashBalance, CloseMarket, DayEnded, Deposit, EndOfDay, Fill, Halt,
     InstrumentStatus, MassCancel, MassCancelDone, NewOrder, OpenMarket, OrderAccepted,
-    OrderCancelled, OrderRejected, OrderReplaced, QueryBalances, ReinstateMember, ReplaceOrder,
-    Restarted, Resume, SessionEnded, SettlementLine, Side, Status, SuspendMember, Trade, Withdraw,
-    CancelReason, RejectReason,
+    OrderCancelled, OrderRejected, OrderReplaced, QueryBalances, ReinstateMember, RejectReason,
+    ReplaceOrder, Restarted, Resume, SessionEnded, SettlementLine, Side, Status, SuspendMember,
+    Trade, Withdraw,
 )
 
 __all__ = ["Engine", "InvariantError", "SNAPSHOT_VERSION"]

@@ -10,8 +10,8 @@ entries after it; without a snapshot, a replay from the journal's first record.
 from __future__ import annotations
 
 import hashlib
-import mmap
 import logging
+import mmap
 import queue
 import threading
 import typing
@@ -24,11 +24,11 @@ import msgspec
 
 from .._config import ExchangeConfig
 from .._engine import Engine
-from .._replay import run_entries
 from .._messages import (
     CancelRejected, Command, DayEnded, Deposit, Fill, MassCancelDone, OpenMarket, OrderAccepted,
     OrderCancelled, OrderRejected, OrderReplaced, QueryBalances,
 )
+from .._replay import run_entries
 from ._format import (
     FORMAT_VERSION, KIND_ENTRY, KIND_FILL, KIND_START, EntryRecord, StartRecord,
 )
