@@ -5,10 +5,13 @@
 one outbox in journal order, tagged with the journal seq of the command. ``on_durable(seq)``
 releases the outbox up to that seq, so nothing leaves before its command is durable, and a
 session's replies stay in the order of its requests. Time is an argument; a connection is a
-``sink`` with ``write(bytes)``, ``close()`` (after flushing) and ``abort()``.
+``sink`` with ``write(bytes)``, ``close()`` (after flushing), ``abort()`` and
+``replay_later()`` (call ``replay_more(session)`` once the peer has taken what was written).
 
 Replay on logon is race-free because the loop is single-threaded: a member's reports up to
-``released[member]`` are read from the journal, later ones come from the outbox.
+``released[member]`` are read from the journal, later ones come from the outbox. A long replay
+goes out ``REPLAY_CHUNK`` reports at a time, paced by the peer's reading, so it neither stalls
+the loop nor overruns the session's outbound bound; live reports wait until it has caught up.
 """
 
 from __future__ import annotations
@@ -43,6 +46,8 @@ _hdr = struct.Struct(">I").pack
 ORDER_TYPES = frozenset(E.ORDER_COMMANDS)
 ORDER_NAMES = frozenset(c.__name__ for c in E.ORDER_COMMANDS)
 OPERATOR_TYPES = frozenset(E.OPERATOR_COMMANDS)
+REPLAY_CHUNK = 1024  # reports per step of a resume replay at most (about 200 KB; and a quarter of the bound)
+_NEVER = 1 << 62  # a min_seq no report reaches
 _HEARTBEAT = frame(encode(Heartbeat()))
 _LOGOUT_ACCEPTED = frame(encode(LogoutAccepted()))
 _DUMMY_HASH = hash_token("\x00no such member\x00")
@@ -77,6 +82,7 @@ class Exchange:
         self.stats.traded_base = {sym: self.engine.traded(sym) for sym in self.engine.instruments}
         gw = config.gateway
         self.max_frame = gw.max_frame
+        self.replay_step_bytes = max(1, gw.max_outbound_bytes // 4)  # a replay step stays well under the bound
         self.max_sessions = gw.max_sessions_per_member
         self.rate = gw.max_msgs_per_s
         self.logon_timeout = gw.logon_timeout_s
@@ -222,21 +228,43 @@ class Exchange:
         session.last_tx = now
         session.sink.write(frame(encode(LogonAccepted(member, role, next_seq, logon.heartbeat_s,
                                                       self.engine.trading_day))))
+        group.append(session)
         if logon.resume_from is not None:
-            k = logon.resume_from
-            session.min_seq = k + 1
-            released = self.released.get(member, 0)
-            if k < released:
-                write = session.sink.write
-                for body in self.ledger.reports(member, k, released):
-                    write(frame(body))
-                session.min_seq = released + 1
+            session.replay_after = logon.resume_from
+            self.replay_more(session)
         else:
             session.min_seq = next_seq
-        group.append(session)
         log_event("logon", member=member, role=role, session=session.sid, next_seq=next_seq,
                   resume_from=logon.resume_from if logon.resume_from is not None else "none",
                   cancel_on_disconnect=logon.cancel_on_disconnect)
+
+    def replay_more(self, session: Session) -> None:
+        """Send a resuming session its next step of reports from the journal (``REPLAY_CHUNK``
+        reports, or a quarter of ``max_outbound_bytes``); once it has caught up with what is
+        released, it takes live reports from then on."""
+        after = session.replay_after
+        if after is None or session.state is State.CLOSED:
+            return
+        member = session.member
+        released = self.released.get(member, 0)
+        if after < released:
+            # a member's report seqs are gap-free: the bodies of after + 1, after + 2, ...
+            step, size, budget = [], 0, self.replay_step_bytes
+            for body in self.ledger.reports(member, after, min(released, after + REPLAY_CHUNK)):
+                step.append(frame(body))
+                size += len(body)
+                if size >= budget:
+                    break
+            session.sink.write(b"".join(step))
+            through = after + len(step)
+            if through < released:
+                session.replay_after = through
+                session.min_seq = _NEVER  # live reports wait behind the replay
+                session.sink.replay_later()
+                return
+            after = through
+        session.replay_after = None
+        session.min_seq = after + 1
 
     # -----------------------------------------------------------------------------------------
     # Messages of a logged-on session

@@ -34,11 +34,12 @@ class FlowControl:
     reading, so instead of pausing the engine we report a slow consumer.
     """
 
-    __slots__ = ("transport", "on_slow", "write_paused")
+    __slots__ = ("transport", "on_slow", "write_paused", "limit")
 
     def __init__(self, transport, limit: int, on_slow) -> None:
         self.transport = transport
         self.on_slow = on_slow
+        self.limit = limit
         self.write_paused = False
         transport.set_write_buffer_limits(high=limit, low=limit // 2)
 
@@ -111,6 +112,23 @@ class Connection(asyncio.Protocol):
         if not self.closing:
             self.closing = True
             self.transport.abort()
+
+    def replay_later(self) -> None:
+        asyncio.get_running_loop().call_soon(self._replay_more)
+
+    def _replay_more(self) -> None:
+        """Next step of a resume replay, once the socket has taken most of the last one."""
+        if self.closing:
+            return
+        if self.transport.get_write_buffer_size() > self.flow.limit // 4:
+            asyncio.get_running_loop().call_later(0.001, self._replay_more)
+            return
+        try:
+            self.exchange.replay_more(self.session)
+        except Exception as exc:  # noqa: BLE001 - as in data_received: this connection goes, the server stays
+            logging.getLogger("kaboni").exception("event=internal_error member=%s session=%d error=%r",
+                                                  self.session.member or "-", self.session.sid, exc)
+            self.abort()
 
     def _slow(self) -> None:
         session = self.session

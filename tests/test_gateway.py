@@ -1,7 +1,10 @@
 """The gateway over real sockets: orders, reports after durability, replay, market data."""
 
 import asyncio
+import socket
+import time
 
+import msgspec
 import pytest
 
 from engine import CancelOrder, NewOrder, QueryBalances
@@ -275,6 +278,55 @@ def test_sessions_of_one_member_replay_racing_live_reports(server):
         for c in results[1:] + [trader, counter]:
             await c.close()
     run(main())
+
+
+def test_a_resume_larger_than_the_outbound_bound_arrives_whole_and_others_keep_trading(tmp_path):
+    """A member resuming from 0 after a busy day, on a connection that reads slowly (a small
+    receive buffer), is sent its reports in steps paced by its reading: the session's outbound
+    bound (64 KiB here, about 400 reports) does not cut it off as a slow consumer, and other
+    members are served meanwhile. (30,000 reports, about 5.7 MB: more than the kernel's socket
+    buffers take, which cut the connection off when the whole replay was written at once.)"""
+    with ThreadServer(make_config(max_outbound_bytes=65_536, max_msgs_per_s=1_000_000), tmp_path / "d") as server:
+        n = 30_000
+
+        async def trade():
+            a = await logon(server.port, "M05")
+            for i in range(n):
+                a.send_nowait(NewOrder(f"r{i}", "CEA23", "sell", 1, 9000 + i % 50))
+                if i % 500 == 499:
+                    await reports_until(a, 500)
+            await a.close()
+        run(trade())
+
+        sock = socket.socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        sock.connect(("127.0.0.1", server.port))
+        body = msgspec.msgpack.encode({"type": "Logon", "member": "M05", "token": "M05-token", "resume_from": 0})
+        sock.sendall(len(body).to_bytes(4, "big") + body)
+        time.sleep(0.3)  # not reading yet: the kernel's buffers fill, the server must wait for us
+
+        async def meanwhile():
+            other = await logon(server.port, "M06")
+            await other.send(NewOrder("live", "CEA23", "sell", 1, 9200))
+            assert (await other.next_report())["type"] == "OrderAccepted"
+            await other.logout()
+        run(meanwhile())
+
+        seqs, buf = [], b""
+        deadline = time.monotonic() + 30
+        while len(seqs) < n and time.monotonic() < deadline:
+            chunk = sock.recv(4096)
+            assert chunk, f"the server closed the connection after {len(seqs)} reports"
+            buf += chunk
+            while len(buf) >= 4 and len(buf) >= 4 + int.from_bytes(buf[:4], "big"):
+                size = int.from_bytes(buf[:4], "big")
+                msg = msgspec.msgpack.decode(buf[4:4 + size])
+                buf = buf[4 + size:]
+                if "seq" in msg:
+                    seqs.append(msg["seq"])
+        sock.close()
+        assert seqs == list(range(1, n + 1))
+        assert server.exchange.stats.disconnects["slow_consumer"] == 0
 
 
 def test_subscribe_unknown_instrument_subscribes_nothing(server):

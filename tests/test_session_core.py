@@ -45,6 +45,7 @@ class Sink:
     def __init__(self):
         self.data = b""
         self.closed = False
+        self.replays_pending = 0
 
     def write(self, b):
         assert not self.closed
@@ -54,6 +55,9 @@ class Sink:
         self.closed = True
 
     abort = close
+
+    def replay_later(self):
+        self.replays_pending += 1
 
     def frames(self):
         out, d = [], self.data
@@ -146,3 +150,36 @@ def test_cancel_on_disconnect_and_logout_goodbye_order():
     assert a.cause == "logout" and ex.stats.disconnects["logout"] == 1
     assert [f["type"] for f in sw.frames()] == ["LogonAccepted", "OrderAccepted", "OrderCancelled"]
     assert ledger.engine.resting("CEA25") == (0, 0)
+
+
+def test_a_long_resume_goes_out_in_steps_paced_by_the_peer_and_live_reports_wait_behind_it():
+    from gateway._exchange import REPLAY_CHUNK
+
+    ex, ledger = setup()
+    a, sa = connect(ex, "M01")
+    n = 2 * REPLAY_CHUNK + 100
+    orders = b"".join(enc({"type": "NewOrder", "cl_ord_id": f"o{i}", "instrument": "CEA25", "side": "sell",
+                           "qty": 1, "price": 9300}) for i in range(n))
+    ex.data_received(a, orders, 0.0)
+    ledger.durable_seq = ledger.last_seq
+    ex.on_durable(ledger.last_seq)
+    assert len(sa.frames()) == n + 1  # LogonAccepted and a report per order
+    late, sl = connect(ex, "M01", resume_from=0)
+    got = [f["seq"] for f in sl.frames()[1:]]
+    assert got == list(range(1, REPLAY_CHUNK + 1)) and sl.replays_pending == 1   # one step, then wait
+    # a live report released meanwhile waits behind the replay
+    ex.data_received(a, enc({"type": "CancelOrder", "cl_ord_id": "x1", "orig_cl_ord_id": "o0"}), 0.0)
+    ledger.durable_seq = ledger.last_seq
+    ex.on_durable(ledger.last_seq)
+    assert [f["seq"] for f in sa.frames()] == [n + 1]
+    assert sl.frames() == []
+    while sl.replays_pending:
+        sl.replays_pending -= 1
+        ex.replay_more(late)
+        got += [f["seq"] for f in sl.frames()]
+    assert got == list(range(1, n + 2))                     # all of it, once, in order, the live one last
+    assert late.replay_after is None
+    ex.data_received(a, enc({"type": "CancelOrder", "cl_ord_id": "x2", "orig_cl_ord_id": "o1"}), 0.0)
+    ledger.durable_seq = ledger.last_seq
+    ex.on_durable(ledger.last_seq)
+    assert [f["seq"] for f in sl.frames()] == [n + 2]       # then live
