@@ -497,6 +497,13 @@ class EngineMachine(RuleBasedStateMachine):
         restored = Engine.restore(CONFIG, fresh.snapshot())
         assert restored.state_hash() == fresh.state_hash()
         restored.check()
+        # and a journal replay, which runs the commands with events off, reaches it too
+        quiet = Engine(CONFIG)
+        quiet.events = False
+        for command, member, ts, session, throttled in self.log:
+            quiet.execute(command, member, ts, session=session, throttled=throttled)
+        quiet.check()
+        assert quiet.state_hash() == self.engine.state_hash()
 
 
 EngineMachine.TestCase.settings = settings(
