@@ -18,7 +18,7 @@ from msgspec.structs import astuple
 
 from ._engine import Engine
 
-__all__ = ["scan_frames", "run_entries"]
+__all__ = ["scan_frames", "index_frames", "index_spans", "run_entries"]
 
 # _format.FRAME and FRAME_SIZE (that module is not compiled; _log checks that they agree)
 FRAME: Final = struct.Struct("<IIQB")  # crc32c, payload length, seq, kind
@@ -54,6 +54,42 @@ def scan_frames(data: mmap | bytes, view: memoryview, off: int, end: int, checke
             spans.append(stop)
         off = stop
     return off, expect, ""
+
+
+def index_frames(data: mmap | bytes, view: memoryview, off: int, end: int, expect: int, limit: int,
+                 kinds: bytearray, lengths: list[int]) -> tuple[int, int, str]:
+    """Like ``scan_frames`` (every frame CRC-checked, seqs checked), for a segment's index: the
+    kind byte and payload length of at most ``limit`` frames go to ``kinds`` and ``lengths``.
+    Bounded so that a background indexer gives the GIL back often (compiled code never does)."""
+    while off < end and limit > 0:
+        if end - off < FRAME_SIZE:
+            return off, expect, "cut"
+        crc, length, seq, k = _unpack_frame(data, off)
+        stop = off + FRAME_SIZE + length
+        if stop > end:
+            return off, expect, "cut"
+        if crc32c(view[off + 4:stop]) != crc:
+            return off, expect, "checksum"
+        if seq != expect:
+            return off, expect, "seq"
+        expect += 1
+        kinds.append(k)
+        lengths.append(length)
+        off = stop
+        limit -= 1
+    return off, expect, ""
+
+
+def index_spans(kinds: bytes, lengths: list[int], off: int, start: int, kind: int, spans: list[int]) -> int:
+    """The payload bounds of the frames of ``kind`` at or after offset ``start``, from a segment's
+    index (frames laid end to end from ``off``); returns the offset after the last frame."""
+    for i in range(len(kinds)):
+        stop = off + FRAME_SIZE + lengths[i]
+        if off >= start and kinds[i] & KIND_MASK == kind:
+            spans.append(off + FRAME_SIZE)
+            spans.append(stop)
+        off = stop
+    return off
 
 
 def run_entries(engine: Engine, data: mmap | bytes, spans: list[int], decode: Callable[[Any], Any],

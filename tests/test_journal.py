@@ -16,6 +16,7 @@ from engine.journal import (
     scan_journal,
 )
 from engine.journal._format import FRAME_SIZE, segment_name, unpack_position
+from engine.journal._index import index_name
 
 
 def payload(i: int) -> bytes:
@@ -223,6 +224,55 @@ def test_payloads_check_every_frame_of_an_older_segment(tmp_path, where):
     with pytest.raises(CorruptJournalError) as info:
         list(j.payloads(next(iter(j.records(1, 1))).position, 1))
     assert (info.value.path, info.value.offset) == (str(path), off)
+    j.close()
+
+
+def test_sealed_segments_are_indexed_and_the_index_gives_the_same_payloads(tmp_path):
+    fill(tmp_path, 400, segment_bytes=2048).close()
+    segments = list_segments(tmp_path)
+    indexes = [tmp_path / index_name(s) for s in segments]
+    assert len(segments) > 3 and all(p.exists() for p in indexes[:-1]) and not indexes[-1].exists()
+    j = Journal.open(tmp_path, segment_bytes=2048)
+    j.drop_scanned()
+    start = next(iter(j.records(7, 7))).position  # mid-segment, as after a snapshot
+    want = {kind: [r.payload for r in j.read_at(start, kind)] for kind in (1, 2, 3)}
+    for kind in (1, 2, 3):
+        assert [bytes(p) for p in j.payloads(start, kind)] == want[kind]
+    for p in indexes[:-1]:
+        p.unlink()
+    for kind in (1, 2, 3):
+        assert [bytes(p) for p in j.payloads(start, kind)] == want[kind]
+    j.close()
+
+
+@pytest.mark.parametrize("damage", ["index byte", "other segment's index", "segment length"])
+def test_an_index_that_does_not_match_is_ignored(tmp_path, caplog, damage):
+    fill(tmp_path, 400, segment_bytes=2048).close()
+    first, second = list_segments(tmp_path)[:2]
+    path = tmp_path / index_name(first)
+    if damage == "index byte":
+        data = bytearray(path.read_bytes())
+        data[len(data) // 2] ^= 1
+        path.write_bytes(bytes(data))
+    elif damage == "other segment's index":
+        path.write_bytes((tmp_path / index_name(second)).read_bytes())
+    else:  # a well-formed index whose segment is not the one it describes (another length)
+        from crc32c import crc32c
+
+        from engine.journal._index import INDEX_HEADER
+        index = path.read_bytes()
+        fields = list(INDEX_HEADER.unpack_from(index))
+        fields[4] += 1
+        head = INDEX_HEADER.pack(*fields)
+        head = head[:-4] + crc32c(head[:-4]).to_bytes(4, "little")
+        path.write_bytes(head + index[INDEX_HEADER.size:])
+    j = Journal.open(tmp_path, segment_bytes=2048)
+    j.drop_scanned()
+    start = next(iter(j.records(1, 1))).position
+    with caplog.at_level(logging.WARNING, logger="kaboni.journal"):
+        got = [bytes(p) for p in j.payloads(start, 2)]
+    assert got == [r.payload for r in j.read_at(start, 2)]
+    assert "walking the segment's frames instead" in caplog.text
     j.close()
 
 

@@ -189,6 +189,7 @@ def test_restart_hash_equals_full_replay_and_end_of_day_snapshots(tmp_path):
 def test_full_replay_over_segments_equals_live_state_and_stops_at_a_damaged_fill(tmp_path):
     from engine.journal import CorruptJournalError, list_segments
     from engine.journal._format import FRAME_SIZE, segment_name, unpack_position
+    from engine.journal._index import index_name
     rng = random.Random(11)
     with Ledger.open(demo_config(), tmp_path, today=DAY, durability="none", snapshot_every=10**9,
                      segment_bytes=16 << 10) as ledger:
@@ -196,10 +197,20 @@ def test_full_replay_over_segments_equals_live_state_and_stops_at_a_damaged_fill
         live_hash = ledger.engine.state_hash()
     segments = list_segments(tmp_path)
     assert len(segments) > 3
+    # every sealed segment got its frame index in the background; the newest has none
+    indexes = [tmp_path / index_name(s) for s in segments]
+    assert all(p.exists() for p in indexes[:-1]) and not indexes[-1].exists()
     for s in list_snapshots(tmp_path):
         os.unlink(tmp_path / snapshot_name(s))
     with Ledger.open(demo_config(), tmp_path, durability="none", segment_bytes=16 << 10) as ledger:
-        assert ledger.recovered and ledger.engine.state_hash() == live_hash
+        assert ledger.recovered and ledger.engine.state_hash() == live_hash   # through the indexes
+    for p in indexes[:-1]:
+        p.unlink()
+    for s in list_snapshots(tmp_path):
+        os.unlink(tmp_path / snapshot_name(s))
+    with Ledger.open(demo_config(), tmp_path, durability="none", segment_bytes=16 << 10) as ledger:
+        assert ledger.engine.state_hash() == live_hash                        # walking every frame
+    assert all(p.exists() for p in indexes[:-1])  # indexed again after that replay
     for s in list_snapshots(tmp_path):
         os.unlink(tmp_path / snapshot_name(s))
     # a flipped byte in a FILL of an older segment: replay skips FILLs but still checks them

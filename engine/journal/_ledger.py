@@ -237,6 +237,7 @@ class Ledger:
             count = self._replay(records)
         finally:
             journal.drop_scanned()
+        journal.index_missing()
         if count:
             # index the replayed entries on first need (reports, snapshot), not on the restart path
             self._unindexed = (replay_from, journal.last_seq)

@@ -12,6 +12,7 @@ import errno
 import logging
 import mmap
 import os
+import queue
 import struct
 import sys
 import threading
@@ -25,11 +26,12 @@ from crc32c import crc32c
 from .._histogram import LATENCY_BOUNDS, SIZE_BOUNDS, FixedHistogram
 from .._replay import FRAME as _replay_frame
 from .._replay import FRAME_SIZE as _REPLAY_FRAME_SIZE
-from .._replay import scan_frames
+from .._replay import index_spans, scan_frames
 from ._format import (
     FORMAT_VERSION, FRAME, FRAME_SIZE, GROUP_END, MAX_PAYLOAD, SEGMENT_HEADER,
     SEGMENT_MAGIC, Record, pack_position, parse_segment_name, segment_name, unpack_position,
 )
+from ._index import IndexUnusable, build_index, index_name, load_index, write_index
 
 __all__ = [
     "Journal", "JournalStats", "JournalError", "CorruptJournalError", "JournalFailedError",
@@ -460,6 +462,11 @@ class Journal:
         self._closed = False
         self.recovered = False
         self._recover()
+        for name in os.listdir(self.directory):
+            if name.endswith(".kbx.tmp"):  # an index being written when the process ended
+                os.unlink(self.directory / name)
+        self._index_queue: queue.SimpleQueue[int | None] = queue.SimpleQueue()
+        self._indexer: threading.Thread | None = None
         self._thread = threading.Thread(target=self._writer, name="kaboni-journal-writer", daemon=True)
         self._thread.start()
         return self
@@ -710,6 +717,9 @@ class Journal:
             self._cond.notify_all()
             self._wake.notify()
         self._thread.join()
+        if self._indexer is not None:
+            self._index_queue.put(None)
+            self._indexer.join()
         with self._cond:
             self._closed = True
             self._cond.notify_all()
@@ -793,6 +803,7 @@ class Journal:
                         if sync:
                             ops.sync(self._fd)
                         ops.close(self._fd)
+                        self.index_segment(self._segments[-1])
                         self._fd = ops.create(str(self.directory / segment_name(seg)))
                         self._segments.append(seg)
                         self._file_size = 0
@@ -900,6 +911,16 @@ class Journal:
                 with open(path, "rb") as f:
                     data = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) if os.fstat(f.fileno()).st_size else b""
                 checked = 0
+                if seg != lim_seg:
+                    # a sealed segment: from its index, if it has a good one (one CRC32C call
+                    # over the whole segment instead of one per frame)
+                    spans = self._indexed_spans(seg, data, off, kind)
+                    if spans is not None:
+                        yield data, spans
+                        i += 1
+                        off = _HEADER_SIZE
+                        expect = segments[i]
+                        continue
             end = lim_off if seg == lim_seg else len(data)
             if len(data) < end:
                 raise CorruptJournalError(path, len(data), f"file ends before offset {end}")
@@ -916,6 +937,52 @@ class Journal:
             i += 1
             off = _HEADER_SIZE
             expect = segments[i]  # a segment's first record carries the seq in its name
+
+    def _indexed_spans(self, seg: int, data, start: int, kind: int) -> list[int] | None:
+        """``payload_spans``' work for a sealed segment, from its index; None if it has no usable
+        index (the frames are walked instead)."""
+        try:
+            kinds, lengths = load_index(self.directory, seg, data)
+        except IndexUnusable as exc:
+            if (self.directory / index_name(seg)).exists():
+                log.warning("%s; walking the segment's frames instead", exc)
+            return None
+        spans: list[int] = []
+        if index_spans(kinds, lengths, _HEADER_SIZE, start, kind, spans) != len(data):
+            log.warning("%s: the index does not cover the segment; walking its frames instead", index_name(seg))
+            return None
+        return spans
+
+    def index_segment(self, first_seq: int) -> None:
+        """Have sealed segment ``first_seq`` indexed in the background (see ``_index``)."""
+        if self._indexer is None:
+            self._indexer = threading.Thread(target=self._index_sealed, name="kaboni-journal-indexer", daemon=True)
+            self._indexer.start()
+        self._index_queue.put(first_seq)
+
+    def index_missing(self) -> None:
+        """Index the sealed segments that have no index yet (a crash can come between sealing
+        a segment and indexing it). The Ledger calls this after its replay at open."""
+        for first in self._segments[:-1]:
+            if not (self.directory / index_name(first)).exists():
+                self.index_segment(first)
+
+    def _index_sealed(self) -> None:
+        while True:
+            first = self._index_queue.get()
+            if first is None:
+                return
+            path = self.directory / segment_name(first)
+            try:
+                with open(path, "rb") as f:
+                    data = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+                try:
+                    index = build_index(path, first, data)
+                finally:
+                    data.close()
+                write_index(self.directory, first, index, self._sync)
+            except (IndexUnusable, OSError, ValueError) as exc:
+                log.warning("segment %s not indexed: %s", path.name, exc)
 
     def drop_scanned(self) -> None:
         """Forget the newest segment's bytes kept from the recovery scan (after the replay;

@@ -1,0 +1,114 @@
+"""Frame indexes of sealed segments: what makes a full replay skip the frame walk.
+
+A sealed segment never changes, so once it is closed a background thread walks it once (every
+frame CRC-checked, seqs checked) and writes ``journal-<first seq>.kbx`` beside it: the kind
+byte and payload length of every frame, bound to the segment by its length and the CRC32C of
+all its bytes. A replay then checks the segment with one CRC32C call over the whole file and
+finds its ENTRY payloads from the index, without a call per frame. An index is only ever a
+shortcut: missing, damaged, or not matching its segment's bytes, it is ignored (with a
+warning) and the replay walks the frames, which also names the offset of any damage.
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+import sys
+import time
+from array import array
+from pathlib import Path
+
+from crc32c import crc32c
+
+from .._replay import index_frames
+from ._format import SEGMENT_HEADER, segment_name
+
+__all__ = ["INDEX_VERSION", "index_name", "build_index", "write_index", "load_index", "IndexUnusable"]
+
+INDEX_VERSION = 1
+INDEX_MAGIC = b"KBNX"
+# magic, version, header length, segment first seq, segment length, CRC32C of the segment's
+# bytes, frame count, CRC32C of the body, CRC32C of the header before this field
+INDEX_HEADER = struct.Struct("<4sHHQQIIII")
+_SEGMENT_HEADER_SIZE = SEGMENT_HEADER.size
+_STEP = 512  # frames per compiled step while indexing: the GIL comes back about every 0.2 ms
+
+
+class IndexUnusable(Exception):
+    """An index that cannot be used for its segment (the replay walks the frames instead)."""
+
+
+def index_name(first_seq: int) -> str:
+    return segment_name(first_seq)[:-4] + ".kbx"
+
+
+def build_index(path: Path, first_seq: int, data) -> bytes:
+    """The index file of the sealed segment ``data`` (its whole bytes). Raises ``IndexUnusable``
+    if a frame is damaged: such a segment gets no index, and readers report the damage."""
+    view = memoryview(data)
+    kinds = bytearray()
+    lengths: list[int] = []
+    off, expect, end = _SEGMENT_HEADER_SIZE, first_seq, len(data)
+    try:
+        while off < end:
+            off, expect, problem = index_frames(data, view, off, end, expect, _STEP, kinds, lengths)
+            if problem:
+                raise IndexUnusable(f"{path}: {problem} at offset {off}")
+            time.sleep(0)  # let other threads have the GIL between steps
+        seg_crc = crc32c(view)
+    finally:
+        view.release()
+    packed = array("I", lengths)
+    if sys.byteorder == "big":
+        packed.byteswap()
+    body = bytes(kinds) + packed.tobytes()
+    head = INDEX_HEADER.pack(INDEX_MAGIC, INDEX_VERSION, INDEX_HEADER.size, first_seq, end, seg_crc, len(kinds),
+                             crc32c(body), 0)
+    head = head[:-4] + struct.pack("<I", crc32c(head[:-4]))
+    return head + body
+
+
+def write_index(directory: Path, first_seq: int, index: bytes, sync: bool) -> None:
+    """Write an index atomically: a temporary file, synced, renamed into place."""
+    path = directory / index_name(first_seq)
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        f.write(index)
+        if sync:
+            f.flush()
+            os.fdatasync(f.fileno())
+    os.replace(tmp, path)
+    if sync:
+        fd = os.open(directory, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def load_index(directory: Path, first_seq: int, data) -> tuple[bytes, list[int]]:
+    """The (kinds, payload lengths) of the segment ``data``'s frames, from its index, after
+    checking the index and that the segment's bytes are the ones it was built from."""
+    path = directory / index_name(first_seq)
+    try:
+        raw = path.read_bytes()
+    except FileNotFoundError:
+        raise IndexUnusable(f"{path.name}: no index") from None
+    size = INDEX_HEADER.size
+    if len(raw) < size:
+        raise IndexUnusable(f"{path}: {len(raw)} bytes, shorter than its header")
+    magic, version, hsize, seq, seg_len, seg_crc, frames, body_crc, head_crc = INDEX_HEADER.unpack_from(raw)
+    if magic != INDEX_MAGIC or head_crc != crc32c(raw[:size - 4]):
+        raise IndexUnusable(f"{path}: not an index header (bad magic or checksum)")
+    if version != INDEX_VERSION or hsize != size:
+        raise IndexUnusable(f"{path}: index version {version}; this build reads {INDEX_VERSION}")
+    body = memoryview(raw)[size:]
+    if seq != first_seq or len(body) != 5 * frames or crc32c(body) != body_crc:
+        raise IndexUnusable(f"{path}: damaged index")
+    if len(data) != seg_len or crc32c(data) != seg_crc:
+        raise IndexUnusable(f"{path}: the segment's bytes differ from the ones it was built from")
+    lengths = array("I")
+    lengths.frombytes(body[frames:])
+    if sys.byteorder == "big":
+        lengths.byteswap()
+    return bytes(body[:frames]), lengths.tolist()
