@@ -18,7 +18,7 @@ from msgspec.structs import astuple
 
 from ._engine import Engine
 
-__all__ = ["scan_frames", "index_frames", "index_spans", "run_entries"]
+__all__ = ["scan_frames", "scan_groups", "index_frames", "index_spans", "run_entries"]
 
 # _format.FRAME and FRAME_SIZE (that module is not compiled; _log checks that they agree)
 FRAME: Final = struct.Struct("<IIQB")  # crc32c, payload length, seq, kind
@@ -56,6 +56,41 @@ def scan_frames(data: mmap | bytes, view: memoryview, off: int, end: int, checke
     return off, expect, ""
 
 
+def scan_groups(data: bytes, view: memoryview, off: int, end: int, expect: int, max_payload: int,
+                group_mark: int, kinds: bytearray, lengths: list[int]) -> tuple[int, int, int, int, int, int, str]:
+    """The recovery scan of the newest segment: walk and check every frame (length, CRC32C,
+    seq) up to the first bad one, noting each one's kind and payload length (what an index
+    holds, so the replay need not walk the segment again). Returns (offset reached, next
+    expected seq, records seen, end of the last whole group, its last seq, offset of its last
+    frame or -1, problem): the problem is "" at ``end``, else "cut" (a cut-off frame) or
+    "checksum"; a seq out of order is "seq" (the caller raises for that one)."""
+    records = 0
+    group_end = off
+    group_seq = expect - 1
+    group_last = -1
+    while off < end:
+        if end - off < FRAME_SIZE:
+            return off, expect, records, group_end, group_seq, group_last, "cut"
+        crc, length, seq, k = _unpack_frame(data, off)
+        stop = off + FRAME_SIZE + length
+        if length > max_payload or stop > end:
+            return off, expect, records, group_end, group_seq, group_last, "cut"
+        if crc32c(view[off + 4:stop]) != crc:
+            return off, expect, records, group_end, group_seq, group_last, "checksum"
+        if seq != expect:
+            return off, expect, records, group_end, group_seq, group_last, "seq"
+        expect += 1
+        records += 1
+        kinds.append(k)
+        lengths.append(length)
+        if k >= group_mark:
+            group_end = stop
+            group_seq = seq
+            group_last = off
+        off = stop
+    return off, expect, records, group_end, group_seq, group_last, ""
+
+
 def index_frames(data: mmap | bytes, view: memoryview, off: int, end: int, expect: int, limit: int,
                  kinds: bytearray, lengths: list[int]) -> tuple[int, int, str]:
     """Like ``scan_frames`` (every frame CRC-checked, seqs checked), for a segment's index: the
@@ -83,25 +118,30 @@ def index_frames(data: mmap | bytes, view: memoryview, off: int, end: int, expec
 def index_spans(kinds: bytes, lengths: list[int], off: int, start: int, kind: int, spans: list[int]) -> int:
     """The payload bounds of the frames of ``kind`` at or after offset ``start``, from a segment's
     index (frames laid end to end from ``off``); returns the offset after the last frame."""
-    for i in range(len(kinds)):
-        stop = off + FRAME_SIZE + lengths[i]
-        if off >= start and kinds[i] & KIND_MASK == kind:
+    i = 0
+    for length in lengths:
+        stop = off + FRAME_SIZE + length
+        if kinds[i] & KIND_MASK == kind and off >= start:
             spans.append(off + FRAME_SIZE)
             spans.append(stop)
         off = stop
+        i += 1
     return off
 
 
 def run_entries(engine: Engine, data: mmap | bytes, spans: list[int], decode: Callable[[Any], Any],
-                classes: dict[type, type]) -> int:
+                classes: dict[type, type], new_order: type) -> int:
     """Run the ENTRY payloads at ``spans`` through the engine; returns how many.
 
     ``decode`` gives an entry whose command is an unconstrained twin of its class (validated
     when it was first taken); ``classes`` maps the twin back to the class the engine knows.
+    ``new_order``, the twin of ``NewOrder`` (most of the traffic), goes to the engine as it is
+    (a subclass of ``NewOrder``); the others are rebuilt as their own class.
     """
     for i in range(0, len(spans), 2):
         entry = decode(data[spans[i]:spans[i + 1]])
         command = entry.command
-        engine.execute(classes[type(command)](*astuple(command)), entry.member, entry.ts, entry.session,
-                       entry.throttled)
+        if type(command) is not new_order:
+            command = classes[type(command)](*astuple(command))
+        engine.execute(command, entry.member, entry.ts, entry.session, entry.throttled)
     return len(spans) // 2

@@ -25,7 +25,7 @@ import msgspec
 from .._config import ExchangeConfig
 from .._engine import Engine
 from .._messages import (
-    CancelRejected, Command, DayEnded, Deposit, Fill, MassCancelDone, OpenMarket, OrderAccepted,
+    CancelRejected, Command, DayEnded, Deposit, Fill, MassCancelDone, NewOrder, OpenMarket, OrderAccepted,
     OrderCancelled, OrderRejected, OrderReplaced, QueryBalances,
 )
 from .._replay import run_entries
@@ -72,11 +72,13 @@ def _unconstrained(cls):
         else:
             fields.append((f.name, tp))
     info = msgspec.inspect.type_info(cls)
-    return msgspec.defstruct(f"_Replay{cls.__name__}", fields, tag_field=info.tag_field, tag=info.tag,
-                             gc=False)
+    # a subclass, so that the engine takes a NewOrder twin as a NewOrder as it is
+    return msgspec.defstruct(f"_Replay{cls.__name__}", fields, bases=(cls,), tag_field=info.tag_field,
+                             tag=info.tag, gc=False)
 
 
 _REPLAY_CLASS = {_unconstrained(cls): cls for cls in typing.get_args(Command)}
+_REPLAY_NEW_ORDER = next(twin for twin, cls in _REPLAY_CLASS.items() if cls is NewOrder)
 
 
 class _EntryReplay(msgspec.Struct, array_like=True, gc=False):
@@ -264,7 +266,7 @@ class Ledger:
         engine.events = False
         try:
             for data, spans in batches:
-                count += run_entries(engine, data, spans, decode, _REPLAY_CLASS)
+                count += run_entries(engine, data, spans, decode, _REPLAY_CLASS, _REPLAY_NEW_ORDER)
         finally:
             engine.events = True
         return count

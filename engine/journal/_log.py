@@ -26,7 +26,7 @@ from crc32c import crc32c
 from .._histogram import LATENCY_BOUNDS, SIZE_BOUNDS, FixedHistogram
 from .._replay import FRAME as _replay_frame
 from .._replay import FRAME_SIZE as _REPLAY_FRAME_SIZE
-from .._replay import index_spans, scan_frames
+from .._replay import index_spans, scan_frames, scan_groups
 from ._format import (
     FORMAT_VERSION, FRAME, FRAME_SIZE, GROUP_END, MAX_PAYLOAD, SEGMENT_HEADER,
     SEGMENT_MAGIC, Record, pack_position, parse_segment_name, segment_name, unpack_position,
@@ -265,48 +265,25 @@ class ScanResult:
         self.end_offset = 0  # offset of the end of the last whole group in the last segment
 
 
-def _scan_last_segment(path: Path, first_seq: int, data: bytes, start: int, expect: int) -> tuple[int, int, int, int]:
+def _scan_last_segment(path: Path, first_seq: int, data: bytes, start: int, expect: int,
+                       kinds: bytearray | None = None, lengths: list[int] | None = None) -> tuple[int, int, int, int]:
     """Walk the newest segment from ``start``; return (records seen, end of the last whole group,
-    its last seq, offset of its last record or -1).
+    its last seq, offset of its last record or -1). The kind and payload length of every frame
+    checked go to ``kinds`` and ``lengths`` if given.
 
     Raises ``CorruptJournalError`` when a bad frame has valid records after it.
     """
-    n = len(data)
-    mv = memoryview(data)
-    off = start
-    group_end = start
-    group_seq = expect - 1
-    group_last = -1
-    records = 0
-    problem = None
-    try:
-        while off < n:
-            if n - off < FRAME_SIZE:
-                problem = "cut-off frame header"
-                break
-            crc, length, seq, kind = _unpack_frame(data, off)
-            end = off + FRAME_SIZE + length
-            if length > MAX_PAYLOAD or end > n:
-                problem = "cut-off record"
-                break
-            if crc32c(mv[off + 4:end]) != crc:
-                problem = "checksum mismatch"
-                break
-            if seq != expect:
-                raise CorruptJournalError(path, off, f"seq {seq} where {expect} was expected")
-            expect += 1
-            records += 1
-            if kind >= GROUP_END:
-                group_end = end
-                group_seq = seq
-                group_last = off
-            off = end
-    finally:
-        mv.release()
-    if problem is not None:
+    with memoryview(data) as view:
+        off, expect, records, group_end, group_seq, group_last, problem = scan_groups(
+            data, view, start, len(data), expect, MAX_PAYLOAD, GROUP_END,
+            bytearray() if kinds is None else kinds, [] if lengths is None else lengths)
+    if problem == "seq":
+        raise CorruptJournalError(path, off, f"seq {_unpack_frame(data, off)[2]} where {expect} was expected")
+    if problem:
         found = _find_valid_frame(data, off + 1, expect)
         if found is not None:
-            raise CorruptJournalError(path, off, f"{problem}, with valid records after it (at offset {found})")
+            what = "checksum mismatch" if problem == "checksum" else "cut-off record"
+            raise CorruptJournalError(path, off, f"{what}, with valid records after it (at offset {found})")
     return records, group_end, group_seq, group_last
 
 
@@ -488,7 +465,9 @@ class Journal:
             firsts.pop()
             if self._sync:
                 ops.sync_dir(str(directory))
-        self._scanned: tuple[int, bytes, int] | None = None
+        # the newest segment as the recovery scan left it: first seq, bytes, end of the checked
+        # part, and the kind and payload length of each frame in it (for the replay, once)
+        self._scanned: tuple[int, bytes, int, bytes, list[int]] | None = None
         if not firsts:
             path = directory / segment_name(1)
             fd = ops.create(str(path))
@@ -513,11 +492,14 @@ class Journal:
             path = directory / segment_name(first)
             data = path.read_bytes()
             _check_header(path, data, first)
-            records, group_end, group_seq, group_last = _scan_last_segment(path, first, data, _HEADER_SIZE, first)
+            kinds, lengths = bytearray(), []
+            records, group_end, group_seq, group_last = _scan_last_segment(path, first, data, _HEADER_SIZE, first,
+                                                                           kinds, lengths)
             last_position = pack_position(first, group_last) if group_last >= 0 else 0
             # the scan just checked every frame up to group_end: the replay after open reuses
             # these bytes instead of reading and checking them again (see payloads)
-            self._scanned = (first, data, group_end)
+            whole = group_seq - first + 1  # frames in whole groups: the ones kept
+            self._scanned = (first, data, group_end, bytes(kinds[:whole]), lengths[:whole])
             if group_end < len(data):
                 log.warning("%s: torn tail of %d bytes after offset %d (seq %d) truncated",
                             path, len(data) - group_end, group_end, group_seq)
@@ -906,6 +888,12 @@ class Journal:
             scanned = self._scanned
             if scanned is not None and scanned[0] == seg:
                 data, checked = scanned[1], scanned[2]
+                if seg == lim_seg and checked == lim_off:
+                    # nothing appended since open: the frames the recovery scan noted
+                    spans = []
+                    if index_spans(scanned[3], scanned[4], _HEADER_SIZE, off, kind, spans) == checked:
+                        yield data, spans
+                        return
             else:
                 # mapped, not read: no copy of the segment (older segments never change)
                 with open(path, "rb") as f:
