@@ -124,7 +124,7 @@ def start_gateway(config: Path, data: Path, port: int, metrics_port: int, stats:
            "--port", str(port), "--metrics-port", str(metrics_port)]
     if not stats:
         cmd.append("--no-stats")
-    env = dict(os.environ, PYTHONPATH=str(REPO))
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])))
     proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             preexec_fn=lambda: pin(cores))
     wait_port(port, proc)
@@ -494,6 +494,21 @@ def cpu_seconds(pid: int) -> float:
         return float("nan")
 
 
+def run_queue(pid: int) -> tuple[float, int]:
+    """(seconds the process's threads spent runnable but not running, involuntary context
+    switches), from /proc: how much a neighbour on the server's core delayed it."""
+    wait, switches = 0.0, 0
+    try:
+        for task in os.listdir(f"/proc/{pid}/task"):
+            wait += int(Path(f"/proc/{pid}/task/{task}/schedstat").read_text().split()[1]) / 1e9
+            for line in Path(f"/proc/{pid}/task/{task}/status").read_text().splitlines():
+                if line.startswith("nonvoluntary_ctxt_switches"):
+                    switches += int(line.split()[1])
+    except (OSError, IndexError, ValueError):
+        return float("nan"), 0
+    return wait, switches
+
+
 def measure_throughput(load: Load, pid: int, n: int, window: int, seconds: float, phase: str) -> tuple[float, float]:
     """(orders/s, server CPU microseconds per order)."""
     c0 = cpu_seconds(pid)
@@ -510,6 +525,12 @@ def main() -> int:
     ap.add_argument("--members", type=int)
     ap.add_argument("--seconds", type=float)
     ap.add_argument("--generators", type=int, default=2)
+    ap.add_argument("--n", type=int, action="append", help="only this N (repeatable)")
+    ap.add_argument("--rate", type=int, action="append", help="only this offered rate (repeatable)")
+    ap.add_argument("--latency-only", action="store_true",
+                    help="the gateway's latency runs only: no throughput, echo or metrics-cost runs")
+    ap.add_argument("--no-pin", action="store_true", help="let the server and the generators use every core")
+    ap.add_argument("--repeat", type=int, default=1, help="latency runs per N and rate")
     args = ap.parse_args()
     members = args.members or (200 if args.quick else 3_700)
     seconds = args.seconds or (1.5 if args.quick else 4.0)
@@ -517,9 +538,15 @@ def main() -> int:
     if args.quick:
         ns = [n for n in ns if n <= 100]
     rates = [1_000, 5_000] if not args.quick else [5_000]
+    if args.n:
+        ns = args.n
+    if args.rate:
+        rates = args.rate
     reps = 1 if args.quick else 2
     window = 8
     srv_cores, gen_cores = server_cores()
+    if args.no_pin:
+        srv_cores = gen_cores = srv_cores | gen_cores
     tmp = Path(tempfile.mkdtemp(prefix="kaboni-bench-"))
     config = tmp / "bench.toml"
     write_config(config, members)
@@ -541,24 +568,34 @@ def main() -> int:
         load.connect(port, ids)
         print(f"# {members} sessions logged on in {time.perf_counter() - t:.1f} s", flush=True)
         for n in ns:
-            rate, cpu = measure_throughput(load, proc.pid, n, max(window, 800 // n), seconds, f"t{n}")
-            engine_rate[n] = rate
-            print(f"engine  N={n:<5} max_orders_per_s={rate:,.0f}  server_cpu_per_order={cpu:.1f} us", flush=True)
-            for r in rates:
+            if args.latency_only:
+                load.throughput(n, window, 0.5, f"w{n}")  # warm-up only
+            else:
+                rate, cpu = measure_throughput(load, proc.pid, n, max(window, 800 // n), seconds, f"t{n}")
+                engine_rate[n] = rate
+                print(f"engine  N={n:<5} max_orders_per_s={rate:,.0f}  server_cpu_per_order={cpu:.1f} us", flush=True)
+            for r, rep in ((r, rep) for r in rates for rep in range(args.repeat)):
                 before = scrape(mport)
                 before_srv = scrape(mport, "kaboni_order_to_report_latency_seconds")
-                lat = load.latency(n, r, seconds, f"l{n}-{r}")
+                rq0 = run_queue(proc.pid)
+                lat = load.latency(n, r, seconds, f"l{n}-{r}-{rep}")
                 after = scrape(mport)
                 after_srv = scrape(mport, "kaboni_order_to_report_latency_seconds")
+                rq1 = run_queue(proc.pid)
                 fs = bucket_quantile(before, after, 0.99)
                 s50 = bucket_quantile(before_srv, after_srv, 0.5)
                 s99 = bucket_quantile(before_srv, after_srv, 0.99)
                 print(f"engine  N={n:<5} offered={r:>6}/s  p50={pct(lat, .5):.3f} ms  p99={pct(lat, .99):.3f} ms  "
                       f"p99.9={pct(lat, .999):.3f} ms  (orders={len(lat)}; journal fsync p99 <= {fs * 1e3:.3f} ms; "
-                      f"server's own bytes-in to report-out p50 <= {s50 * 1e3:.3f} ms, p99 <= {s99 * 1e3:.3f} ms)",
+                      f"server's own bytes-in to report-out p50 <= {s50 * 1e3:.3f} ms, p99 <= {s99 * 1e3:.3f} ms; "
+                      f"load {os.getloadavg()[0]:.2f}; server threads runnable but not running "
+                      f"{(rq1[0] - rq0[0]) * 1e3:.1f} ms, {rq1[1] - rq0[1]} involuntary switches)",
                       flush=True)
         load.quit()
         stop(proc)
+        if args.latency_only:
+            print(f"# load average after: {' '.join(f'{x:.2f}' for x in os.getloadavg())}", flush=True)
+            return 0
         # ---- the loopback ceiling: same clients, echo server
         eport = free_port()
         ctx = mp.get_context("spawn")
