@@ -7,6 +7,7 @@ one JSON line per event to ``$KABONI_TRACE`` when the server exits:
   is the receive time the server's own latency histogram starts from);
 - ``["sync", t1, t2, writer_runnable_s]``: one durable write of the journal's writer thread (the
   group commit), with the time that thread spent runnable but not running during it;
+- ``["durable", t, seq]``: the writer thread reporting a batch durable (``Server._on_durable``);
 - ``["rel", t_in, t_out, durable_seq, entries]``: ``Exchange.release`` that sent something;
 - ``["tick", t_in, t_out]``, ``["gc", t_start, t_end, generation]``.
 
@@ -65,6 +66,16 @@ def install(path: str) -> None:
 
     log.FileOps.write_durable = timed_io(log.FileOps.write_durable)
     log.FileOps.sync = timed_io(log.FileOps.sync)
+
+    import gateway._server as server
+
+    orig_on_durable = server.Server._on_durable
+
+    def on_durable(self, seq):
+        add(("durable", mono(), seq))
+        orig_on_durable(self, seq)
+
+    server.Server._on_durable = on_durable
 
     X = exchange.Exchange
     orig_rx, orig_rel, orig_tick = X.data_received, X.release, X.tick
@@ -126,7 +137,7 @@ def analyze(path: str, start: float, end: float) -> dict[str, float]:
     """
     from bisect import bisect_left
 
-    rx, syncs, rels, ticks, gcs = [], [], [], [], []
+    rx, syncs, rels, ticks, gcs, durable = [], [], [], [], [], []
     with open(path) as f:
         for line in f:
             e = json.loads(line)
@@ -142,6 +153,8 @@ def analyze(path: str, start: float, end: float) -> dict[str, float]:
                 ticks.append(e)
             elif kind == "gc":
                 gcs.append(e)
+            elif kind == "durable":
+                durable.append(e[2])
     sync_starts = [s[1] for s in syncs]
     rel_ends = [r[2] for r in rels]
     total, journal, gateway, wait, own, after = [], [], [], [], [], []
@@ -163,6 +176,14 @@ def analyze(path: str, start: float, end: float) -> dict[str, float]:
             wait.append(t1 - t_out)
             own.append(t2 - t1)
             after.append(released - t2)
+    # bursts (one read's orders) whose records went into more than one batch
+    split = 0
+    bursts = 0
+    for _, now, _t_in, _t_out, s0, s1, orders in rx:
+        if start <= now < end and orders > 1:
+            bursts += 1
+            k = bisect_left(durable, s0 + 1)
+            split += k < len(durable) and durable[k] < s1
     window = [s for s in syncs if start <= s[1] < end]
     batch = [s[2] - s[1] for s in window]
     slow = [s for s in window if s[2] - s[1] > 0.001]
@@ -181,6 +202,8 @@ def analyze(path: str, start: float, end: float) -> dict[str, float]:
         "durable_to_written_p99": _pct(after, 0.99) * ms,
         "slow_sync_time_share": slow_time / max(1e-9, sum(batch)),
         "slow_sync_runnable_share": sum(s[3] for s in slow) / max(1e-9, slow_time),
+        "bursts": bursts,
+        "split_bursts": split,
         "tick_max": max((t[2] - t[1] for t in ticks if start <= t[1] < end), default=0.0) * ms,
         "gc_max": max((g[2] - g[1] for g in gcs if start <= g[1] < end), default=0.0) * ms,
     }

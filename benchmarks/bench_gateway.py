@@ -517,6 +517,26 @@ def cpu_seconds(pid: int) -> float:
         return float("nan")
 
 
+def disk_irq_cores() -> str:
+    """Interrupt counts per core of the block devices (virtio, NVMe, SCSI): the core that takes
+    them also runs the I/O completion work the journal's syncs wait for."""
+    import re
+
+    try:
+        lines = Path("/proc/interrupts").read_text().splitlines()
+    except OSError:
+        return "unknown"
+    cpus = lines[0].split()
+    totals = [0] * len(cpus)
+    for line in lines[1:]:
+        if re.search(r"virtio\d+-req|nvme|ahci|scsi|blkif", line):
+            fields = line.split()[1:1 + len(cpus)]
+            for i, f in enumerate(fields):
+                if f.isdigit():
+                    totals[i] += int(f)
+    return " ".join(f"{c.lower()}={n}" for c, n in zip(cpus, totals)) if any(totals) else "unknown"
+
+
 def run_queue(pid: int) -> tuple[float, int]:
     """(seconds the process's threads spent runnable but not running, involuntary context
     switches), from /proc: how much a neighbour on the server's core delayed it."""
@@ -552,6 +572,8 @@ def main() -> int:
     ap.add_argument("--rate", type=int, action="append", help="only this offered rate (repeatable)")
     ap.add_argument("--latency-only", action="store_true",
                     help="the gateway's latency runs only: no throughput, echo or metrics-cost runs")
+    ap.add_argument("--server-core", type=int, help="pin the server to this core (default: the first), the "
+                    "generators to the others")
     ap.add_argument("--no-pin", action="store_true", help="let the server and the generators use every core")
     ap.add_argument("--trace", action="store_true",
                     help="run the server under benchmarks/_traced_server.py and split each latency run's "
@@ -572,6 +594,8 @@ def main() -> int:
     reps = 1 if args.quick else 2
     window = 8
     srv_cores, gen_cores = server_cores()
+    if args.server_core is not None and args.server_core in srv_cores | gen_cores:
+        srv_cores, gen_cores = {args.server_core}, (srv_cores | gen_cores) - {args.server_core}
     if args.no_pin:
         srv_cores = gen_cores = srv_cores | gen_cores
     tmp = Path(tempfile.mkdtemp(prefix="kaboni-bench-"))
@@ -582,6 +606,7 @@ def main() -> int:
     print(f"# bench_gateway: members={members} sessions_logged_on={members} N={ns} rates={rates} "
           f"seconds={seconds} window/session={window} generators={args.generators} "
           f"server_cores={sorted(srv_cores)} generator_cores={sorted(gen_cores)} fsync=on", flush=True)
+    print(f"# block device interrupts per core: {disk_irq_cores()}", flush=True)
     engine_rate: dict[int, float] = {}
     echo_rate: dict[int, float] = {}
     try:
@@ -638,7 +663,8 @@ def main() -> int:
                       f"{a['wait_prev_p99']:.3f}, journal (append to durable) {a['journal_p99']:.3f}, gateway (rest) "
                       f"{a['gateway_p99']:.3f}, durable to written {a['durable_to_written_p99']:.3f} ms | syncs > 1 ms: "
                       f"{a['slow_sync_time_share'] * 100:.0f}% of sync time, writer runnable-not-running "
-                      f"{a['slow_sync_runnable_share'] * 100:.0f}% of that | max tick {a['tick_max']:.2f} ms, "
+                      f"{a['slow_sync_runnable_share'] * 100:.0f}% of that | reads with several orders {a['bursts']}, "
+                      f"{a['split_bursts']} of them split over two batches | max tick {a['tick_max']:.2f} ms, "
                       f"max gc {a['gc_max']:.2f} ms", flush=True)
         if args.latency_only:
             print(f"# load average after: {' '.join(f'{x:.2f}' for x in os.getloadavg())}", flush=True)
