@@ -552,13 +552,17 @@ def run_queue(pid: int) -> tuple[float, int]:
     switches), from /proc: how much a neighbour on the server's core delayed it."""
     wait, switches = 0.0, 0
     try:
-        for task in os.listdir(f"/proc/{pid}/task"):
+        tasks = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return float("nan"), 0
+    for task in tasks:
+        try:  # a thread may end between the listing and the reads
             wait += int(Path(f"/proc/{pid}/task/{task}/schedstat").read_text().split()[1]) / 1e9
             for line in Path(f"/proc/{pid}/task/{task}/status").read_text().splitlines():
                 if line.startswith("nonvoluntary_ctxt_switches"):
                     switches += int(line.split()[1])
-    except (OSError, IndexError, ValueError):
-        return float("nan"), 0
+        except (OSError, IndexError, ValueError):
+            continue
     return wait, switches
 
 
