@@ -623,6 +623,7 @@ def main() -> int:
     print(f"# block device interrupts per core: {disk_irq_counts() or 'unknown'}", flush=True)
     engine_rate: dict[int, float] = {}
     echo_rate: dict[int, float] = {}
+    proc = None
     try:
         # ---- the gateway (metrics on), every member logged on and heartbeating
         port, mport = free_port(), free_port()
@@ -727,6 +728,9 @@ def main() -> int:
         print(f"metrics in-process (exchange core + ledger, no IO): {on_us:.2f} us/order on, {off_us:.2f} us/order off "
               f"({(on_us - off_us) / off_us * 100:+.1f}%)", flush=True)
     finally:
+        if proc is not None and proc.poll() is None:  # a failed run must not leave its server behind
+            proc.kill()
+            proc.wait()
         shutil.rmtree(tmp, ignore_errors=True)
     print(f"# load average after: {' '.join(f'{x:.2f}' for x in os.getloadavg())}", flush=True)
     ratio = max(engine_rate.values()) / max(echo_rate.values())
