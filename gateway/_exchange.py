@@ -52,6 +52,10 @@ _HEARTBEAT = frame(encode(Heartbeat()))
 _LOGOUT_ACCEPTED = frame(encode(LogoutAccepted()))
 _DUMMY_HASH = hash_token("\x00no such member\x00")
 
+# A tick looks at one of TICK_PARTS slices of the sessions (by session id), so with thousands
+# of sessions no single tick holds the loop for long (a tick writes the heartbeats it owes).
+TICK_PARTS = 50
+
 # outbox delivery kinds
 _REPORT, _SESSION, _MARKET, _CLOSE = range(4)
 
@@ -89,6 +93,8 @@ class Exchange:
         self.credentials = {m.id: (m.token_sha256, m.role) for m in config.members}
         self.currency = {i.symbol: i.currency for i in config.instruments}
         self.sessions: set[Session] = set()
+        self._tick_parts: list[set[Session]] = [set() for _ in range(TICK_PARTS)]
+        self._next_part = 0
         self.by_member: dict[str, list[Session]] = {}
         self.subscribers: dict[str, tuple[Session, ...]] = {s: () for s in self.engine.instruments}
         self.released = {m: self.engine.last_seq(m) for m in self.engine.members}
@@ -105,6 +111,7 @@ class Exchange:
         self.next_sid += 1
         session.sink = sink
         self.sessions.add(session)
+        self._tick_parts[session.sid % TICK_PARTS].add(session)
         return session
 
     def data_received(self, session: Session, data: bytes, now: float) -> None:
@@ -149,6 +156,7 @@ class Exchange:
         if not session.closed(cause):
             return
         self.sessions.discard(session)
+        self._tick_parts[session.sid % TICK_PARTS].discard(session)
         if session.member:
             group = self.by_member.get(session.member)
             if group and session in group:
@@ -169,8 +177,12 @@ class Exchange:
             self._execute(E.SessionEnded(session.sid), "", None, now)
 
     def tick(self, now: float) -> None:
-        """Logon timeouts, heartbeats and heartbeat timeouts; the server calls this often."""
-        for s in list(self.sessions):
+        """Logon timeouts, heartbeats and heartbeat timeouts for the next slice of the sessions
+        (one of ``TICK_PARTS``, in turn): the server calls this ``TICK_PARTS`` times as often as
+        each session needs looking at."""
+        part = self._next_part
+        self._next_part = (part + 1) % TICK_PARTS
+        for s in list(self._tick_parts[part]):
             state = s.state
             if state is State.ACTIVE:
                 hb = s.heartbeat_s

@@ -14,16 +14,14 @@ from bisect import bisect_left
 from collections import defaultdict
 
 from engine._histogram import FixedHistogram
+from engine.journal._log import FSYNC_BOUNDS
 
 __all__ = ["Stats", "KaboniCollector", "start_metrics_server", "VERSION", "ORDER_LATENCY_BOUNDS"]
 
 VERSION = "0.1.0"
-# Finer than the journal's LATENCY_BOUNDS between 0.25 and 10 ms, where an order's report lands
-# (one or two fsyncs), so the p99 can be compared with the fsync p99 to the millisecond.
-ORDER_LATENCY_BOUNDS = (
-    0.0001, 0.00025, 0.0005, 0.00075, 0.001, 0.0015, 0.002, 0.0025, 0.003, 0.004, 0.005, 0.006,
-    0.007, 0.008, 0.01, 0.0125, 0.015, 0.02, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0,
-)
+# The journal's fsync buckets (fine between 0.1 and 10 ms, where an order's report lands: one or
+# two fsyncs), so the order-to-report p99 and the fsync p99 are read off the same bounds.
+ORDER_LATENCY_BOUNDS = FSYNC_BOUNDS
 STATES = ("open", "halted", "closed")
 
 

@@ -23,7 +23,7 @@ from pathlib import Path
 
 from crc32c import crc32c
 
-from .._histogram import LATENCY_BOUNDS, SIZE_BOUNDS, FixedHistogram
+from .._histogram import SIZE_BOUNDS, FixedHistogram
 from .._replay import FRAME as _replay_frame
 from .._replay import FRAME_SIZE as _REPLAY_FRAME_SIZE
 from .._replay import index_spans, scan_frames, scan_groups
@@ -42,6 +42,14 @@ log = logging.getLogger("kaboni.journal")
 
 DURABILITY_MODES = ("fsync", "none")
 SWITCH_INTERVAL = 0.0001  # seconds: see Journal.open
+# seconds: finer than LATENCY_BOUNDS between 0.1 and 10 ms, where syncs (and the reports that
+# wait for them) land, so an fsync p99 can be compared with the gateway's order-to-report p99
+# (which uses these same bounds) to a fraction of a millisecond
+FSYNC_BOUNDS = (
+    0.00001, 0.000025, 0.00005, 0.0001, 0.00025, 0.0005, 0.00075, 0.001, 0.0015, 0.002, 0.0025,
+    0.003, 0.004, 0.005, 0.006, 0.007, 0.008, 0.01, 0.0125, 0.015, 0.02, 0.025, 0.05, 0.1, 0.25,
+    0.5, 1.0, 2.5, 10.0,
+)
 _READ_CHUNK = 4 << 20
 _HEAD_PACK = struct.Struct("<IQB").pack  # the frame after its CRC: length, seq, kind
 _CRC_PACK = struct.Struct("<I").pack
@@ -116,9 +124,9 @@ class JournalStats:
         self.bytes = 0  # bytes written
         self.batches = 0
         self.batch_records = FixedHistogram(SIZE_BOUNDS)
-        self.fsync_seconds = FixedHistogram(LATENCY_BOUNDS)
+        self.fsync_seconds = FixedHistogram(FSYNC_BOUNDS)
         # per batch: from the first append of the batch until it is durable
-        self.append_to_durable_seconds = FixedHistogram(LATENCY_BOUNDS)
+        self.append_to_durable_seconds = FixedHistogram(FSYNC_BOUNDS)
 
     @property
     def pending(self) -> int:
