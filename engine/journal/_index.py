@@ -1,12 +1,15 @@
 """Frame indexes of sealed segments: what makes a full replay skip the frame walk.
 
-A sealed segment never changes, so once it is closed a background thread walks it once (every
-frame CRC-checked, seqs checked) and writes ``journal-<first seq>.kbx`` beside it: the kind
-byte and payload length of every frame, bound to the segment by its length and the CRC32C of
-all its bytes. A replay then checks the segment with one CRC32C call over the whole file and
-finds its ENTRY payloads from the index, without a call per frame. An index is only ever a
-shortcut: missing, damaged, or not matching its segment's bytes, it is ignored (with a
-warning) and the replay walks the frames, which also names the offset of any damage.
+``journal-<first seq>.kbx`` beside a sealed segment holds the kind byte and payload length of
+every frame, bound to the segment by its length and the CRC32C of all its bytes. The appends
+note each frame's kind and length as they frame it and the writer keeps the running CRC32C of
+what it writes, so when a segment is sealed its index costs no walk: a background thread only
+writes the file. (A segment sealed without one, by a crash in between, is walked once after
+the next replay, every frame checked.) A replay then checks the segment with one CRC32C call
+over the whole file and finds its ENTRY payloads from the index, without a call per frame. An
+index is only ever a shortcut: missing, damaged, or not matching its segment's bytes, it is
+ignored (with a warning) and the replay walks the frames, which also names the offset of any
+damage.
 """
 
 from __future__ import annotations
@@ -23,7 +26,8 @@ from crc32c import crc32c
 from .._replay import index_frames
 from ._format import SEGMENT_HEADER, segment_name
 
-__all__ = ["INDEX_VERSION", "index_name", "build_index", "write_index", "load_index", "IndexUnusable"]
+__all__ = ["INDEX_VERSION", "index_name", "index_from_notes", "build_index", "write_index", "load_index",
+           "IndexUnusable"]
 
 INDEX_VERSION = 1
 INDEX_MAGIC = b"KBNX"
@@ -42,9 +46,29 @@ def index_name(first_seq: int) -> str:
     return segment_name(first_seq)[:-4] + ".kbx"
 
 
+def index_from_notes(first_seq: int, seg_len: int, seg_crc: int, kinds: bytes | bytearray, lengths: array,
+                     header_size: int) -> bytes:
+    """The index file of a segment from what the appends noted and the CRC32C of the bytes the
+    writer wrote. Raises ``IndexUnusable`` if the notes do not add up to the segment's length."""
+    if header_size + 17 * len(lengths) + sum(lengths) != seg_len or len(kinds) != len(lengths):
+        raise IndexUnusable(f"segment {first_seq}: the notes do not add up to its {seg_len} bytes")
+    return _index_file(first_seq, seg_len, seg_crc, bytes(kinds), lengths)
+
+
+def _index_file(first_seq: int, seg_len: int, seg_crc: int, kinds: bytes, lengths: array) -> bytes:
+    packed = array("I", lengths)
+    if sys.byteorder == "big":
+        packed.byteswap()
+    body = kinds + packed.tobytes()
+    head = INDEX_HEADER.pack(INDEX_MAGIC, INDEX_VERSION, INDEX_HEADER.size, first_seq, seg_len, seg_crc, len(kinds),
+                             crc32c(body), 0)
+    return head[:-4] + struct.pack("<I", crc32c(head[:-4])) + body
+
+
 def build_index(path: Path, first_seq: int, data) -> bytes:
-    """The index file of the sealed segment ``data`` (its whole bytes). Raises ``IndexUnusable``
-    if a frame is damaged: such a segment gets no index, and readers report the damage."""
+    """The index file of the sealed segment ``data`` (its whole bytes), by walking it. Raises
+    ``IndexUnusable`` if a frame is damaged: such a segment gets no index, and readers report
+    the damage."""
     view = memoryview(data)
     kinds = bytearray()
     lengths: list[int] = []
@@ -58,14 +82,7 @@ def build_index(path: Path, first_seq: int, data) -> bytes:
         seg_crc = crc32c(view)
     finally:
         view.release()
-    packed = array("I", lengths)
-    if sys.byteorder == "big":
-        packed.byteswap()
-    body = bytes(kinds) + packed.tobytes()
-    head = INDEX_HEADER.pack(INDEX_MAGIC, INDEX_VERSION, INDEX_HEADER.size, first_seq, end, seg_crc, len(kinds),
-                             crc32c(body), 0)
-    head = head[:-4] + struct.pack("<I", crc32c(head[:-4]))
-    return head + body
+    return _index_file(first_seq, end, seg_crc, bytes(kinds), array("I", lengths))
 
 
 def write_index(directory: Path, first_seq: int, index: bytes, sync: bool) -> None:

@@ -17,6 +17,7 @@ import struct
 import sys
 import threading
 import time
+from array import array
 from bisect import bisect_right
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
@@ -31,7 +32,7 @@ from ._format import (
     FORMAT_VERSION, FRAME, FRAME_SIZE, GROUP_END, MAX_PAYLOAD, SEGMENT_HEADER,
     SEGMENT_MAGIC, Record, pack_position, parse_segment_name, segment_name, unpack_position,
 )
-from ._index import IndexUnusable, build_index, index_name, load_index, write_index
+from ._index import IndexUnusable, build_index, index_from_notes, index_name, load_index, write_index
 
 __all__ = [
     "Journal", "JournalStats", "JournalError", "CorruptJournalError", "JournalFailedError",
@@ -488,6 +489,9 @@ class Journal:
             self._fd = fd
             self._next_seq = 1
             self._file_size = len(head)
+            self._kinds = bytearray()
+            self._lengths = array("I")
+            self._seg_crc = crc32c(head)
             self._seg = 1
             self._seg_size = len(head)
             last_position = 0
@@ -508,6 +512,11 @@ class Journal:
             # these bytes instead of reading and checking them again (see payloads)
             whole = group_seq - first + 1  # frames in whole groups: the ones kept
             self._scanned = (first, data, group_end, bytes(kinds[:whole]), lengths[:whole])
+            # the newest segment's notes for its index, carried on by the appends
+            self._kinds = kinds[:whole]
+            self._lengths = array("I", lengths[:whole])
+            with memoryview(data) as view:
+                self._seg_crc = crc32c(view[:group_end])
             if group_end < len(data):
                 log.warning("%s: torn tail of %d bytes after offset %d (seq %d) truncated",
                             path, len(data) - group_end, group_end, group_seq)
@@ -541,6 +550,9 @@ class Journal:
         self._durable_pos = pack_position(self._seg, self._file_size)
         self._chunks: list[list] = [[self._seg, bytearray()]]
         self._buf = self._chunks[-1][1]
+        # index notes of segments the appends have left, by the first seq of the next one (the
+        # writer hands them to the indexer when it reaches that segment)
+        self._sealed_notes: dict[int, tuple[int, bytearray, array]] = {}
         self._t0: float | None = None
         self._pending_records = 0
 
@@ -576,15 +588,21 @@ class Journal:
             start = len(buf)
             offset = self._seg_size
             *body, (last_kind, last_payload) = items
+            kinds = self._kinds
+            lengths = self._lengths
             for kind, payload in body:
                 rec = head_pack(len(payload), seq, kind) + payload
                 buf += crc_pack(crc32c(rec))
                 buf += rec
+                kinds.append(kind)
+                lengths.append(len(payload))
                 seq += 1
             pos = offset + len(buf) - start
             rec = head_pack(len(last_payload), seq, last_kind | GROUP_END) + last_payload
             buf += crc_pack(crc32c(rec))
             buf += rec
+            kinds.append(last_kind | GROUP_END)
+            lengths.append(len(last_payload))
             seq += 1
             self._next_seq = seq
             self._seg_size = offset + len(buf) - start
@@ -605,6 +623,8 @@ class Journal:
                 buf = self._buf
                 buf += _crc(_crc32c(rec))
                 buf += rec
+                self._kinds.append(kind | 0x80)
+                self._lengths.append(len(payload))
                 self._seg_size = pos + 4 + len(rec)
                 self._next_seq = seq + 1
                 self._last_off = pos
@@ -635,6 +655,8 @@ class Journal:
                 rec = head(len(payload), seq, kind) + payload
                 buf += crc(check(rec))
                 buf += rec
+            self._kinds += bytes((kind,)) * len(payloads)
+            self._lengths.extend(map(len, payloads))
             seq = first + len(payloads)
             offset = self._seg_size
             self._seg_size = offset + len(buf) - start
@@ -658,6 +680,9 @@ class Journal:
         """Start a new segment at the next seq (lock held). Groups never straddle segments."""
         first = self._next_seq
         head = _segment_header(first)
+        self._sealed_notes[first] = (self._seg, self._kinds, self._lengths)
+        self._kinds = bytearray()
+        self._lengths = array("I")
         self._chunks.append([first, bytearray(head)])
         self._buf = self._chunks[-1][1]
         self._seg = first
@@ -793,7 +818,11 @@ class Journal:
                         if sync:
                             ops.sync(self._fd)
                         ops.close(self._fd)
-                        self.index_segment(self._segments[-1])
+                        notes = self._sealed_notes.pop(seg, None)
+                        if notes is not None:
+                            sealed, kinds, lengths = notes
+                            self._index((sealed, self._file_size, self._seg_crc, kinds, lengths))
+                        self._seg_crc = 0
                         self._fd = ops.create(str(self.directory / segment_name(seg)))
                         self._segments.append(seg)
                         self._file_size = 0
@@ -804,6 +833,9 @@ class Journal:
                             synced = self._write_durable(self._fd, data)
                         else:
                             self._write_all(self._fd, data)
+                        # for the segment's index; keeping the GIL (about 10 us per 100 KB) is
+                        # cheaper than giving it up and waiting to get it back
+                        self._seg_crc = crc32c(data, self._seg_crc, gil_release_mode=0)
                         self._file_size += len(data)
                         written += len(data)
                 if sync:
@@ -949,33 +981,39 @@ class Journal:
             return None
         return spans
 
-    def index_segment(self, first_seq: int) -> None:
-        """Have sealed segment ``first_seq`` indexed in the background (see ``_index``)."""
+    def _index(self, work: int | tuple) -> None:
+        """Have a sealed segment indexed in the background: from the appends' notes (a tuple:
+        first seq, length, CRC32C of its bytes as written, kinds, lengths), or by walking it
+        (its first seq)."""
         if self._indexer is None:
             self._indexer = threading.Thread(target=self._index_sealed, name="kaboni-journal-indexer", daemon=True)
             self._indexer.start()
-        self._index_queue.put(first_seq)
+        self._index_queue.put(work)
 
     def index_missing(self) -> None:
-        """Index the sealed segments that have no index yet (a crash can come between sealing
-        a segment and indexing it). The Ledger calls this after its replay at open."""
+        """Index the sealed segments that have no index yet, by walking them (a crash can come
+        between sealing a segment and indexing it). The Ledger calls this after its replay."""
         for first in self._segments[:-1]:
             if not (self.directory / index_name(first)).exists():
-                self.index_segment(first)
+                self._index(first)
 
     def _index_sealed(self) -> None:
         while True:
-            first = self._index_queue.get()
-            if first is None:
+            work = self._index_queue.get()
+            if work is None:
                 return
+            first = work if isinstance(work, int) else work[0]
             path = self.directory / segment_name(first)
             try:
-                with open(path, "rb") as f:
-                    data = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
-                try:
-                    index = build_index(path, first, data)
-                finally:
-                    data.close()
+                if isinstance(work, int):
+                    with open(path, "rb") as f:
+                        data = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+                    try:
+                        index = build_index(path, first, data)
+                    finally:
+                        data.close()
+                else:
+                    index = index_from_notes(*work, _HEADER_SIZE)
                 write_index(self.directory, first, index, self._sync)
             except (IndexUnusable, OSError, ValueError) as exc:
                 log.warning("segment %s not indexed: %s", path.name, exc)
