@@ -18,7 +18,7 @@ from msgspec.structs import astuple
 
 from ._engine import Engine
 
-__all__ = ["scan_frames", "scan_groups", "index_frames", "index_spans", "run_entries"]
+__all__ = ["scan_frames", "scan_groups", "index_spans", "run_entries"]
 
 # _format.FRAME and FRAME_SIZE (that module is not compiled; _log checks that they agree)
 FRAME: Final = struct.Struct("<IIQB")  # crc32c, payload length, seq, kind
@@ -56,19 +56,22 @@ def scan_frames(data: mmap | bytes, view: memoryview, off: int, end: int, checke
     return off, expect, ""
 
 
-def scan_groups(data: bytes, view: memoryview, off: int, end: int, expect: int, max_payload: int,
-                group_mark: int, kinds: bytearray, lengths: list[int]) -> tuple[int, int, int, int, int, int, str]:
-    """The recovery scan of the newest segment: walk and check every frame (length, CRC32C,
-    seq) up to the first bad one, noting each one's kind and payload length (what an index
-    holds, so the replay need not walk the segment again). Returns (offset reached, next
-    expected seq, records seen, end of the last whole group, its last seq, offset of its last
-    frame or -1, problem): the problem is "" at ``end``, else "cut" (a cut-off frame) or
-    "checksum"; a seq out of order is "seq" (the caller raises for that one)."""
+def scan_groups(data: mmap | bytes, view: memoryview, off: int, end: int, expect: int, max_payload: int,
+                group_mark: int, kinds: bytearray, lengths: list[int],
+                limit: int = 1 << 62) -> tuple[int, int, int, int, int, int, str]:
+    """Walk and check frames (length, CRC32C, seq) up to the first bad one, noting each one's
+    kind and payload length: the recovery scan of the newest segment (the notes spare the
+    replay a second walk), and the indexing of a sealed segment found without its index (in
+    steps of ``limit`` frames, since compiled code never gives the GIL back). Returns (offset
+    reached, next expected seq, records seen, end of the last whole group, its last seq,
+    offset of its last frame or -1, problem): the problem is "" at ``end`` or after ``limit``
+    frames, else "cut" (a cut-off frame) or "checksum"; a seq out of order is "seq" (the
+    caller raises for that one)."""
     records = 0
     group_end = off
     group_seq = expect - 1
     group_last = -1
-    while off < end:
+    while off < end and records < limit:
         if end - off < FRAME_SIZE:
             return off, expect, records, group_end, group_seq, group_last, "cut"
         crc, length, seq, k = _unpack_frame(data, off)
@@ -89,30 +92,6 @@ def scan_groups(data: bytes, view: memoryview, off: int, end: int, expect: int, 
             group_last = off
         off = stop
     return off, expect, records, group_end, group_seq, group_last, ""
-
-
-def index_frames(data: mmap | bytes, view: memoryview, off: int, end: int, expect: int, limit: int,
-                 kinds: bytearray, lengths: list[int]) -> tuple[int, int, str]:
-    """Like ``scan_frames`` (every frame CRC-checked, seqs checked), for a segment's index: the
-    kind byte and payload length of at most ``limit`` frames go to ``kinds`` and ``lengths``.
-    Bounded so that a background indexer gives the GIL back often (compiled code never does)."""
-    while off < end and limit > 0:
-        if end - off < FRAME_SIZE:
-            return off, expect, "cut"
-        crc, length, seq, k = _unpack_frame(data, off)
-        stop = off + FRAME_SIZE + length
-        if stop > end:
-            return off, expect, "cut"
-        if crc32c(view[off + 4:stop]) != crc:
-            return off, expect, "checksum"
-        if seq != expect:
-            return off, expect, "seq"
-        expect += 1
-        kinds.append(k)
-        lengths.append(length)
-        off = stop
-        limit -= 1
-    return off, expect, ""
 
 
 def index_spans(kinds: bytes, lengths: list[int], off: int, start: int, kind: int, spans: list[int]) -> int:

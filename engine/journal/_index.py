@@ -14,7 +14,6 @@ damage.
 
 from __future__ import annotations
 
-import os
 import struct
 import sys
 import time
@@ -23,8 +22,9 @@ from pathlib import Path
 
 from crc32c import crc32c
 
-from .._replay import index_frames
-from ._format import SEGMENT_HEADER, segment_name
+from .._replay import scan_groups
+from ._format import GROUP_END, MAX_PAYLOAD, SEGMENT_HEADER, segment_name
+from ._snapshot import replace_file
 
 __all__ = ["INDEX_VERSION", "index_name", "index_from_notes", "build_index", "write_index", "load_index",
            "IndexUnusable"]
@@ -75,7 +75,8 @@ def build_index(path: Path, first_seq: int, data) -> bytes:
     off, expect, end = _SEGMENT_HEADER_SIZE, first_seq, len(data)
     try:
         while off < end:
-            off, expect, problem = index_frames(data, view, off, end, expect, _STEP, kinds, lengths)
+            off, expect, _, _, _, _, problem = scan_groups(data, view, off, end, expect, MAX_PAYLOAD, GROUP_END,
+                                                           kinds, lengths, _STEP)
             if problem:
                 raise IndexUnusable(f"{path}: {problem} at offset {off}")
             time.sleep(0)  # let other threads have the GIL between steps
@@ -86,21 +87,8 @@ def build_index(path: Path, first_seq: int, data) -> bytes:
 
 
 def write_index(directory: Path, first_seq: int, index: bytes, sync: bool) -> None:
-    """Write an index atomically: a temporary file, synced, renamed into place."""
-    path = directory / index_name(first_seq)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        f.write(index)
-        if sync:
-            f.flush()
-            os.fdatasync(f.fileno())
-    os.replace(tmp, path)
-    if sync:
-        fd = os.open(directory, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+    """Write an index whole or not at all (a temporary file, synced, renamed into place)."""
+    replace_file(directory / index_name(first_seq), index, sync)
 
 
 def load_index(directory: Path, first_seq: int, data) -> tuple[bytes, list[int]]:

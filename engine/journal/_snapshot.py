@@ -61,24 +61,30 @@ def write_snapshot(directory: str | Path, body: SnapshotBody, sync: bool = True)
     head = _HEADER.pack(SNAPSHOT_MAGIC, SNAPSHOT_FORMAT, 0, body.seq, len(payload), crc32c(payload), 0)
     head = head[:-4] + struct.pack("<I", crc32c(head[:-4]))
     final = directory / snapshot_name(body.seq)
-    tmp = directory / (snapshot_name(body.seq) + ".tmp")
+    replace_file(final, head + payload, sync)
+    return final
+
+
+def replace_file(path: Path, data: bytes, sync: bool) -> None:
+    """Write ``path`` whole or not at all: a temporary file beside it, synced (if ``sync``),
+    renamed over it, and the directory synced."""
+    tmp = path.with_name(path.name + ".tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
     try:
-        view = memoryview(head + payload)
+        view = memoryview(data)
         while view:
             view = view[os.write(fd, view):]
         if sync:
             os.fsync(fd)
     finally:
         os.close(fd)
-    os.replace(tmp, final)
+    os.replace(tmp, path)
     if sync:
-        dfd = os.open(directory, os.O_RDONLY)
+        dfd = os.open(path.parent, os.O_RDONLY)
         try:
             os.fsync(dfd)
         finally:
             os.close(dfd)
-    return final
 
 
 def read_snapshot(path: str | Path) -> SnapshotBody | None:
