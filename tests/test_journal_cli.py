@@ -141,3 +141,19 @@ def test_python_m_engine_journal_runs_as_a_process(day_journal):
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.startswith("trading_day,member,instrument")
+
+
+def test_verify_reports_each_sealed_segments_index(tmp_path):
+    from engine.journal import Journal, list_segments
+    from engine.journal._index import index_name
+
+    j = Journal.open(tmp_path, durability="none", segment_bytes=2048)
+    for i in range(300):
+        j.append(2, b"fill-%d" % i * 5)
+    j.close()
+    first, second = list_segments(tmp_path)[:2]
+    code, out, _ = cli("journal", "verify", str(tmp_path))
+    assert code == 0 and f"index of segment {first}: OK" in out and f"index of segment {second}: OK" in out
+    (tmp_path / index_name(second)).write_bytes(b"not an index")
+    code, out, _ = cli("journal", "verify", str(tmp_path))
+    assert code == 0 and f"index of segment {second}: not used" in out  # a shortcut, not the data
