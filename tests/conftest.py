@@ -1,16 +1,25 @@
-"""Refuse to test a stale compiled engine.
+"""Suite-wide settings: a stale compiled engine is refused, and CI runs hypothesis derandomized.
 
 ``pip install -e .`` compiles the engine's hot modules with mypyc into extension modules next
 to their sources, and Python imports the extension first. After an edit to one of those
 sources the extension would still run the old code, so the suite stops and says what to do.
+
+Under ``CI`` (set by CI runners) hypothesis draws the same examples on every run, so a red
+build is reproducible and never a coin toss; elsewhere every run explores new examples.
 """
 
 from __future__ import annotations
 
 import importlib.machinery
+import os
 from pathlib import Path
 
 import pytest
+from hypothesis import settings
+
+settings.register_profile("ci", derandomize=True)
+if os.environ.get("CI"):
+    settings.load_profile("ci")
 
 ENGINE = Path(__file__).resolve().parent.parent / "engine"
 COMPILED = ("_book", "_accounts", "_engine", "_replay")
