@@ -18,7 +18,7 @@ from msgspec.structs import astuple
 
 from ._engine import Engine
 
-__all__ = ["scan_frames", "scan_groups", "index_spans", "run_entries"]
+__all__ = ["scan_groups", "index_spans", "run_entries"]
 
 # _format.FRAME and FRAME_SIZE (that module is not compiled; _log checks that they agree)
 FRAME: Final = struct.Struct("<IIQB")  # crc32c, payload length, seq, kind
@@ -27,42 +27,14 @@ _unpack_frame = FRAME.unpack_from
 KIND_MASK: Final = 0x7F
 
 
-def scan_frames(data: mmap | bytes, view: memoryview, off: int, end: int, checked: int, expect: int, kind: int,
-                spans: list[int]) -> tuple[int, int, str]:
-    """Walk the frames of ``data[off:end]``: CRC-check those at or after ``checked``, check that
-    seqs run on from ``expect``, and append the payload bounds (start, stop) of the frames of
-    ``kind`` to ``spans``.
-
-    Returns (offset reached, next expected seq, problem): the problem is "" when the walk
-    reached ``end``, else what is wrong with the frame at the offset reached ("cut",
-    "checksum" or "seq"); the caller turns it into an error that names the file.
-    """
-    while off < end:
-        if end - off < FRAME_SIZE:
-            return off, expect, "cut"
-        crc, length, seq, k = _unpack_frame(data, off)
-        stop = off + FRAME_SIZE + length
-        if stop > end:
-            return off, expect, "cut"
-        if off >= checked and crc32c(view[off + 4:stop]) != crc:
-            return off, expect, "checksum"
-        if seq != expect:
-            return off, expect, "seq"
-        expect += 1
-        if k & KIND_MASK == kind:
-            spans.append(off + FRAME_SIZE)
-            spans.append(stop)
-        off = stop
-    return off, expect, ""
-
-
 def scan_groups(data: mmap | bytes, view: memoryview, off: int, end: int, expect: int, max_payload: int,
                 group_mark: int, kinds: bytearray, lengths: list[int],
                 limit: int = 1 << 62) -> tuple[int, int, int, int, int, int, str]:
     """Walk and check frames (length, CRC32C, seq) up to the first bad one, noting each one's
-    kind and payload length: the recovery scan of the newest segment (the notes spare the
-    replay a second walk), and the indexing of a sealed segment found without its index (in
-    steps of ``limit`` frames, since compiled code never gives the GIL back). Returns (offset
+    kind and payload length (``index_spans`` turns the notes into payload bounds): the recovery
+    scan of the newest segment (the notes spare the replay a second walk), the replay of a
+    segment without a usable index, and the indexing of a sealed segment found without its
+    index (in steps of ``limit`` frames, since compiled code never gives the GIL back). Returns (offset
     reached, next expected seq, records seen, end of the last whole group, its last seq,
     offset of its last frame or -1, problem): the problem is "" at ``end`` or after ``limit``
     frames, else "cut" (a cut-off frame) or "checksum"; a seq out of order is "seq" (the

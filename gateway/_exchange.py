@@ -20,7 +20,7 @@ import hmac
 import logging
 import struct
 from time import monotonic
-from collections import deque
+from collections import defaultdict, deque
 from typing import Callable
 
 import engine as E
@@ -403,8 +403,7 @@ class Exchange:
         latency = self.stats.latencies.append
         now = monotonic()
         closed = State.CLOSED
-        batches: dict[Session, list[bytes]] = {}
-        get = batches.get
+        batches: defaultdict[Session, list[bytes]] = defaultdict(list)
         while out and out[0][0] <= durable:
             _, kind, target, a, data, t0 = out.popleft()
             if kind == _REPORT:
@@ -415,26 +414,14 @@ class Exchange:
                 if group:
                     for s in group:
                         if a >= s.min_seq and s.state is not closed:
-                            b = get(s)
-                            if b is None:
-                                batches[s] = [data]
-                            else:
-                                b.append(data)
+                            batches[s].append(data)
             elif kind == _MARKET:
                 for s in target:
                     if a in s.subscriptions and s.state is not closed:
-                        b = get(s)
-                        if b is None:
-                            batches[s] = [data]
-                        else:
-                            b.append(data)
+                        batches[s].append(data)
             elif kind == _SESSION:
                 if target.state is not closed:
-                    b = get(target)
-                    if b is None:
-                        batches[target] = [data]
-                    else:
-                        b.append(data)
+                    batches[target].append(data)
             else:  # _CLOSE
                 b = batches.pop(target, None)
                 if b:

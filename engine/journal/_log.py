@@ -27,7 +27,7 @@ from crc32c import crc32c
 from .._histogram import SIZE_BOUNDS, FixedHistogram
 from .._replay import FRAME as _replay_frame
 from .._replay import FRAME_SIZE as _REPLAY_FRAME_SIZE
-from .._replay import index_spans, scan_frames, scan_groups
+from .._replay import index_spans, scan_groups
 from ._format import (
     FORMAT_VERSION, FRAME, FRAME_SIZE, GROUP_END, MAX_PAYLOAD, SEGMENT_HEADER,
     SEGMENT_MAGIC, Record, pack_position, parse_segment_name, segment_name, unpack_position,
@@ -55,7 +55,7 @@ _READ_CHUNK = 4 << 20
 _HEAD_PACK = struct.Struct("<IQB").pack  # the frame after its CRC: length, seq, kind
 _CRC_PACK = struct.Struct("<I").pack
 _HEADER_SIZE = SEGMENT_HEADER.size
-_FRAME_PROBLEMS = {  # scan_frames' problems, as errors
+_FRAME_PROBLEMS = {  # scan_groups' problems, as errors
     "cut": "record cut off before the end of the durable part",
     "checksum": "checksum mismatch in record",
     "seq": "record out of sequence: seq {seq} was expected",
@@ -474,9 +474,9 @@ class Journal:
             firsts.pop()
             if self._sync:
                 ops.sync_dir(str(directory))
-        # the newest segment as the recovery scan left it: first seq, bytes, end of the checked
-        # part, and the kind and payload length of each frame in it (for the replay, once)
-        self._scanned: tuple[int, bytes, int, bytes, list[int]] | None = None
+        # the newest segment as the recovery scan left it: first seq, bytes, and the kind and
+        # payload length of each frame in its whole groups (for the replay, once)
+        self._scanned: tuple[int, bytes, bytes, list[int]] | None = None
         if not firsts:
             path = directory / segment_name(1)
             fd = ops.create(str(path))
@@ -511,7 +511,7 @@ class Journal:
             # the scan just checked every frame up to group_end: the replay after open reuses
             # these bytes instead of reading and checking them again (see payloads)
             whole = group_seq - first + 1  # frames in whole groups: the ones kept
-            self._scanned = (first, data, group_end, bytes(kinds[:whole]), lengths[:whole])
+            self._scanned = (first, data, bytes(kinds[:whole]), lengths[:whole])
             # the newest segment's notes for its index, carried on by the appends
             self._kinds = kinds[:whole]
             self._lengths = array("I", lengths[:whole])
@@ -927,18 +927,17 @@ class Journal:
             path = self.directory / segment_name(seg)
             scanned = self._scanned
             if scanned is not None and scanned[0] == seg:
-                data, checked = scanned[1], scanned[2]
-                if seg == lim_seg and checked == lim_off:
-                    # nothing appended since open: the frames the recovery scan noted
-                    spans = []
-                    if index_spans(scanned[3], scanned[4], _HEADER_SIZE, off, kind, spans) == checked:
-                        yield data, spans
-                        return
+                # the newest segment, nothing appended since open: the frames the recovery scan
+                # checked and noted
+                data = scanned[1]
+                spans = []
+                if index_spans(scanned[2], scanned[3], _HEADER_SIZE, off, kind, spans) == lim_off:
+                    yield data, spans
+                    return
             else:
                 # mapped, not read: no copy of the segment (older segments never change)
                 with open(path, "rb") as f:
                     data = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) if os.fstat(f.fileno()).st_size else b""
-                checked = 0
                 if seg != lim_seg:
                     # a sealed segment: from its index, if it has a good one (one CRC32C call
                     # over the whole segment instead of one per frame)
@@ -954,11 +953,14 @@ class Journal:
                 raise CorruptJournalError(path, len(data), f"file ends before offset {end}")
             if expect is None:
                 expect = _unpack_frame(data, off)[2] if off + FRAME_SIZE <= end else 0
-            view = memoryview(data)
-            spans: list[int] = []
-            off, expect, problem = scan_frames(data, view, off, end, checked, expect, kind, spans)
+            kinds, lengths = bytearray(), []
+            with memoryview(data) as view:
+                stop, expect, _, _, _, _, problem = scan_groups(data, view, off, end, expect, MAX_PAYLOAD, GROUP_END,
+                                                                kinds, lengths)
             if problem:
-                raise CorruptJournalError(path, off, _FRAME_PROBLEMS[problem].format(seq=expect))
+                raise CorruptJournalError(path, stop, _FRAME_PROBLEMS[problem].format(seq=expect))
+            spans = []
+            index_spans(bytes(kinds), lengths, off, off, kind, spans)
             yield data, spans
             if seg == lim_seg or i + 1 >= len(segments):
                 return
