@@ -514,6 +514,75 @@ def test_append_many_frames_each_record_as_its_own_group(tmp_path):
     assert [r.payload for r in recs[1:]] == [payload(i) for i in range(2, 202)]
 
 
+@pytest.mark.parametrize("bulk", ["append_many", "append_group"])
+def test_records_appended_while_a_batch_is_framed_keep_their_seqs(tmp_path, monkeypatch, bulk):
+    """Batches are framed before the lock is taken; a record appended in between (by another
+    thread) takes the seq the batch was framed with, so the batch is framed again."""
+    from engine.journal import _log
+
+    j = Journal.open(tmp_path, durability="none")
+    j.append(1, b"first")
+    name = "_frame_many" if bulk == "append_many" else "_frame_group"
+    original = getattr(_log, name)
+    calls = []
+
+    def frame_then_interleave(*args):
+        framed = original(*args)
+        calls.append(args[0])
+        if len(calls) == 1:
+            assert j.append(3, b"between") == 2  # lands while the batch is framed but not added
+        return framed
+
+    monkeypatch.setattr(_log, name, frame_then_interleave)
+    batch = [payload(i) for i in range(10)]
+    if bulk == "append_many":
+        assert j.append_many(2, batch) == 12
+    else:
+        assert j.append_group([(2, p) for p in batch]) == 12
+    assert calls == [2, 3]  # framed from seq 2, then again from seq 3
+    j.close()
+    recs = list(read_records(tmp_path))  # every CRC checked
+    assert [r.seq for r in recs] == list(range(1, 13))
+    assert [r.payload for r in recs] == [b"first", b"between", *batch]
+    ends = [r.group_end for r in recs[2:]]
+    assert ends == ([True] * 10 if bulk == "append_many" else [False] * 9 + [True])
+
+
+def test_threads_appending_at_once_get_one_gap_free_sequence(tmp_path):
+    j = Journal.open(tmp_path, durability="none", segment_bytes=4096)
+    threads = 4
+    per = 300
+
+    def producer(t):
+        for i in range(per):
+            body = b"%d-%d" % (t, i)
+            if i % 3 == 0:
+                j.append(1, body)
+            elif i % 3 == 1:
+                j.append_many(2, [body + b"a", body + b"b"])
+            else:
+                j.append_group([(3, body + b"x"), (3, body + b"y")])
+
+    workers = [threading.Thread(target=producer, args=(t,)) for t in range(threads)]
+    for w in workers:
+        w.start()
+    for w in workers:
+        w.join()
+    j.close()
+    recs = list(read_records(tmp_path))
+    assert [r.seq for r in recs] == list(range(1, len(recs) + 1))
+    assert len(recs) == threads * (per // 3) * 5
+    for t in range(threads):  # each thread's records in its own order, groups whole
+        mine = [r for r in recs if r.payload.startswith(b"%d-" % t)]
+        expected = []
+        for i in range(per):
+            body = b"%d-%d" % (t, i)
+            expected += ([body] if i % 3 == 0 else [body + b"a", body + b"b"] if i % 3 == 1
+                         else [body + b"x", body + b"y"])
+        assert [r.payload for r in mine] == expected
+        assert [r.group_end for r in mine if r.kind == 3] == [False, True] * (per // 3)
+
+
 def test_open_lowers_the_switch_interval_unless_told_not_to(tmp_path):
     import sys
 
