@@ -514,38 +514,32 @@ def test_append_many_frames_each_record_as_its_own_group(tmp_path):
     assert [r.payload for r in recs[1:]] == [payload(i) for i in range(2, 202)]
 
 
-@pytest.mark.parametrize("bulk", ["append_many", "append_group"])
-def test_records_appended_while_a_batch_is_framed_keep_their_seqs(tmp_path, monkeypatch, bulk):
-    """Batches are framed before the lock is taken; a record appended in between (by another
-    thread) takes the seq the batch was framed with, so the batch is framed again."""
+def test_records_appended_while_a_batch_is_framed_keep_their_seqs(tmp_path, monkeypatch):
+    """append_many frames its batch before it takes the lock; a record appended in between
+    (by another thread) takes the seq the batch was framed with, so the batch is framed again."""
     from engine.journal import _log
 
     j = Journal.open(tmp_path, durability="none")
     j.append(1, b"first")
-    name = "_frame_many" if bulk == "append_many" else "_frame_group"
-    original = getattr(_log, name)
+    original = _log._frame_many
     calls = []
 
-    def frame_then_interleave(*args):
-        framed = original(*args)
-        calls.append(args[0])
+    def frame_then_interleave(first, kind, payloads):
+        framed = original(first, kind, payloads)
+        calls.append(first)
         if len(calls) == 1:
             assert j.append(3, b"between") == 2  # lands while the batch is framed but not added
         return framed
 
-    monkeypatch.setattr(_log, name, frame_then_interleave)
+    monkeypatch.setattr(_log, "_frame_many", frame_then_interleave)
     batch = [payload(i) for i in range(10)]
-    if bulk == "append_many":
-        assert j.append_many(2, batch) == 12
-    else:
-        assert j.append_group([(2, p) for p in batch]) == 12
+    assert j.append_many(2, batch) == 12
     assert calls == [2, 3]  # framed from seq 2, then again from seq 3
     j.close()
     recs = list(read_records(tmp_path))  # every CRC checked
     assert [r.seq for r in recs] == list(range(1, 13))
     assert [r.payload for r in recs] == [b"first", b"between", *batch]
-    ends = [r.group_end for r in recs[2:]]
-    assert ends == ([True] * 10 if bulk == "append_many" else [False] * 9 + [True])
+    assert all(r.group_end for r in recs)
 
 
 def test_threads_appending_at_once_get_one_gap_free_sequence(tmp_path):

@@ -65,27 +65,6 @@ if FRAME.format != _replay_frame.format or FRAME_SIZE != _REPLAY_FRAME_SIZE:  # 
     raise ImportError("engine/_replay.py's frame layout differs from the journal format's")
 
 
-def _frame_group(first: int, items) -> tuple[bytearray, bytearray, list[int], int]:
-    """Frame a group's records from seq ``first``; the last one carries GROUP_END. Returns the
-    frames, their kinds and payload lengths, and the size of the last frame."""
-    head = _HEAD_PACK
-    crc = _CRC_PACK
-    frames = bytearray()
-    kinds = bytearray()
-    lengths = []
-    last = len(items) - 1
-    rec = b""
-    for i, (kind, payload) in enumerate(items):
-        if i == last:
-            kind |= GROUP_END
-        rec = head(len(payload), first + i, kind) + payload
-        frames += crc(crc32c(rec))
-        frames += rec
-        kinds.append(kind)
-        lengths.append(len(payload))
-    return frames, kinds, lengths, 4 + len(rec)
-
-
 def _frame_many(first: int, kind: int, payloads) -> tuple[bytearray, int]:
     """Frame records of one kind (GROUP_END already in ``kind``) from seq ``first``. Returns
     the frames and the size of the last one."""
@@ -612,17 +591,41 @@ class Journal:
 
         Returns the seq of the group's last record. Durability follows via ``on_durable``.
         """
+        head_pack = _HEAD_PACK
+        crc_pack = _CRC_PACK
         items = records if isinstance(records, (list, tuple)) else list(records)
         if not items:
             raise ValueError("an empty group")
-        # Framed before the lock is taken (see _commit), with the seqs as they stand now.
-        first = self._next_seq
-        frames, kinds, lengths, last_len = _frame_group(first, items)
         with self._lock:
-            if self._next_seq != first:  # another thread appended meanwhile: frame again
-                first = self._next_seq
-                frames, kinds, lengths, last_len = _frame_group(first, items)
-            return self._commit(first + len(items), frames, kinds, lengths, last_len)
+            self._ready_for_group()
+            buf = self._buf
+            seq = self._next_seq
+            start = len(buf)
+            offset = self._seg_size
+            *body, (last_kind, last_payload) = items
+            kinds = self._kinds
+            lengths = self._lengths
+            for kind, payload in body:
+                rec = head_pack(len(payload), seq, kind) + payload
+                buf += crc_pack(crc32c(rec))
+                buf += rec
+                kinds.append(kind)
+                lengths.append(len(payload))
+                seq += 1
+            pos = offset + len(buf) - start
+            rec = head_pack(len(last_payload), seq, last_kind | GROUP_END) + last_payload
+            buf += crc_pack(crc32c(rec))
+            buf += rec
+            kinds.append(last_kind | GROUP_END)
+            lengths.append(len(last_payload))
+            seq += 1
+            self._next_seq = seq
+            self._seg_size = offset + len(buf) - start
+            self._last_off = pos
+            if self._t0 is None:
+                self._t0 = time.monotonic()
+                self._wake.notify()
+            return seq - 1
 
     def append(self, kind: int, payload: bytes, _head=_HEAD_PACK, _crc=_CRC_PACK, _crc32c=crc32c) -> int:
         """Append one record as a group of its own; returns its seq. The hot path: pre-bound
@@ -648,7 +651,13 @@ class Journal:
 
     def append_many(self, kind: int, payloads: Iterable[bytes]) -> int:
         """Append records of one kind, each a group of its own: the bulk form of ``append``
-        (one writer wake-up, no per-record call). Returns the last seq."""
+        (one writer wake-up, no per-record call). Returns the last seq.
+
+        The records are framed before the lock is taken, with the seqs as they stand, so the
+        writer thread (which needs the lock to take a batch) waits for a copy, not for the
+        framing. Framing 1,000 fills under the lock made the writer miss every other round and
+        sync two at once: 1.9M durable records/s instead of 2.4M.
+        """
         if not isinstance(payloads, (list, tuple)):
             payloads = list(payloads)
         if not payloads:
@@ -660,30 +669,19 @@ class Journal:
             if self._next_seq != first:  # another thread appended meanwhile: frame again
                 first = self._next_seq
                 frames, last_len = _frame_many(first, kind, payloads)
-            return self._commit(first + len(payloads), frames, bytes((kind,)) * len(payloads),
-                                map(len, payloads), last_len)
-
-    def _commit(self, next_seq: int, frames: bytearray, kinds: bytes, lengths: Iterable[int],
-                last_len: int) -> int:
-        """Add framed records to the pending buffer (lock held); returns the last seq.
-
-        The frames were built before the lock was taken, so the writer thread, which needs the
-        lock to take a batch, waits for a copy rather than for a producer's framing. (Framing
-        1,000 fills under the lock made the writer miss every other round and sync two at once:
-        1.9M durable records/s instead of 2.4M.)
-        """
-        self._ready_for_group()
-        offset = self._seg_size
-        self._buf += frames
-        self._kinds += kinds
-        self._lengths.extend(lengths)
-        self._seg_size = offset + len(frames)
-        self._last_off = offset + len(frames) - last_len  # the last record's frame
-        self._next_seq = next_seq
-        if self._t0 is None:
-            self._t0 = time.monotonic()
-            self._wake.notify()
-        return next_seq - 1
+            self._ready_for_group()
+            offset = self._seg_size
+            self._buf += frames
+            self._kinds += bytes((kind,)) * len(payloads)
+            self._lengths.extend(map(len, payloads))
+            self._seg_size = offset + len(frames)
+            self._last_off = offset + len(frames) - last_len  # the last record's frame
+            seq = first + len(payloads)
+            self._next_seq = seq
+            if self._t0 is None:
+                self._t0 = time.monotonic()
+                self._wake.notify()
+            return seq - 1
 
     def _ready_for_group(self) -> None:
         """Refuse appends to a failed or closing journal; roll a full segment (lock held)."""
