@@ -14,6 +14,7 @@ from mmap import mmap
 from typing import Any, Final
 
 from crc32c import crc32c
+from msgspec import ValidationError
 from msgspec.structs import astuple
 
 from ._engine import Engine
@@ -81,16 +82,22 @@ def index_spans(kinds: bytes, lengths: list[int], off: int, start: int, kind: in
 
 
 def run_entries(engine: Engine, data: mmap | bytes, spans: list[int], decode: Callable[[Any], Any],
-                classes: dict[type, type], new_order: type) -> int:
+                fallback: Callable[[Any], Any], classes: dict[type, type], new_order: type) -> int:
     """Run the ENTRY payloads at ``spans`` through the engine; returns how many.
 
     ``decode`` gives an entry whose command is an unconstrained twin of its class (validated
-    when it was first taken); ``classes`` maps the twin back to the class the engine knows.
-    ``new_order``, the twin of ``NewOrder`` (most of the traffic), goes to the engine as it is
-    (a subclass of ``NewOrder``); the others are rebuilt as their own class.
+    when it was first taken), and raises ``ValidationError`` for an entry naming a member or
+    instrument it does not know, which ``fallback`` decodes instead. ``classes`` maps a twin
+    back to the class the engine knows. ``new_order``, the twin of ``NewOrder`` that ``decode``
+    gives (most of the traffic), goes to the engine as it is (a subclass of ``NewOrder``); the
+    others are rebuilt as their own class.
     """
     for i in range(0, len(spans), 2):
-        entry = decode(data[spans[i]:spans[i + 1]])
+        payload = data[spans[i]:spans[i + 1]]
+        try:
+            entry = decode(payload)
+        except ValidationError:
+            entry = fallback(payload)
         command = entry.command
         if type(command) is not new_order:
             command = classes[type(command)](*astuple(command))

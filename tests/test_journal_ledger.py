@@ -358,3 +358,44 @@ def test_replay_rebuilds_every_command_class_exactly():
         rebuilt = _REPLAY_CLASS[type(e.command)](*msgspec.structs.astuple(e.command))
         assert type(rebuilt) is type(command) and rebuilt == command
         assert (e.ts, e.member, e.session, e.throttled) == (5, "M03", 7, True)
+
+
+def test_replay_decodes_configured_names_as_the_configurations_own_strings():
+    """The replay's decoder returns the configuration's member and instrument strings (so the
+    engine's lookups are identity hits); an entry naming anything else takes the fallback."""
+    from engine.journal._ledger import _replay_types
+
+    symbol, member = "".join(["CEA", "25"]), "".join(["M", "03"])  # not the literals below
+    types = _replay_types((symbol, "CEA24"), ("", member))
+    encode = msgspec.msgpack.encode
+    known = encode((5, "M03", 0, False, NewOrder("c1", "CEA25", "buy", 7, 9250), []))
+    e = types.decode(known)
+    assert e.member is member and e.command.instrument is symbol
+    assert type(e.command) is types.new_order and isinstance(e.command, NewOrder)
+    for other in (encode((5, "M03", 0, False, NewOrder("c2", "EUA", "buy", 7, 9250), [])),
+                  encode((5, "M99", 0, False, NewOrder("c3", "CEA25", "buy", 7, 9250), []))):
+        with pytest.raises(msgspec.ValidationError):
+            types.decode(other)
+        command = types.fallback(other).command
+        rebuilt = types.classes[type(command)](*msgspec.structs.astuple(command))
+        assert type(rebuilt) is NewOrder and rebuilt.cl_ord_id in ("c2", "c3")
+
+
+def test_full_replay_with_names_the_configuration_does_not_list(tmp_path):
+    """Rejected orders for unknown instruments are journaled like any command; a full replay
+    decodes them with the fallback and reaches the same state."""
+    config = demo_config()
+    with Ledger.open(config, tmp_path, today=DAY, durability="none") as ledger:
+        for i, instrument in enumerate(["CEA25", "NOPE", "CEA25", "cea25", "CEA24"]):
+            _, events, _ = ledger.execute(NewOrder(f"u{i}", instrument, "buy" if i % 2 else "sell", 1, 9250),
+                                          "M01" if i % 2 else "M02", i)
+            if instrument in ("NOPE", "cea25"):
+                assert events[0].reason == "unknown_instrument"
+        live = ledger.engine.state_hash()
+    for s in list_snapshots(tmp_path):
+        os.unlink(tmp_path / snapshot_name(s))
+    with Ledger.open(config, tmp_path, durability="none") as replayed:
+        assert replayed.engine.state_hash() == live
+        # the rejected order's id was used up in the replay too
+        _, events, _ = replayed.execute(NewOrder("u1", "CEA25", "buy", 1, 9250), "M01", 9)
+        assert events[0].reason == "duplicate_cl_ord_id"
