@@ -163,6 +163,11 @@ class Engine:
         With ``events`` set to False (journal replay) the state changes are the same, but the
         order path builds no reports, book updates or trades: the list returned then holds only
         what rarer paths (rejects, replaces, operator replies) built, and means nothing.
+
+        The caller vouches for ``member``: the gateway passes only a logged-on member's id, and
+        only an operator's session sends operator commands (the engine does not check roles).
+        A member's command with an id the configuration does not list raises ``KeyError`` and
+        changes nothing.
         """
         if type(command) is not NewOrder:
             # a subclass of NewOrder is one too: the journal replay's twin, decoded without the

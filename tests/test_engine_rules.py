@@ -10,7 +10,7 @@ from __future__ import annotations
 import pytest
 
 from engine import (
-    CancelRejected, Deposit, EndOfDay, Halt, OpenMarket, CloseMarket, MassCancelDone, OrderAccepted,
+    CancelOrder, CancelRejected, MassCancel, NewOrder, QueryBalances, ReplaceOrder, Deposit, EndOfDay, Halt, OpenMarket, CloseMarket, MassCancelDone, OrderAccepted,
     OrderCancelled, OrderRejected, OrderReplaced, ReinstateMember, Resume, SuspendMember, price_band,
 )
 from engine_support import OPS, T, Market, kinds, reports
@@ -558,3 +558,18 @@ def test_suspended_member_cancels_find_nothing_to_cancel():
     rejected(m.cancel("M1", "c1", "b1"), "unknown_order")
     assert m.mass_cancel("M1", "mc1") == [MassCancelDone(4, T, "M1", "mc1", 0)]
     rejected(m.cancel("M1", "c1", "b1"), "duplicate_cl_ord_id")
+
+
+@pytest.mark.parametrize("command", [
+    NewOrder("c1", "CEA", "buy", 7, 9250), CancelOrder("c2", "live"), ReplaceOrder("c3", "live", 3, 9251),
+    MassCancel("c4"), QueryBalances(),
+], ids=lambda c: type(c).__name__)
+def test_a_member_command_from_an_unlisted_member_raises_and_changes_nothing(command):
+    """The engine trusts its caller (the gateway) for who is sending; a wrong id is a bug there,
+    so it raises instead of reporting to a member that does not exist."""
+    m = Market()
+    accepted(m.buy("M1", "live", 5, 9250))
+    before = (state_without_seqs(m), m.e.state_hash())
+    with pytest.raises(KeyError):
+        m.e.execute(command, "NOPE", T)
+    assert (state_without_seqs(m), m.e.state_hash()) == before
