@@ -98,8 +98,8 @@ def run_entries(engine: Engine, data: mmap | bytes, spans: list[int], decode: Ca
             entry = decode(payload)
         except ValidationError:
             entry = fallback(payload)
-        command = entry.command
+        ts, member, session, throttled, command, _ = astuple(entry)
         if type(command) is not new_order:
             command = classes[type(command)](*astuple(command))
-        engine.execute(command, entry.member, entry.ts, entry.session, entry.throttled)
+        engine.execute(command, member, ts, session, throttled)
     return len(spans) // 2
