@@ -85,8 +85,9 @@ def run_entries(engine: Engine, data: mmap | bytes, spans: list[int], decode: Ca
                 fallback: Callable[[Any], Any], classes: dict[type, type], new_order: type) -> int:
     """Run the ENTRY payloads at ``spans`` through the engine; returns how many.
 
-    ``decode`` gives an entry whose command is an unconstrained twin of its class (validated
-    when it was first taken), and raises ``ValidationError`` for an entry naming a member or
+    ``decode`` gives an entry as a tuple (ts, member, session, throttled, command, reports)
+    whose command is an unconstrained twin of its class (validated when it was first taken),
+    and raises ``ValidationError`` for an entry naming a member or
     instrument it does not know, which ``fallback`` decodes instead. ``classes`` maps a twin
     back to the class the engine knows. ``new_order``, the twin of ``NewOrder`` that ``decode``
     gives (most of the traffic), goes to the engine as it is (a subclass of ``NewOrder``); the
@@ -95,10 +96,9 @@ def run_entries(engine: Engine, data: mmap | bytes, spans: list[int], decode: Ca
     for i in range(0, len(spans), 2):
         payload = data[spans[i]:spans[i + 1]]
         try:
-            entry = decode(payload)
+            ts, member, session, throttled, command, _ = decode(payload)
         except ValidationError:
-            entry = fallback(payload)
-        ts, member, session, throttled, command, _ = astuple(entry)
+            ts, member, session, throttled, command, _ = fallback(payload)
         if type(command) is not new_order:
             command = classes[type(command)](*astuple(command))
         engine.execute(command, member, ts, session, throttled)
