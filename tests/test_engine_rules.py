@@ -10,7 +10,8 @@ from __future__ import annotations
 import pytest
 
 from engine import (
-    CancelOrder, CancelRejected, MassCancel, NewOrder, QueryBalances, ReplaceOrder, Deposit, EndOfDay, Halt, OpenMarket, CloseMarket, MassCancelDone, OrderAccepted,
+    CancelOrder, CancelRejected, Deposit, EndOfDay, Halt, MassCancel, NewOrder, OpenMarket, CloseMarket,
+    MassCancelDone, OrderAccepted, QueryBalances, ReplaceOrder,
     OrderCancelled, OrderRejected, OrderReplaced, ReinstateMember, Resume, SuspendMember, price_band,
 )
 from engine_support import OPS, T, Market, kinds, reports
