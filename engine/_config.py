@@ -17,7 +17,7 @@ import msgspec
 __all__ = [
     "ConfigError", "InstrumentConfig", "MemberConfig", "MarketConfig", "GatewayConfig",
     "ExchangeConfig", "load_config", "parse_config", "demo_config", "hash_token",
-    "price_band", "DEMO_TOML",
+    "price_band", "DEMO_TOML", "MAX_AMOUNT",
 ]
 
 
@@ -96,6 +96,12 @@ def hash_token(token: str) -> str:
     return hashlib.sha256(token.encode()).hexdigest()
 
 
+MAX_AMOUNT = 2**63 - 1
+"""The most cash (minor units) or allowances (tonnes) the exchange holds of one currency or
+instrument, all accounts together. Every balance, reservation, price and quantity a client sees
+is then a signed 64-bit integer, whatever language the client is written in."""
+
+
 def price_band(reference: int, band_bp: int, tick: int) -> tuple[int, int]:
     """Inclusive (lower, upper) limits in integer arithmetic, as the market rules define them."""
     upper = reference * (10_000 + band_bp) // (10_000 * tick) * tick
@@ -123,6 +129,9 @@ def _check(config: ExchangeConfig, source: str) -> ExchangeConfig:
         for name in ("tick", "qty_step", "min_qty", "reference_price"):
             if getattr(ins, name) <= 0:
                 raise _fail(source, f"{key}.{name}", f"must be positive, got {getattr(ins, name)}")
+        for name in ("tick", "qty_step", "min_qty", "max_qty", "reference_price", "holding_limit"):
+            if (getattr(ins, name) or 0) > MAX_AMOUNT:
+                raise _fail(source, f"{key}.{name}", f"must be at most {MAX_AMOUNT}, got {getattr(ins, name)}")
         if ins.min_qty % ins.qty_step:
             raise _fail(source, f"{key}.min_qty", f"{ins.min_qty} is not a multiple of qty_step {ins.qty_step}")
         if ins.max_qty is not None and ins.max_qty < ins.min_qty:
@@ -138,6 +147,8 @@ def _check(config: ExchangeConfig, source: str) -> ExchangeConfig:
         lower, upper = price_band(ins.reference_price, ins.band_bp, ins.tick)
         if lower > upper or lower <= 0:
             raise _fail(source, f"{key}.band_bp", "leaves no valid price around the reference price")
+        if upper > MAX_AMOUNT:
+            raise _fail(source, f"{key}.reference_price", f"its band reaches {upper}, above {MAX_AMOUNT}")
     currencies = set(config.currencies)
     ids: set[str] = set()
     for i, m in enumerate(config.members):
@@ -178,6 +189,11 @@ def _check(config: ExchangeConfig, source: str) -> ExchangeConfig:
         raise _fail(source, "gateway.tls_cert", "tls_cert and tls_key go together")
     if config.initial_cash < 0 or config.initial_allowances < 0:
         raise _fail(source, "initial_cash", "initial funding cannot be negative")
+    funded = sum(m.role == "member" for m in config.members)
+    for name in ("initial_cash", "initial_allowances"):
+        if getattr(config, name) * funded > MAX_AMOUNT:
+            raise _fail(source, name, f"{funded} members funded with {getattr(config, name)} each is more than "
+                                      f"{MAX_AMOUNT} in all")
     return config
 
 

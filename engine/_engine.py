@@ -19,7 +19,7 @@ import msgspec
 
 from ._accounts import Account, Cash, Holding
 from ._book import NO_PRICE, Order, SideBook
-from ._config import ExchangeConfig, InstrumentConfig, price_band
+from ._config import MAX_AMOUNT, ExchangeConfig, InstrumentConfig, price_band
 from ._errors import InvariantError
 from ._messages import (
     AdminAck, AdminRejected, AllowanceBalance, Balances, BookSnapshot, BookUpdate, CancelOrder,
@@ -89,6 +89,13 @@ def _by_order_id(ins: "_Instrument") -> list[Order]:
 def _fee_reserve(price: int, qty: int, fee_bp: int) -> int:
     """Cash a buy holds back for its fees: ceil(price x qty x fee_bp / 10,000)."""
     return -(-price * qty * fee_bp // 10_000) if fee_bp else 0
+
+
+def _too_much(request: str, held: int, asset: str) -> AdminRejected:
+    """A deposit the exchange cannot hold: ``MAX_AMOUNT`` of one asset in all accounts together
+    keeps every figure a client sees within a signed 64-bit integer."""
+    return AdminRejected(request, "invalid_state",
+                         f"the exchange holds {held} {asset}; at most {MAX_AMOUNT} in all accounts")
 
 
 def _next_business_day(day: str, weekend: frozenset[int], holidays: frozenset[str]) -> str:
@@ -946,6 +953,8 @@ class Engine:
             if sign < 0 and amount > cash.withdrawable:
                 return [AdminRejected(request, "insufficient_funds",
                                       f"{cash.withdrawable} {cmd.asset} withdrawable, {amount} asked")]
+            if sign > 0 and self._external_cash[cmd.asset] + amount > MAX_AMOUNT:
+                return [_too_much(request, self._external_cash[cmd.asset], cmd.asset)]
             cash.total += sign * amount
             self._external_cash[cmd.asset] += sign * amount
         elif cmd.asset in acct.holdings:
@@ -953,6 +962,8 @@ class Engine:
             if sign < 0 and amount > holding.settled - holding.reserved:
                 return [AdminRejected(request, "insufficient_allowances",
                                       f"{holding.settled - holding.reserved} t available, {amount} t asked")]
+            if sign > 0 and self._external_qty[cmd.asset] + amount > MAX_AMOUNT:
+                return [_too_much(request, self._external_qty[cmd.asset], cmd.asset)]
             holding.settled += sign * amount
             self._external_qty[cmd.asset] += sign * amount
         else:

@@ -7,7 +7,7 @@ import pytest
 from engine import (
     AdminAck, AdminRejected, BookUpdate, CloseMarket, ConfigError, DayEnded, Deposit, Engine,
     EndOfDay, Halt, InstrumentStatus, OpenMarket, OrderCancelled, Restarted, Resume, SessionEnded,
-    SettlementLine, Withdraw, load_config, parse_config,
+    MAX_AMOUNT, SettlementLine, Withdraw, load_config, parse_config,
 )
 from engine_support import CONFIG_TOML, OPS, T, Market, config, kinds, reports
 
@@ -318,6 +318,26 @@ def test_transfer_rejects():
     m.e.check()
 
 
+def test_deposits_stop_at_what_a_64_bit_client_can_hold():
+    """All accounts together hold at most MAX_AMOUNT of a currency or an instrument: a deposit
+    beyond it is refused and changes nothing (a bigger balance could not be sent to a member)."""
+    m = Market(cash=0, allowances=0)
+    assert kinds(m.run(OPS, Deposit("c1", "M1", "CNY", MAX_AMOUNT - 10))) == ["AdminAck"]
+    assert kinds(m.run(OPS, Deposit("c2", "M2", "CNY", 10))) == ["AdminAck"]
+    before = m.e.state_hash()
+    for ref, member, asset, amount in [("c3", "M2", "CNY", 1), ("c4", "M1", "CNY", 2**64 - 1),
+                                       ("a1", "M1", "CEA", MAX_AMOUNT + 1)]:
+        rejected = m.run(OPS, Deposit(ref, member, asset, amount))
+        assert [(r.request, r.reason) for r in rejected] == [("Deposit", "invalid_state")]
+        assert str(MAX_AMOUNT) in rejected[0].text
+    assert m.e.state_hash() == before
+    assert kinds(m.run(OPS, Deposit("a2", "M1", "CEA", MAX_AMOUNT))) == ["AdminAck"]
+    assert kinds(m.run(OPS, Withdraw("w1", "M1", "CNY", 5))) == ["AdminAck"]
+    assert kinds(m.run(OPS, Deposit("c3", "M2", "CNY", 5))) == ["AdminAck"]  # the refused ref was not used up
+    assert m.cash("M1").total + m.cash("M2").total == MAX_AMOUNT
+    m.e.check()
+
+
 # ---------------------------------------------------------------------------------------------
 # Cancel on disconnect
 
@@ -459,6 +479,9 @@ def test_config_wrong_types():
     ("band_bp = 1_000", "band_bp = -1", "instruments[0].band_bp"),
     ("fee_bp = 25", "fee_bp = -1", "instruments[1].fee_bp"),
     ("holding_limit = 5_000", "holding_limit = 0", "instruments[1].holding_limit"),
+    ("holding_limit = 5_000", f"holding_limit = {2**63}", "instruments[1].holding_limit"),
+    ("max_qty = 1_000", f"max_qty = {2**63}", "instruments[0].max_qty"),
+    ("reference_price = 9_255", f"reference_price = {2**63 - 5}", "instruments[0].reference_price"),
     ('symbol = "EUA"', 'symbol = "CEA"', "instruments[1].symbol"),
     ('currency = "EUR"', 'currency = "E1"', "instruments[1].currency"),
     ('id = "M2"', 'id = "M1"', "members[2].id"),
@@ -471,6 +494,15 @@ def test_config_wrong_types():
 def test_config_bad_values(old, new, key):
     assert old in CONFIG_TOML
     _bad(CONFIG_TOML.replace(old, new, 1), key)
+
+
+def test_config_initial_funding_fits_in_the_exchange():
+    members = sum(m.role == "member" for m in parse_config(CONFIG_TOML).members)
+    assert members >= 2
+    per_member = MAX_AMOUNT // members
+    parse_config(f"initial_cash = {per_member}\ninitial_allowances = {per_member}\n" + CONFIG_TOML)
+    _bad(f"initial_cash = {per_member + 1}\n" + CONFIG_TOML, "initial_cash", "in all")
+    _bad(f"initial_allowances = {per_member + 1}\n" + CONFIG_TOML, "initial_allowances", "in all")
 
 
 def test_config_bad_token_digest():
