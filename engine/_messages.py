@@ -75,7 +75,7 @@ class NewOrder(_Message):
     instrument: str
     side: Side
     qty: int
-    price: int | None = None
+    price: int | None
     tif: Tif | None = None
     stp: Stp = "cancel_incoming"
 

@@ -16,8 +16,15 @@ def roundtrip(**fields):
 
 
 def test_new_order_defaults():
-    cmd = roundtrip(type="NewOrder", cl_ord_id="a", instrument="CEA", side="buy", qty=10)
+    cmd = roundtrip(type="NewOrder", cl_ord_id="a", instrument="CEA", side="buy", qty=10, price=None)
     assert cmd == NewOrder("a", "CEA", "buy", 10, None, None, "cancel_incoming")
+
+
+def test_new_order_price_is_required():
+    """``price`` has no default on the shared page: nil is a market order, a missing key is a
+    malformed message (a client that forgot it must not send a market order by accident)."""
+    with pytest.raises(msgspec.ValidationError, match="missing required field `price`"):
+        roundtrip(type="NewOrder", cl_ord_id="a", instrument="CEA", side="buy", qty=10)
 
 
 @pytest.mark.parametrize("fields", [
@@ -43,7 +50,7 @@ def test_any_integer_qty_and_price_is_well_formed():
     """Their values are judged by the order checks, never by the schema."""
     cmd = roundtrip(type="NewOrder", cl_ord_id="a", instrument="CEA", side="buy", qty=-5, price=0)
     assert (cmd.qty, cmd.price) == (-5, 0)
-    assert roundtrip(type="NewOrder", cl_ord_id="a" * 32, instrument="X", side="sell", qty=2**40).qty == 2**40
+    assert roundtrip(type="NewOrder", cl_ord_id="a" * 32, instrument="X", side="sell", qty=2**40, price=1).qty == 2**40
 
 
 def test_unknown_type_and_extra_keys():
