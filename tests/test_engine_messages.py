@@ -18,6 +18,10 @@ def roundtrip(**fields):
 def test_new_order_defaults():
     cmd = roundtrip(type="NewOrder", cl_ord_id="a", instrument="CEA", side="buy", qty=10, price=None)
     assert cmd == NewOrder("a", "CEA", "buy", 10, None, None, "cancel_incoming")
+    # nil where the default is "none given" means just that (docs/protocol.md)
+    assert roundtrip(type="NewOrder", cl_ord_id="a", instrument="CEA", side="buy", qty=10, price=None, tif=None) == cmd
+    assert roundtrip(type="MassCancel", cl_ord_id="m", instrument=None, side=None) == roundtrip(type="MassCancel",
+                                                                                                cl_ord_id="m")
 
 
 def test_new_order_price_is_required():
