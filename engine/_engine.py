@@ -194,6 +194,7 @@ class Engine:
         live = acct.live
         if throttled:
             taken.add(cl)
+            acct.carried.discard(cl)  # a live order's id from a previous day: now used today too
             return self._reject([], acct, ts, cl, "throttled", "over the session's message rate")
         if cl in taken:  # used today, or a live order's (live ids are always taken)
             acct.carried.discard(cl)  # a live order's id from a previous day: now used today too
@@ -657,6 +658,7 @@ class Engine:
         taken = acct.taken
         if throttled:
             taken.add(cl)
+            acct.carried.discard(cl)
             return self._cancel_reject([], acct, ts, cl, orig, "throttled", "over the session's message rate")
         if cl in taken:  # used today, or a live order's
             acct.carried.discard(cl)  # a live order's id from a previous day: now used today too
@@ -715,6 +717,7 @@ class Engine:
         taken = acct.taken
         if throttled:
             taken.add(cl)
+            acct.carried.discard(cl)  # a live order's id from a previous day: now used today too
             return "throttled", "over the session's message rate"
         if cl in taken:  # used today, or a live order's
             acct.carried.discard(cl)  # a live order's id from a previous day: now used today too

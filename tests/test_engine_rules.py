@@ -232,6 +232,27 @@ def test_ids_reset_after_end_of_day_except_live_orders():
     m.e.check()
 
 
+@pytest.mark.parametrize("request_kind", ["buy", "cancel", "replace", "mass_cancel"])
+def test_a_throttled_request_uses_up_a_live_orders_id_from_an_earlier_day(request_kind):
+    """Like a duplicate, a throttled request with the id of a live order carried over from an
+    earlier day uses that id up for today: it stays taken after the order ends."""
+    m = Market()
+    accepted(m.buy("M1", "A", 10, 9000, tif="gtc"))
+    m.run(OPS, CloseMarket())
+    m.run(OPS, EndOfDay())
+    m.run(OPS, OpenMarket())
+    throttled_request = {
+        "buy": lambda: m.buy("M1", "A", 10, 9000, throttled=True),
+        "cancel": lambda: m.cancel("M1", "A", "A", throttled=True),
+        "replace": lambda: m.replace("M1", "A", "A", 5, 9000, throttled=True),
+        "mass_cancel": lambda: m.mass_cancel("M1", "A", throttled=True),
+    }[request_kind]
+    rejected(throttled_request(), "throttled")
+    assert kinds(m.cancel("M1", "c", "A"))[0] == "OrderCancelled"
+    rejected(m.buy("M1", "A", 10, 9000), "duplicate_cl_ord_id")
+    m.e.check()
+
+
 def test_replace_moves_the_current_id():
     m = Market()
     accepted(m.buy("M1", "b1", 10, 9000))
