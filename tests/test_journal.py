@@ -3,8 +3,11 @@ durability shown with an instrumented file layer and a simulated power loss."""
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -12,8 +15,8 @@ from pathlib import Path
 import pytest
 
 from engine.journal import (
-    CorruptJournalError, FileOps, Journal, JournalError, JournalFailedError, list_segments, read_records,
-    scan_journal,
+    CorruptJournalError, FileOps, Journal, JournalError, JournalFailedError, JournalLockedError, list_segments,
+    read_records, scan_journal,
 )
 from engine.journal._format import FRAME_SIZE, segment_name, unpack_position
 from engine.journal._index import build_index, index_name
@@ -635,3 +638,66 @@ def test_fsync_mode_makes_each_batch_durable_with_one_dsync_write(tmp_path, monk
             last = rec_seq
             off += FRAME_SIZE + length
         assert last >= seq
+
+
+def test_a_second_open_of_a_live_journal_is_refused(tmp_path):
+    """Two processes appending to one journal would interleave seqs; the second open is refused
+    before it recovers or writes anything."""
+    j = fill(tmp_path, 3)
+    with pytest.raises(JournalLockedError, match=f"in use by another process \\(pid {os.getpid()}\\)"):
+        Journal.open(tmp_path)
+    assert j.append(1, b"still mine") == 4
+    j.close()
+    j = Journal.open(tmp_path)
+    assert j.last_seq == 4
+    j.close()
+
+
+def test_the_lock_goes_with_the_process_that_held_it(tmp_path):
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time; from engine.journal import Journal; "
+         "j = Journal.open(sys.argv[1]); j.append(1, b'x'); j.sync(); print('open', flush=True); time.sleep(60)",
+         str(tmp_path)], stdout=subprocess.PIPE, cwd=Path(__file__).resolve().parent.parent)
+    try:
+        assert holder.stdout.readline() == b"open\n"
+        with pytest.raises(JournalLockedError, match=f"pid {holder.pid}"):
+            Journal.open(tmp_path)
+    finally:
+        holder.kill()
+        holder.wait()
+    j = Journal.open(tmp_path)  # SIGKILL released it
+    assert j.last_seq == 1
+    j.close()
+
+
+class FailingCreate(FileOps):
+    """Creating any segment after the first fails (a full disk while rolling)."""
+
+    def __init__(self) -> None:
+        self.creates = 0
+
+    def create(self, path):
+        self.creates += 1
+        if self.creates > 1:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return super().create(path)
+
+
+def test_a_failed_roll_leaves_no_stale_descriptor_for_close(tmp_path):
+    errors = []
+    j = Journal.open(tmp_path / "j", segment_bytes=256, file_ops=FailingCreate(), on_error=errors.append)
+    for i in range(1, 40):
+        try:
+            j.append(1, payload(i))
+        except JournalFailedError:
+            break
+    with pytest.raises(JournalFailedError):
+        j.sync(timeout=5)
+    assert errors and errors[0].errno == errno.ENOSPC
+    # the old segment's descriptor number is free again; whatever reuses it must survive close()
+    other = os.open(tmp_path / "other", os.O_WRONLY | os.O_CREAT)
+    try:
+        j.close()
+        os.fstat(other)
+    finally:
+        os.close(other)

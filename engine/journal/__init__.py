@@ -6,12 +6,14 @@ from ._format import FORMAT_VERSION, KIND_ENTRY, KIND_FILL, KIND_START, EntryRec
 from ._ledger import INDEX_STEP, Ledger, config_digest
 from ._settle import settlement_report
 from ._log import (
-    DURABILITY_MODES, CorruptJournalError, FileOps, Journal, JournalError, JournalFailedError, JournalStats,
+    DURABILITY_MODES, CorruptJournalError, FileOps, Journal, JournalError, JournalFailedError, JournalLockedError,
+    JournalStats,
     ScanResult, list_segments, read_records, scan_journal,
 )
 
 __all__ = [
-    "Ledger", "INDEX_STEP", "config_digest", "settlement_report", "Journal", "JournalStats", "JournalError", "CorruptJournalError", "JournalFailedError", "FileOps",
+    "Ledger", "INDEX_STEP", "config_digest", "settlement_report", "Journal", "JournalStats", "JournalError", "CorruptJournalError", "JournalFailedError",
+    "JournalLockedError", "FileOps",
     "DURABILITY_MODES", "Record", "ScanResult", "list_segments", "read_records", "scan_journal",
     "FORMAT_VERSION", "KIND_START", "KIND_FILL", "KIND_ENTRY", "StartRecord", "FillRecord", "EntryRecord",
 ]

@@ -9,6 +9,7 @@ failure is final: ``on_error`` is called, nothing more is reported durable and a
 from __future__ import annotations
 
 import errno
+import fcntl
 import logging
 import mmap
 import os
@@ -36,7 +37,7 @@ from ._index import IndexUnusable, build_index, index_from_notes, index_name, lo
 
 __all__ = [
     "Journal", "JournalStats", "JournalError", "CorruptJournalError", "JournalFailedError",
-    "FileOps", "DURABILITY_MODES", "list_segments", "read_records", "scan_journal", "ScanResult",
+    "JournalLockedError", "FileOps", "DURABILITY_MODES", "list_segments", "read_records", "scan_journal", "ScanResult",
 ]
 
 log = logging.getLogger("kaboni.journal")
@@ -55,6 +56,7 @@ _READ_CHUNK = 4 << 20
 _HEAD_PACK = struct.Struct("<IQB").pack  # the frame after its CRC: length, seq, kind
 _CRC_PACK = struct.Struct("<I").pack
 _HEADER_SIZE = SEGMENT_HEADER.size
+LOCK_NAME = "LOCK"  # held (flock) by the process that has the journal open
 _FRAME_PROBLEMS = {  # scan_groups' problems, as errors
     "cut": "record cut off before the end of the durable part",
     "checksum": "checksum mismatch in record",
@@ -92,6 +94,10 @@ class CorruptJournalError(JournalError):
         self.path = str(path)
         self.offset = offset
         self.what = what
+
+
+class JournalLockedError(JournalError):
+    """Another process has the journal open: two writers would interleave their records."""
 
 
 class JournalFailedError(JournalError):
@@ -462,7 +468,13 @@ class Journal:
         self._closing = False
         self._closed = False
         self.recovered = False
-        self._recover()
+        self._lock_fd = -1
+        self._lock_directory()
+        try:
+            self._recover()
+        except BaseException:
+            self._unlock()
+            raise
         for name in os.listdir(self.directory):
             if name.endswith(".kbx.tmp"):  # an index being written when the process ended
                 os.unlink(self.directory / name)
@@ -471,6 +483,29 @@ class Journal:
         self._thread = threading.Thread(target=self._writer, name="kaboni-journal-writer", daemon=True)
         self._thread.start()
         return self
+
+    def _lock_directory(self) -> None:
+        """Hold an exclusive lock on ``LOCK`` in the directory while the journal is open.
+
+        A second process opening a live journal (an operator starting the exchange twice) would
+        recover the other's unsynced tail and append records with seqs already taken: the journal
+        would be corrupt. The kernel drops the lock when the process ends, however it ends."""
+        path = self.directory / LOCK_NAME
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+            os.close(fd)
+            raise JournalLockedError(f"{self.directory} is in use by another process (pid {holder})") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        self._lock_fd = fd
+
+    def _unlock(self) -> None:
+        if self._lock_fd >= 0:
+            os.close(self._lock_fd)  # releases the flock
+            self._lock_fd = -1
 
     # ------------------------------------------------------------------------------------------
     # Recovery
@@ -755,9 +790,11 @@ class Journal:
             self._closed = True
             self._cond.notify_all()
         try:
-            self._ops.close(self._fd)
+            if self._fd >= 0:
+                self._ops.close(self._fd)
         except OSError:
             pass
+        self._unlock()
 
     def __enter__(self) -> "Journal":
         return self
@@ -834,6 +871,7 @@ class Journal:
                         if sync:
                             ops.sync(self._fd)
                         ops.close(self._fd)
+                        self._fd = -1  # closed: if create fails, close() must not close a reused number
                         notes = self._sealed_notes.pop(seg, None)
                         if notes is not None:
                             sealed, kinds, lengths = notes
