@@ -225,6 +225,40 @@ def test_full_replay_over_segments_equals_live_state_and_stops_at_a_damaged_fill
     assert (info.value.path, info.value.offset) == (str(path), off)
 
 
+def test_a_journal_of_only_its_start_record_restarts_without_warnings(tmp_path, caplog):
+    """No initial funding and closed on start (a production set-up): no snapshot is written
+    for the START record alone, so restarts have no unusable snapshot to warn about."""
+    cfg = msgspec.structs.replace(demo_config(), initial_cash=0, initial_allowances=0, open_on_start=False)
+    for _ in range(2):
+        with Ledger.open(cfg, tmp_path, today=DAY, durability="none") as ledger:
+            assert ledger.last_seq == 1
+    assert list_snapshots(tmp_path) == []
+    assert not [r for r in caplog.records if r.levelname == "WARNING"]
+
+
+def test_a_changed_configuration_is_reported_on_every_restart(tmp_path, caplog):
+    cfg = demo_config()
+    with Ledger.open(cfg, tmp_path, today=DAY, durability="none") as ledger:
+        run(ledger, random_commands(random.Random(3), 50))
+    assert list_snapshots(tmp_path)  # the restart below starts from a snapshot
+    with Ledger.open(cfg, tmp_path, durability="none"):
+        pass
+    assert "configuration differs" not in caplog.text
+    gateway_only = msgspec.structs.replace(cfg, gateway=msgspec.structs.replace(cfg.gateway, max_msgs_per_s=5))
+    with Ledger.open(gateway_only, tmp_path, durability="none"):
+        pass  # gateway settings do not decide replay
+    assert "configuration differs" not in caplog.text
+    changed = msgspec.structs.replace(cfg, instruments=[msgspec.structs.replace(cfg.instruments[0], fee_bp=5),
+                                                        *cfg.instruments[1:]])
+    bigger = msgspec.structs.replace(cfg, instruments=[*cfg.instruments, msgspec.structs.replace(
+        cfg.instruments[0], symbol="CEA26")])
+    for other in (changed, bigger):
+        caplog.clear()
+        with Ledger.open(other, tmp_path, durability="none"):
+            pass
+        assert "configuration differs from the one this journal was started with" in caplog.text
+
+
 def test_damaged_snapshot_falls_back_to_an_older_one(tmp_path):
     rng = random.Random(5)
     with Ledger.open(demo_config(), tmp_path, today=DAY, durability="none", snapshot_every=300) as ledger:

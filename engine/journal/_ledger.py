@@ -222,6 +222,12 @@ class Ledger:
     def _recover(self) -> None:
         journal = self.journal
         config = self.config
+        first = next(journal.records(1, 1))
+        if first.kind != KIND_START:
+            raise JournalError(f"record 1 of {self.directory} is not a START record")
+        head = _start_decoder.decode(first.payload)
+        if head.config_sha256 != config_digest(config):
+            log.warning("the configuration differs from the one this journal was started with")
         start = None
         for body in self._snapshots():
             try:
@@ -249,14 +255,8 @@ class Ledger:
             self._snap_seq = start.seq
             log.info("restored snapshot at seq %d; replaying %d records", start.seq, journal.last_seq - start.seq)
         else:
-            first = next(journal.records(1, 1))
-            if first.kind != KIND_START:
-                raise JournalError(f"record 1 of {self.directory} is not a START record")
             records = journal.payload_spans(first.position, KIND_ENTRY)
             replay_from = first.position
-            head = _start_decoder.decode(first.payload)
-            if head.config_sha256 != config_digest(config):
-                log.warning("the configuration differs from the one this journal was started with")
             self.engine = Engine(config, head.trading_day)
             self._snap_seq = 0
         try:
@@ -445,8 +445,8 @@ class Ledger:
         """
         journal = self.journal
         seq = journal.last_seq
-        if seq == self._snap_seq or seq == 0:
-            return
+        if seq == self._snap_seq or seq <= 1:
+            return  # nothing new; or only the START record, and a snapshot stands on an ENTRY
         body = self._snapshot_body()
         self._snap_seq = seq
         self._snap_queue.put(body)
