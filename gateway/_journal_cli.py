@@ -65,6 +65,9 @@ def _check_dir(path: Path) -> bool:
     if not path.is_dir():
         print(f"error: {path} is not a directory", file=sys.stderr)
         return False
+    if not list_segments(path):
+        print(f"error: {path} holds no journal segments (journal-*.kbj)", file=sys.stderr)
+        return False
     return True
 
 
@@ -176,7 +179,8 @@ def _stats(args) -> int:
     for day, count in sorted(days.items()):
         print(f"fills on {day}: {count}")
     print(f"torn tail bytes: {result.tail_bytes}")
-    print(f"snapshots: {', '.join(str(s) for s in sorted(list_snapshots(args.dir))) or 'none'}")
+    snapshots = sorted(list_snapshots(args.dir))
+    print(f"snapshots: {len(snapshots)}" + (f" (at seq {', '.join(map(str, snapshots))})" if snapshots else ""))
     return 0
 
 

@@ -91,6 +91,7 @@ def test_verify_stats_and_dump(day_journal):
     assert code == 0 and "checksums and sequence OK" in out and "snapshot at seq" in out
     code, out, _ = cli("journal", "stats", str(d))
     assert code == 0 and "FILL:" in out and f"fills on {DAY}:" in out
+    assert "snapshots: 2 (at seq " in out
     code, out, _ = cli("journal", "dump", str(d), "--kind", "FILL", "--limit", "3")
     lines = [json.loads(x) for x in out.splitlines()]
     assert len(lines) == 3 and all(x["kind"] == "FILL" and x["trading_day"] == DAY for x in lines)
@@ -132,12 +133,17 @@ def test_bad_arguments(tmp_path):
         cli("settle", str(tmp_path), "--day", "24/11/2026")
     code, _, err = cli("journal", "verify", str(tmp_path / "missing"))
     assert code == 2 and "not a directory" in err
+    (tmp_path / "empty").mkdir()
+    for command in (("journal", "verify"), ("journal", "stats"), ("journal", "dump"), ("settle",)):
+        extra = ("--day", DAY) if command == ("settle",) else ()
+        code, out, err = cli(*command, str(tmp_path / "empty"), *extra)
+        assert code == 2 and "holds no journal segments" in err and out == "", command
 
 
-def test_python_m_engine_journal_runs_as_a_process(day_journal):
+def test_python_m_gateway_settle_runs_as_a_process(day_journal):
     d, _ = day_journal
     env = dict(os.environ, PYTHONPATH=str(ROOT))
-    proc = subprocess.run([sys.executable, "-m", "engine.journal", "settle", str(d), "--day", DAY],
+    proc = subprocess.run([sys.executable, "-m", "gateway", "settle", str(d), "--day", DAY],
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.startswith("trading_day,member,instrument")
