@@ -57,6 +57,7 @@ def metric_names(expr: str) -> set[str]:
     expr = re.sub(r"\b(?:by|without|on|ignoring|group_left|group_right)\s*\([^)]*\)", "", expr)
     expr = re.sub(r"\$\w+|\$\{\w+\}", "", expr)                # Grafana variables
     expr = re.sub(r"\[[^\]]*\]", "[]", expr)                    # range durations
+    expr = re.sub(r"\boffset\s+\w+", "", expr)                  # offsets
     expr = re.sub(r"(?<![\w:])\d+(?:\.\d+)?(?:[eE][+-]?\d+)?", "0", expr)  # numbers
     names = set()
     for m in re.finditer(r"[a-zA-Z_:][a-zA-Z0-9_:]*", expr):
