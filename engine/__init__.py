@@ -4,7 +4,7 @@ No sockets, no asyncio, no wall clock: commands go in with their time, events co
 """
 
 from ._config import (
-    DEMO_TOML, MAX_AMOUNT, ConfigError, ExchangeConfig, GatewayConfig, InstrumentConfig, MarketConfig, MemberConfig,
+    DEMO_TOML, MAX_AMOUNT, MAX_PRICE, ConfigError, ExchangeConfig, GatewayConfig, InstrumentConfig, MarketConfig, MemberConfig,
     demo_config, hash_token, load_config, parse_config, price_band,
 )
 from ._engine import SNAPSHOT_VERSION, Engine, InvariantError
@@ -15,5 +15,5 @@ __all__ = [
     "Engine", "InvariantError", "SNAPSHOT_VERSION",
     "ConfigError", "ExchangeConfig", "GatewayConfig", "InstrumentConfig", "MarketConfig", "MemberConfig",
     "demo_config", "hash_token", "load_config", "parse_config", "price_band", "DEMO_TOML",
-    "MAX_AMOUNT", *_message_names,
+    "MAX_AMOUNT", "MAX_PRICE", *_message_names,
 ]

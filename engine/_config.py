@@ -17,7 +17,7 @@ import msgspec
 __all__ = [
     "ConfigError", "InstrumentConfig", "MemberConfig", "MarketConfig", "GatewayConfig",
     "ExchangeConfig", "load_config", "parse_config", "demo_config", "hash_token",
-    "price_band", "DEMO_TOML", "MAX_AMOUNT",
+    "price_band", "DEMO_TOML", "MAX_AMOUNT", "MAX_PRICE",
 ]
 
 
@@ -102,6 +102,10 @@ instrument, all accounts together. Every balance, reservation, price and quantit
 is then a signed 64-bit integer, whatever language the client is written in."""
 
 
+MAX_PRICE = (1 << 62) - 1
+"""The highest price a band may reach: the order book keeps 1 << 62 as the key of an empty side."""
+
+
 def price_band(reference: int, band_bp: int, tick: int) -> tuple[int, int]:
     """Inclusive (lower, upper) limits in integer arithmetic, as the market rules define them."""
     upper = reference * (10_000 + band_bp) // (10_000 * tick) * tick
@@ -147,8 +151,8 @@ def _check(config: ExchangeConfig, source: str) -> ExchangeConfig:
         lower, upper = price_band(ins.reference_price, ins.band_bp, ins.tick)
         if lower > upper or lower <= 0:
             raise _fail(source, f"{key}.band_bp", "leaves no valid price around the reference price")
-        if upper > MAX_AMOUNT:
-            raise _fail(source, f"{key}.reference_price", f"its band reaches {upper}, above {MAX_AMOUNT}")
+        if upper > MAX_PRICE:
+            raise _fail(source, f"{key}.reference_price", f"its band reaches {upper}, above {MAX_PRICE}")
     currencies = set(config.currencies)
     ids: set[str] = set()
     for i, m in enumerate(config.members):

@@ -19,7 +19,7 @@ import msgspec
 
 from ._accounts import Account, Cash, Holding
 from ._book import NO_PRICE, Order, SideBook
-from ._config import MAX_AMOUNT, ExchangeConfig, InstrumentConfig, price_band
+from ._config import MAX_AMOUNT, MAX_PRICE, ExchangeConfig, InstrumentConfig, price_band
 from ._errors import InvariantError
 from ._messages import (
     AdminAck, AdminRejected, AllowanceBalance, Balances, BookSnapshot, BookUpdate, CancelOrder,
@@ -56,7 +56,7 @@ class _Instrument:
         self.tick = cfg.tick
         self.step = cfg.qty_step
         self.min_qty = cfg.min_qty
-        self.max_qty = cfg.max_qty if cfg.max_qty is not None else NO_PRICE
+        self.max_qty = cfg.max_qty if cfg.max_qty is not None else MAX_AMOUNT  # more can never be held
         self.qty_floor = max(1, cfg.min_qty)  # the hot path's quick range check also rejects qty <= 0
         self.band_bp = cfg.band_bp
         self.fee_bp = cfg.fee_bp
@@ -75,6 +75,8 @@ class _Instrument:
     def set_reference(self, reference: int) -> None:
         self.reference = reference
         self.lower, self.upper = price_band(reference, self.band_bp, self.tick)
+        if self.upper > MAX_PRICE:  # only after years of prices rising to absurd levels
+            self.upper = MAX_PRICE // self.tick * self.tick
         self.price_floor = max(1, self.lower)  # ... and price <= 0
 
 
@@ -384,11 +386,12 @@ class Engine:
     # Order entry
 
     def _check_order(self, acct: Account, ins: _Instrument, qty: int, price, tif, ev, ts, cl, reject):
-        """Shared checks of NewOrder and ReplaceOrder after the id checks; None if rejected."""
+        """Shared checks of NewOrder and ReplaceOrder after the id checks: True if they pass,
+        else the events of the reject (``reject``'s result)."""
         if qty <= 0 or qty % ins.step:
             return reject(ev, acct, ts, cl, "invalid_qty", f"qty {qty} is not a positive multiple of the step {ins.step}")
         if qty < ins.min_qty or qty > ins.max_qty:
-            limit = "no maximum" if ins.max_qty == NO_PRICE else f"maximum {ins.max_qty}"
+            limit = "no maximum" if ins.max_qty == MAX_AMOUNT else f"maximum {ins.max_qty}"
             return reject(ev, acct, ts, cl, "qty_out_of_range", f"qty {qty} is outside minimum {ins.min_qty}, {limit}")
         if price is None:
             if tif == "day" or tif == "gtc":

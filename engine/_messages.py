@@ -59,7 +59,6 @@ AdminRejectReason = Literal[
 ErrorReason = Literal["bad_frame", "invalid_message", "not_logged_on", "not_authorized"]
 
 ClOrdId = Annotated[str, Meta(min_length=1, max_length=32, pattern="^[\x20-\x7e]+$")]
-Symbol = Annotated[str, Meta(min_length=1, max_length=32)]
 
 
 class _Message(msgspec.Struct, tag_field="type", tag=True, gc=False):

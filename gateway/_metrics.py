@@ -29,7 +29,8 @@ class Stats:
     """What the gateway counts; plain Python numbers, read by the collector.
 
     Keyed for the order path's convenience (message classes, instrument symbols); the collector
-    turns keys into labels. ``received[type] - rejected[type] - invalid[type]`` is accepted.
+    turns keys into labels. ``received[type] - rejected[type]`` is accepted; malformed requests
+    never reach ``received`` (they are counted in ``invalid``, by type name).
     """
 
     def __init__(self, enabled: bool = True) -> None:

@@ -1,8 +1,9 @@
 """The generic log: append-only segment files, CRC32C frames, group commit, recovery, readers.
 
 Appends go into an in-memory buffer under a lock; one writer thread takes everything pending
-(adaptive batching: whatever arrived while the previous flush ran), writes it with ``os.write``
-and makes it durable with ``os.fdatasync`` before it calls ``on_durable(seq)``. A write or sync
+(adaptive batching: whatever arrived while the previous write ran) and makes it durable, with
+one ``pwritev2(RWF_DSYNC)`` call where the kernel has it, else ``os.write`` + ``os.fdatasync``,
+before it calls ``on_durable(seq)``. A write or sync
 failure is final: ``on_error`` is called, nothing more is reported durable and appends raise.
 """
 
@@ -460,7 +461,7 @@ class Journal:
             or (ops_type.write is FileOps.write and ops_type.sync is FileOps.sync))
         self.stats = JournalStats(self)
         self._lock = threading.Lock()
-        self._cond = threading.Condition(self._lock)  # durability waiters: flush, wait_durable, follow
+        self._cond = threading.Condition(self._lock)  # durability waiters: sync, wait_durable, follow
         # The writer thread waits on a condition of its own: a notify() for it can then never be
         # taken by a reader waiting for durability (which would leave the batch unwritten).
         self._wake = threading.Condition(self._lock)
@@ -604,7 +605,6 @@ class Journal:
         # writer hands them to the indexer when it reaches that segment)
         self._sealed_notes: dict[int, tuple[int, bytearray, array]] = {}
         self._t0: float | None = None
-        self._pending_records = 0
 
     # ------------------------------------------------------------------------------------------
     # Appending
