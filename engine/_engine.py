@@ -1054,9 +1054,8 @@ class Engine:
         for acct in self._accounts.values():
             accounts.append([
                 acct.member, acct.suspended, acct.seq,
-                [[c, v.total, v.reserved, v.proceeds] for c, v in acct.cash.items()],
-                [[s, h.settled, h.unsettled, h.reserved, h.open_buy, h.bought, h.sold, h.paid, h.received, h.fees]
-                 for s, h in acct.holdings.items()],
+                [[c, *v.fields()] for c, v in acct.cash.items()],
+                [[s, *h.fields()] for s, h in acct.holdings.items()],
                 sorted(acct.used_ids),
             ])
         return [

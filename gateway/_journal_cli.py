@@ -15,9 +15,10 @@ from pathlib import Path
 
 import msgspec
 
+from engine import SettlementLine
 from engine.journal import (
-    KIND_ENTRY, KIND_FILL, KIND_START, CorruptJournalError, JournalError, list_segments, read_records,
-    scan_journal,
+    KIND_ENTRY, KIND_FILL, KIND_START, CorruptJournalError, EntryRecord, FillRecord, JournalError, StartRecord,
+    list_segments, read_records, scan_journal,
 )
 from engine.journal._format import KIND_NAMES, segment_name
 from engine.journal._index import IndexUnusable, load_index
@@ -26,8 +27,7 @@ from engine.journal._snapshot import list_snapshots, read_snapshot, snapshot_nam
 
 __all__ = ["add_journal_commands"]
 
-_SETTLE_FIELDS = ("member", "instrument", "currency", "bought", "sold", "paid", "received", "fees",
-                  "net_qty", "net_cash")
+_SETTLE_FIELDS = SettlementLine.__struct_fields__
 
 
 def add_journal_commands(subparsers) -> None:
@@ -121,12 +121,8 @@ def _plain(obj):
     return obj
 
 
-_FIELDS = {
-    KIND_START: ("format", "trading_day", "config_sha256", "fee_account"),
-    KIND_FILL: ("trading_day", "trade_id", "instrument", "currency", "price", "qty", "buyer", "seller",
-                "buyer_fee", "seller_fee", "buy_order_id", "sell_order_id", "aggressor", "ts"),
-    KIND_ENTRY: ("ts", "member", "session", "throttled", "command", "reports"),
-}
+_FIELDS = {kind: cls.__struct_fields__ for kind, cls in
+           ((KIND_START, StartRecord), (KIND_FILL, FillRecord), (KIND_ENTRY, EntryRecord))}
 
 
 def _dump(args) -> int:
