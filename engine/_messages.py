@@ -7,7 +7,7 @@ and encodes these events straight into report frames. Fields are only ever added
 
 from __future__ import annotations
 
-from typing import Annotated, Literal, Union
+from typing import Annotated, Literal, Union, get_args
 
 import msgspec
 from msgspec import UNSET, Meta, UnsetType
@@ -34,7 +34,7 @@ __all__ = [
     "DayEnded", "SettlementLine",
     # unions
     "Command", "MemberCommand", "OperatorCommand", "Report", "MarketData", "Event",
-    "MEMBER_COMMANDS", "OPERATOR_COMMANDS", "ORDER_COMMANDS",
+    "MEMBER_COMMANDS", "OPERATOR_COMMANDS", "ORDER_COMMANDS", "REPORTS",
 ]
 
 Side = Literal["buy", "sell"]
@@ -372,6 +372,7 @@ Report = Union[
 MarketData = Union[BookUpdate, Trade, InstrumentStatus]
 Event = Union[Report, MarketData, AdminAck, AdminRejected, Balances, DayEnded]
 
+REPORTS = get_args(Report)  # the sequenced messages, for isinstance and membership tests
 MEMBER_COMMANDS = (NewOrder, CancelOrder, ReplaceOrder, MassCancel, QueryBalances)
 ORDER_COMMANDS = (NewOrder, CancelOrder, ReplaceOrder, MassCancel)
 OPERATOR_COMMANDS = (

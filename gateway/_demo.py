@@ -27,7 +27,7 @@ import msgspec
 
 from engine._config import demo_config
 from engine._messages import (
-    BookSnapshot, BookUpdate, CancelRejected, Fill, InstrumentStatus, MassCancelDone, OrderAccepted,
+    REPORTS, BookSnapshot, BookUpdate, CancelRejected, Fill, InstrumentStatus, MassCancelDone, OrderAccepted,
     OrderCancelled, OrderRejected, OrderReplaced, Trade,
 )
 
@@ -40,7 +40,6 @@ __all__ = ["add_demo_command", "run_demo"]
 
 _Incoming = Union[OrderAccepted, OrderRejected, Fill, OrderCancelled, OrderReplaced, CancelRejected,
                   MassCancelDone, BookSnapshot, BookUpdate, Trade, InstrumentStatus]
-_REPORTS = (OrderAccepted, OrderRejected, Fill, OrderCancelled, OrderReplaced, CancelRejected, MassCancelDone)
 _ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -251,7 +250,7 @@ async def _firm_reports(run: _Run, firm, client) -> None:
             report = _decode(msg, _Incoming)
         except msgspec.ValidationError:
             continue
-        if not isinstance(report, _REPORTS):
+        if not isinstance(report, REPORTS):
             continue
         sent = run.sent_at.pop(report.cl_ord_id, None)
         if sent is not None:

@@ -25,10 +25,7 @@ import msgspec
 
 from .._config import ExchangeConfig
 from .._engine import Engine
-from .._messages import (
-    CancelRejected, Command, DayEnded, Deposit, Fill, MassCancelDone, NewOrder, OpenMarket, OrderAccepted,
-    OrderCancelled, OrderRejected, OrderReplaced, QueryBalances,
-)
+from .._messages import REPORTS, Command, DayEnded, Deposit, Fill, NewOrder, OpenMarket, QueryBalances
 from .._replay import run_entries
 from ._format import (
     FORMAT_VERSION, KIND_ENTRY, KIND_FILL, KIND_START, EntryRecord, StartRecord,
@@ -40,8 +37,7 @@ __all__ = ["Ledger", "config_digest", "INDEX_STEP"]
 
 log = logging.getLogger("kaboni.journal")
 
-REPORT_TYPES = frozenset((OrderAccepted, OrderRejected, Fill, OrderCancelled, OrderReplaced, CancelRejected,
-                          MassCancelDone))
+_REPORT_TYPES = frozenset(REPORTS)  # a set: the type test runs for every event of every command
 INDEX_STEP = 32  # a member's report index has an entry at least every INDEX_STEP reports
 
 
@@ -358,7 +354,7 @@ class Ledger:
         records: list[tuple[int, bytes]] = []
         taker = None
         end_of_day = False
-        report_types = REPORT_TYPES
+        report_types = _REPORT_TYPES
         for ev in events:
             t = type(ev)
             if t in report_types:
