@@ -7,7 +7,7 @@ import pytest
 from engine import (
     AdminAck, AdminRejected, BookUpdate, CloseMarket, ConfigError, DayEnded, Deposit, Engine,
     EndOfDay, Halt, InstrumentStatus, OpenMarket, OrderCancelled, Restarted, Resume, SessionEnded,
-    MAX_AMOUNT, SettlementLine, Withdraw, load_config, parse_config,
+    MAX_AMOUNT, MAX_PRICE, SettlementLine, price_band, Withdraw, load_config, parse_config,
 )
 from engine_support import CONFIG_TOML, OPS, T, Market, config, kinds, reports
 
@@ -335,6 +335,26 @@ def test_deposits_stop_at_what_a_64_bit_client_can_hold():
     assert kinds(m.run(OPS, Withdraw("w1", "M1", "CNY", 5))) == ["AdminAck"]
     assert kinds(m.run(OPS, Deposit("c3", "M2", "CNY", 5))) == ["AdminAck"]  # the refused ref was not used up
     assert m.cash("M1").total + m.cash("M2").total == MAX_AMOUNT
+    m.e.check()
+
+
+def test_prices_never_reach_the_books_empty_side_key():
+    """A band may reach MAX_PRICE (the configuration stops it there); a close at the top makes
+    the next day's formula go higher, and the band is then held at MAX_PRICE."""
+    top = MAX_PRICE // 5 * 5
+    reference = top * 10_000 // 11_000 // 5 * 5
+    lower, upper = price_band(reference, 1_000, 5)
+    assert upper <= MAX_PRICE < price_band(upper, 1_000, 5)[1]
+    m = Market(cash=0, toml=CONFIG_TOML.replace("reference_price = 9_255", f"reference_price = {reference}"))
+    m.run(OPS, Deposit("big", "M1", "CNY", 2 * upper))
+    m.sell("M2", "s", 2, upper)
+    assert kinds(reports(m.buy("M1", "b", 2, upper))) == ["OrderAccepted", "Fill", "Fill"]
+    end_of_day(m)
+    m.run(OPS, OpenMarket())
+    assert m.e.book_snapshot("CEA").reference_price == upper
+    assert kinds(reports(m.sell("M2", "s2", 2, top))) == ["OrderAccepted"]
+    assert reports(m.sell("M2", "s3", 2, top + 5))[0].reason == "price_out_of_band"
+    assert m.e.book_snapshot("CEA").asks[0][0] == top  # a real best ask, not an empty side
     m.e.check()
 
 
