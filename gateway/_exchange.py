@@ -218,7 +218,10 @@ class Exchange:
             reject = ("bad_credentials", "unknown member or wrong token")
         else:
             group = self.by_member.setdefault(member, [])
-            last = self.engine.last_seq(member) if role == "member" else 0
+            # The last durable report, not the engine's last: a report still waiting for the
+            # journal may never exist (a crash reuses its seq), so it is not promised here; it
+            # reaches this session live once it is durable (min_seq = last + 1).
+            last = self.released.get(member, 0) if role == "member" else 0
             if len(group) >= self.max_sessions:
                 reject = ("already_logged_on", f"{member} already has {len(group)} sessions")
             elif logon.resume_from is not None and not 0 <= logon.resume_from <= last:

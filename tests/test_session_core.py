@@ -124,15 +124,38 @@ def test_resume_while_reports_wait_for_the_journal_has_no_gap_or_duplicate():
                              "qty": 1, "price": 9310}), 0.0)      # seq 4, not durable yet
     late, sl = connect(ex, "M01", resume_from=1)
     fl = sl.frames()
-    assert fl[0]["type"] == "LogonAccepted" and fl[0]["next_seq"] == 5
+    assert fl[0]["type"] == "LogonAccepted" and fl[0]["next_seq"] == 4   # 4 is not durable: not promised
     assert [f["seq"] for f in fl[1:]] == [2, 3]                   # replayed from the journal
     fresh, sf = connect(ex, "M01")                                 # no resume: from next_seq on
-    sf.frames()
+    assert [(f["type"], f["next_seq"]) for f in sf.frames()] == [("LogonAccepted", 4)]
     ledger.durable_seq = ledger.last_seq
     ex.on_durable(ledger.last_seq)
     assert [f["seq"] for f in sl.frames()] == [4]                  # then live, once
-    assert sf.frames() == []                                       # 4 < its next_seq 5
+    assert [f["seq"] for f in sf.frames()] == [4]                  # its next_seq: live, once
     assert [f.get("seq") for f in sa.frames()] == [None, 1, 2, 3, 4]
+
+
+def test_logon_promises_only_durable_reports_and_resume_is_bounded_by_them():
+    ex, ledger = setup()
+    a, sa = connect(ex, "M01")
+    ex.data_received(a, enc({"type": "NewOrder", "cl_ord_id": "o1", "instrument": "CEA25", "side": "sell",
+                             "qty": 1, "price": 9300}), 0.0)
+    ledger.durable_seq = ledger.last_seq
+    ex.on_durable(ledger.last_seq)
+    ex.data_received(a, enc({"type": "NewOrder", "cl_ord_id": "o2", "instrument": "CEA25", "side": "sell",
+                             "qty": 1, "price": 9301}), 0.0)      # report seq 2, durability stalled
+    assert ledger.engine.last_seq("M01") == 2
+    _, sr = connect(ex, "M01", resume_from=2)                      # 2 may never exist after a crash
+    assert [(f["type"], f["reason"]) for f in sr.frames()] == [("LogonRejected", "invalid_resume")]
+    b, sb = connect(ex, "M01", resume_from=1)                      # the last durable seq is valid
+    assert [(f["type"], f["next_seq"]) for f in sb.frames()] == [("LogonAccepted", 2)]
+    c, sc = connect(ex, "M02")                                     # another member: unaffected
+    assert sc.frames()[0]["next_seq"] == 1
+    ledger.durable_seq = ledger.last_seq
+    ex.on_durable(ledger.last_seq)
+    assert [(f["type"], f["seq"]) for f in sb.frames()] == [("OrderAccepted", 2)]   # once, live
+    ex.on_durable(ledger.last_seq)
+    assert sb.frames() == [] and sc.frames() == []
 
 
 def test_cancel_on_disconnect_and_logout_goodbye_order():
