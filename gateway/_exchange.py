@@ -222,8 +222,11 @@ class Exchange:
             # journal may never exist (a crash reuses its seq), so it is not promised here; it
             # reaches this session live once it is durable (min_seq = last + 1).
             last = self.released.get(member, 0) if role == "member" else 0
-            if len(group) >= self.max_sessions:
-                reject = ("already_logged_on", f"{member} already has {len(group)} sessions")
+            # a session that logged out or is being closed no longer counts, even if its peer
+            # is slow to take its last bytes
+            live = sum(1 for s in group if s.state is State.ACTIVE)
+            if live >= self.max_sessions:
+                reject = ("already_logged_on", f"{member} already has {live} sessions")
             elif logon.resume_from is not None and not 0 <= logon.resume_from <= last:
                 reject = ("invalid_resume", f"resume_from {logon.resume_from} is outside 0..{last}")
         if reject is not None:

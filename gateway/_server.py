@@ -23,6 +23,7 @@ from engine import Restarted
 
 from ._exchange import TICK_PARTS, Exchange, log_event
 from ._metrics import Stats, start_metrics_server
+from ._session import State
 
 __all__ = ["Server", "run", "FlowControl"]
 
@@ -106,9 +107,18 @@ class Connection(asyncio.Protocol):
                 transport.abort()
 
     def close(self) -> None:
+        """Close after flushing, but a peer that stops reading gets ``logon_timeout_s`` to take
+        its last bytes, not forever (``transport.close`` waits for the send buffer to drain)."""
         if not self.closing:
             self.closing = True
             self.transport.close()
+            asyncio.get_running_loop().call_later(self.server.config.gateway.logon_timeout_s, self._close_timeout)
+
+    def _close_timeout(self) -> None:
+        if self.session.state is not State.CLOSED:
+            log_event("close_timeout", member=self.session.member or "-", session=self.session.sid,
+                      buffered=self.transport.get_write_buffer_size())
+            self.transport.abort()
 
     def abort(self) -> None:
         if not self.closing:
