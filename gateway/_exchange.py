@@ -17,7 +17,9 @@ the loop nor overruns the session's outbound bound; live reports wait until it h
 from __future__ import annotations
 
 import hmac
+import json
 import logging
+import re
 import struct
 from time import monotonic
 from collections import defaultdict, deque
@@ -60,12 +62,21 @@ TICK_PARTS = 50
 _REPORT, _SESSION, _MARKET, _CLOSE = range(4)
 
 
+_PLAIN = re.compile(r"[A-Za-z0-9_.:/@+,-]+")
+MAX_LOG_VALUE = 128  # characters of a value in a log line; longer ones end in "..."
+
+
 def log_event(event: str, **fields) -> None:
-    """One structured line: ``event=<name> key=value ...`` (values with spaces quoted)."""
+    """One structured line: ``event=<name> key=value ...``. A value that is not a plain token is
+    written as a JSON string, so quotes, newlines and control characters are escaped: a value
+    from the peer (a member id in a Logon, before any authentication) can never end the line or
+    forge another field or line."""
     parts = [f"event={event}"]
     for k, v in fields.items():
         v = str(v)
-        parts.append(f'{k}="{v}"' if (" " in v or not v) else f"{k}={v}")
+        if len(v) > MAX_LOG_VALUE:
+            v = v[:MAX_LOG_VALUE] + "..."
+        parts.append(f"{k}={v}" if _PLAIN.fullmatch(v) else f"{k}={json.dumps(v)}")
     log.info(" ".join(parts))
 
 

@@ -206,3 +206,31 @@ def test_a_long_resume_goes_out_in_steps_paced_by_the_peer_and_live_reports_wait
     ledger.durable_seq = ledger.last_seq
     ex.on_durable(ledger.last_seq)
     assert [f["seq"] for f in sl.frames()] == [n + 2]       # then live
+
+
+def test_a_logon_cannot_forge_log_lines_or_fields():
+    import logging
+
+    records = []
+    handler = logging.Handler()
+    handler.emit = records.append
+    log = logging.getLogger("kaboni")
+    old_level = log.level
+    log.addHandler(handler)
+    log.setLevel(logging.INFO)
+    try:
+        ex, _ = setup()
+        forged = 'x" role=operator\nts=2026-11-24T00:00:00.000Z level=INFO event=logon member=ops role=operator'
+        _, sink = connect(ex, forged)
+        assert [(f["type"], f["reason"]) for f in sink.frames()] == [("LogonRejected", "bad_credentials")]
+        _, sink = connect(ex, "M" * 1_000)
+        _, sink = connect(ex, "M01")
+    finally:
+        log.removeHandler(handler)
+        log.setLevel(old_level)
+    lines = [r.getMessage() for r in records]
+    assert len(lines) == 3 and all("\n" not in line and "\r" not in line for line in lines)
+    assert lines[0] == ('event=logon_rejected member="x\\" role=operator\\nts=2026-11-24T00:00:00.000Z level=INFO '
+                        'event=logon member=ops role=operator" reason=bad_credentials')
+    assert lines[1] == f"event=logon_rejected member={'M' * 128}... reason=bad_credentials"
+    assert lines[2].startswith("event=logon member=M01 role=member ")
