@@ -22,9 +22,20 @@ import time
 __all__ = ["main"]
 
 
+def _port(text: str) -> int:
+    """A TCP port for argparse: 0..65535 (0: any free port)."""
+    try:
+        port = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a port number: {text!r}") from None
+    if not 0 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"port out of range 0..65535: {port}")
+    return port
+
+
 def _connection_args(p: argparse.ArgumentParser, *, member: str | None = None, token: str | None = None) -> None:
     p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=7001)
+    p.add_argument("--port", type=_port, default=7001)
     p.add_argument("--member", default=member or os.environ.get("KABONI_MEMBER", "M01"))
     p.add_argument("--token", default=token or os.environ.get("KABONI_TOKEN"),
                    help="logon token (default: $KABONI_TOKEN, else '<member>-token' as in the demo)")
@@ -180,8 +191,8 @@ def _build() -> argparse.ArgumentParser:
     p.add_argument("--demo", action="store_true", help="run the embedded demo market")
     p.add_argument("--data-dir", help="journal and snapshots (default: the config's gateway.data_dir)")
     p.add_argument("--host")
-    p.add_argument("--port", type=int)
-    p.add_argument("--metrics-port", type=int)
+    p.add_argument("--port", type=_port)
+    p.add_argument("--metrics-port", type=_port)
     p.add_argument("--no-metrics", action="store_true", help="do not serve /metrics")
     p.add_argument("--no-stats", action="store_true", help="skip the order-path counters (benchmarking)")
     p.set_defaults(func=_serve)

@@ -110,3 +110,65 @@ def test_tls(tmp_path):
                 await plain.logon("M01", "M01-token", timeout=2)
             await plain.close()
         run(main_())
+
+
+def test_start_up_failure_after_the_journal_opened_closes_it_and_the_metrics_endpoint(tmp_path):
+    import socket
+
+    from gateway._server import Server
+
+    from _fakes import ledger_factory
+
+    busy = socket.socket()
+    busy.bind(("127.0.0.1", 0))
+    busy.listen()
+    port = busy.getsockname()[1]
+    opened = []
+
+    def factory(*args, **kwargs):
+        ledger = ledger_factory()(*args, **kwargs)
+        close = ledger.close
+
+        def counted_close():
+            opened.remove(ledger)
+            close()
+        ledger.close = counted_close
+        opened.append(ledger)
+        return ledger
+
+    server = Server(make_config(), tmp_path / "d", port=port, metrics_port=0, ledger_factory=factory)
+    try:
+        assert asyncio.run(server.run()) == 1
+    finally:
+        busy.close()
+    assert opened == []                       # the journal was closed (its writer thread joined)
+    with pytest.raises(ConnectionRefusedError):  # and the metrics endpoint no longer listens
+        socket.create_connection(("127.0.0.1", server.metrics_port_bound), timeout=2).close()
+
+
+def test_cli_serve_on_a_port_in_use_says_so_in_one_line(tmp_path):
+    import socket
+    import sys
+
+    from _fakes import REPO
+
+    busy = socket.socket()
+    busy.bind(("127.0.0.1", 0))
+    busy.listen()
+    try:
+        proc = subprocess.run([sys.executable, "-m", "gateway", "serve", "--demo", "--data-dir", str(tmp_path / "d"),
+                               "--port", str(busy.getsockname()[1]), "--no-metrics"],
+                              cwd=REPO, env={"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin"},
+                              capture_output=True, text=True, timeout=60)
+    finally:
+        busy.close()
+    assert proc.returncode == 1
+    assert "Traceback" not in proc.stderr
+    errors = [line for line in proc.stderr.splitlines() if "level=ERROR" in line]
+    assert len(errors) == 1 and "event=start_failed" in errors[0] and "address already in use" in errors[0], proc.stderr
+
+
+def test_cli_serve_refuses_a_port_out_of_range(capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["serve", "--demo", "--port", "70000"])
+    assert exc.value.code == 2 and "70000" in capsys.readouterr().err
