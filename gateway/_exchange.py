@@ -325,23 +325,32 @@ class Exchange:
         elif cls is Subscribe:
             self._subscribe(session, msg)
         elif cls is Unsubscribe:
-            unknown = [s for s in msg.instruments if s not in self.subscribers]
-            if unknown:
-                self._to_session(session, _error("invalid_message", f"instruments: unknown instrument {unknown[0]!r}"))
+            instruments = self._instruments(session, msg.instruments)
+            if instruments is None:
                 return
-            for sym in msg.instruments:
+            for sym in instruments:
                 if sym in session.subscriptions:
                     session.subscriptions.discard(sym)
                     self.subscribers[sym] = tuple(s for s in self.subscribers[sym] if s is not session)
         else:  # pragma: no cover - the decoder's union and this dispatch must agree
             raise AssertionError(f"no handler for {cls.__name__}")
 
+    def _instruments(self, session: Session, instruments: list[str]) -> list[str] | None:
+        """A (Un)Subscribe's instruments once each, in order; None (and an Error sent) if one
+        is unknown. Duplicates go first: one frame naming an instrument thousands of times
+        would otherwise build as many snapshots."""
+        instruments = list(dict.fromkeys(instruments))
+        for sym in instruments:
+            if sym not in self.subscribers:
+                self._to_session(session, _error("invalid_message", f"instruments: unknown instrument {sym!r}"))
+                return None
+        return instruments
+
     def _subscribe(self, session: Session, msg: Subscribe) -> None:
-        unknown = [s for s in msg.instruments if s not in self.subscribers]
-        if unknown:
-            self._to_session(session, _error("invalid_message", f"instruments: unknown instrument {unknown[0]!r}"))
+        instruments = self._instruments(session, msg.instruments)
+        if instruments is None:
             return
-        for sym in msg.instruments:
+        for sym in instruments:
             # The snapshot waits behind the commands already run; events after it follow it.
             self._to_session(session, frame(encode(self.engine.book_snapshot(sym, msg.depth))))
             if sym not in session.subscriptions:

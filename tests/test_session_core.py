@@ -234,3 +234,16 @@ def test_a_logon_cannot_forge_log_lines_or_fields():
                         'event=logon member=ops role=operator" reason=bad_credentials')
     assert lines[1] == f"event=logon_rejected member={'M' * 128}... reason=bad_credentials"
     assert lines[2].startswith("event=logon member=M01 role=member ")
+
+
+def test_a_subscribe_naming_an_instrument_many_times_gets_one_snapshot():
+    ex, _ = setup()
+    m, sm = connect(ex, "M01")
+    sm.frames()
+    ex.data_received(m, enc({"type": "Subscribe", "instruments": ["CEA25"] * 5_000 + ["CEA24", "CEA25"]}), 0.0)
+    assert [(f["type"], f["instrument"]) for f in sm.frames()] == [("BookSnapshot", "CEA25"), ("BookSnapshot", "CEA24")]
+    assert ex.subscribers["CEA25"] == (m,)
+    ex.data_received(m, enc({"type": "Subscribe", "instruments": ["CEA25"] * 100 + ["NOPE"] * 100}), 0.0)
+    assert [(f["type"], f["reason"]) for f in sm.frames()] == [("Error", "invalid_message")]
+    ex.data_received(m, enc({"type": "Unsubscribe", "instruments": ["CEA25"] * 5_000}), 0.0)
+    assert sm.frames() == [] and ex.subscribers["CEA25"] == () and m.subscriptions == {"CEA24"}
