@@ -102,7 +102,6 @@ class Exchange:
         self.rate = gw.max_msgs_per_s
         self.logon_timeout = gw.logon_timeout_s
         self.credentials = {m.id: (m.token_sha256, m.role) for m in config.members}
-        self.currency = {i.symbol: i.currency for i in config.instruments}
         self.sessions: set[Session] = set()
         self._tick_parts: list[set[Session]] = [set() for _ in range(TICK_PARTS)]
         self._next_part = 0
