@@ -189,6 +189,12 @@ def _check(config: ExchangeConfig, source: str) -> ExchangeConfig:
     for name in ("max_sessions_per_member", "max_msgs_per_s", "max_outbound_bytes", "snapshot_every"):
         if getattr(gw, name) <= 0:
             raise _fail(source, f"gateway.{name}", f"must be positive, got {getattr(gw, name)}")
+    for name in ("port", "metrics_port"):  # 0: any free port (tests)
+        if not 0 <= getattr(gw, name) <= 65535:
+            raise _fail(source, f"gateway.{name}", f"must be in 0..65535, got {getattr(gw, name)}")
+    # also bounds how long a closing connection may take its last bytes: finite and positive
+    if not 0 < gw.logon_timeout_s <= 3600:
+        raise _fail(source, "gateway.logon_timeout_s", f"must be in (0, 3600] seconds, got {gw.logon_timeout_s}")
     if (gw.tls_cert is None) != (gw.tls_key is None):
         raise _fail(source, "gateway.tls_cert", "tls_cert and tls_key go together")
     if config.initial_cash < 0 or config.initial_allowances < 0:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import math
 import random
-from bisect import insort
 from collections import deque
 from dataclasses import dataclass, field
 

@@ -17,7 +17,9 @@ the loop nor overruns the session's outbound bound; live reports wait until it h
 from __future__ import annotations
 
 import hmac
+import json
 import logging
+import re
 import struct
 from time import monotonic
 from collections import defaultdict, deque
@@ -60,12 +62,21 @@ TICK_PARTS = 50
 _REPORT, _SESSION, _MARKET, _CLOSE = range(4)
 
 
+_PLAIN = re.compile(r"[A-Za-z0-9_.:/@+,-]+")
+MAX_LOG_VALUE = 128  # characters of a value in a log line; longer ones end in "..."
+
+
 def log_event(event: str, **fields) -> None:
-    """One structured line: ``event=<name> key=value ...`` (values with spaces quoted)."""
+    """One structured line: ``event=<name> key=value ...``. A value that is not a plain token is
+    written as a JSON string, so quotes, newlines and control characters are escaped: a value
+    from the peer (a member id in a Logon, before any authentication) can never end the line or
+    forge another field or line."""
     parts = [f"event={event}"]
     for k, v in fields.items():
         v = str(v)
-        parts.append(f'{k}="{v}"' if (" " in v or not v) else f"{k}={v}")
+        if len(v) > MAX_LOG_VALUE:
+            v = v[:MAX_LOG_VALUE] + "..."
+        parts.append(f"{k}={v}" if _PLAIN.fullmatch(v) else f"{k}={json.dumps(v)}")
     log.info(" ".join(parts))
 
 
@@ -91,7 +102,6 @@ class Exchange:
         self.rate = gw.max_msgs_per_s
         self.logon_timeout = gw.logon_timeout_s
         self.credentials = {m.id: (m.token_sha256, m.role) for m in config.members}
-        self.currency = {i.symbol: i.currency for i in config.instruments}
         self.sessions: set[Session] = set()
         self._tick_parts: list[set[Session]] = [set() for _ in range(TICK_PARTS)]
         self._next_part = 0
@@ -218,9 +228,15 @@ class Exchange:
             reject = ("bad_credentials", "unknown member or wrong token")
         else:
             group = self.by_member.setdefault(member, [])
-            last = self.engine.last_seq(member) if role == "member" else 0
-            if len(group) >= self.max_sessions:
-                reject = ("already_logged_on", f"{member} already has {len(group)} sessions")
+            # The last durable report, not the engine's last: a report still waiting for the
+            # journal may never exist (a crash reuses its seq), so it is not promised here; it
+            # reaches this session live once it is durable (min_seq = last + 1).
+            last = self.released.get(member, 0) if role == "member" else 0
+            # a session that logged out or is being closed no longer counts, even if its peer
+            # is slow to take its last bytes
+            live = sum(1 for s in group if s.state is State.ACTIVE)
+            if live >= self.max_sessions:
+                reject = ("already_logged_on", f"{member} already has {live} sessions")
             elif logon.resume_from is not None and not 0 <= logon.resume_from <= last:
                 reject = ("invalid_resume", f"resume_from {logon.resume_from} is outside 0..{last}")
         if reject is not None:
@@ -308,23 +324,32 @@ class Exchange:
         elif cls is Subscribe:
             self._subscribe(session, msg)
         elif cls is Unsubscribe:
-            unknown = [s for s in msg.instruments if s not in self.subscribers]
-            if unknown:
-                self._to_session(session, _error("invalid_message", f"instruments: unknown instrument {unknown[0]!r}"))
+            instruments = self._instruments(session, msg.instruments)
+            if instruments is None:
                 return
-            for sym in msg.instruments:
+            for sym in instruments:
                 if sym in session.subscriptions:
                     session.subscriptions.discard(sym)
                     self.subscribers[sym] = tuple(s for s in self.subscribers[sym] if s is not session)
         else:  # pragma: no cover - the decoder's union and this dispatch must agree
             raise AssertionError(f"no handler for {cls.__name__}")
 
+    def _instruments(self, session: Session, instruments: list[str]) -> list[str] | None:
+        """A (Un)Subscribe's instruments once each, in order; None (and an Error sent) if one
+        is unknown. Duplicates go first: one frame naming an instrument thousands of times
+        would otherwise build as many snapshots."""
+        instruments = list(dict.fromkeys(instruments))
+        for sym in instruments:
+            if sym not in self.subscribers:
+                self._to_session(session, _error("invalid_message", f"instruments: unknown instrument {sym!r}"))
+                return None
+        return instruments
+
     def _subscribe(self, session: Session, msg: Subscribe) -> None:
-        unknown = [s for s in msg.instruments if s not in self.subscribers]
-        if unknown:
-            self._to_session(session, _error("invalid_message", f"instruments: unknown instrument {unknown[0]!r}"))
+        instruments = self._instruments(session, msg.instruments)
+        if instruments is None:
             return
-        for sym in msg.instruments:
+        for sym in instruments:
             # The snapshot waits behind the commands already run; events after it follow it.
             self._to_session(session, frame(encode(self.engine.book_snapshot(sym, msg.depth))))
             if sym not in session.subscriptions:

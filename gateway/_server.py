@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import datetime as _dt
 import gc
+import json
 import logging
 import signal
 import ssl
@@ -23,6 +24,7 @@ from engine import Restarted
 
 from ._exchange import TICK_PARTS, Exchange, log_event
 from ._metrics import Stats, start_metrics_server
+from ._session import State
 
 __all__ = ["Server", "run", "FlowControl"]
 
@@ -106,9 +108,18 @@ class Connection(asyncio.Protocol):
                 transport.abort()
 
     def close(self) -> None:
+        """Close after flushing, but a peer that stops reading gets ``logon_timeout_s`` to take
+        its last bytes, not forever (``transport.close`` waits for the send buffer to drain)."""
         if not self.closing:
             self.closing = True
             self.transport.close()
+            asyncio.get_running_loop().call_later(self.server.config.gateway.logon_timeout_s, self._close_timeout)
+
+    def _close_timeout(self) -> None:
+        if self.session.state is not State.CLOSED:
+            log_event("close_timeout", member=self.session.member or "-", session=self.session.sid,
+                      buffered=self.transport.get_write_buffer_size())
+            self.transport.abort()
 
     def abort(self) -> None:
         if not self.closing:
@@ -226,76 +237,86 @@ class Server:
         except Exception as exc:  # noqa: BLE001 - a journal we cannot open: say so, exit non-zero
             logging.getLogger("kaboni").error('event=journal_open_failed data_dir=%s error="%s"', self.data_dir, exc)
             return 1
-        exchange = self.exchange = Exchange(self.config, ledger, clock_ns=time.time_ns,
-                                            stats=Stats(self.stats_enabled))
-        if ledger.recovered:
-            log_event("journal_recovered", data_dir=self.data_dir, last_seq=ledger.last_seq,
-                      trading_day=ledger.engine.trading_day)
-            # Every connection ended with the old process: cancel-on-disconnect orders go now.
-            exchange._execute(Restarted(), "", None, time.monotonic())
-            exchange.release(ledger.durable_seq)
-        metrics_server = None
-        if self.metrics:
-            metrics_server = start_metrics_server(exchange, self.metrics_port, self.host, self._run_in_loop)
-            self.metrics_port_bound = metrics_server[0].server_port
-        ssl_ctx = self._ssl_context()
-        server = await loop.create_server(
-            lambda: Connection(self), self.host, self.port, ssl=ssl_ctx, backlog=4096, reuse_address=True,
-            # a TLS peer that never finishes its handshake is dropped like one that never logs on
-            **({"ssl_handshake_timeout": gw.logon_timeout_s} if ssl_ctx else {}))
-        self.port = server.sockets[0].getsockname()[1]
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            try:
-                loop.add_signal_handler(sig, self.stopping.set)
-            except (NotImplementedError, RuntimeError, ValueError):
-                pass  # not the main thread (tests run servers in threads)
-        ticker = loop.create_task(self._ticker())
-        # Start-up objects (config, books, accounts, the journal's index) never become garbage:
-        # freeze them so collections only scan what the order path allocates.
-        gc.collect()
-        gc.freeze()
-        # Full collections scan every session's objects (10-20 ms with 3,700 sessions, measured
-        # in benchmarks/bench_gateway.py): one every GEN2_EVERY young-generation collections
-        # instead of every 10 keeps them to minutes apart at thousands of orders/s.
-        gen0, gen1, _ = gc.get_threshold()
-        gc.set_threshold(gen0, gen1, GEN2_EVERY)
-        # The GIL switch interval is the journal's to set (Journal.open lowers it so its writer
-        # thread is not starved by this busy loop); it is not touched here.
-        log_event("start", host=self.host, port=self.port, metrics_port=self.metrics_port if self.metrics else "off",
-                  data_dir=self.data_dir, trading_day=ledger.engine.trading_day, recovered=ledger.recovered,
-                  tls=bool(gw.tls_cert), members=len(ledger.engine.members))
-        if self.started is not None:
-            self.started.set()
-        await self.stopping.wait()
-        # Drain in stages, each with a time limit.
-        log_event("stopping", reason="journal_error" if exchange.failed else "signal")
-        server.close()
-        ticker.cancel()
-        if exchange.failed is None:
-            exchange.drain(time.monotonic())
-            deadline = loop.time() + 10
-            while exchange.outbox and loop.time() < deadline:
-                await asyncio.sleep(0.005)
-        else:
-            for s in list(exchange.sessions):
-                s.cause = "shutdown"
-                s.sink.abort()
-        deadline = loop.time() + 5
-        while exchange.sessions and loop.time() < deadline:
-            await asyncio.sleep(0.005)
-        for s in list(exchange.sessions):
-            s.sink.abort()
-        await asyncio.sleep(0)
+        metrics_server = server = None
         try:
-            ledger.close()
-        except Exception as exc:  # noqa: BLE001 - a failed final flush must not hide the exit code
-            logging.getLogger("kaboni").error("event=journal_close_failed error=%r", exc)
+            exchange = self.exchange = Exchange(self.config, ledger, clock_ns=time.time_ns,
+                                                stats=Stats(self.stats_enabled))
+            if ledger.recovered:
+                log_event("journal_recovered", data_dir=self.data_dir, last_seq=ledger.last_seq,
+                          trading_day=ledger.engine.trading_day)
+                # Every connection ended with the old process: cancel-on-disconnect orders go now.
+                exchange._execute(Restarted(), "", None, time.monotonic())
+                exchange.release(ledger.durable_seq)
+            if self.metrics:
+                metrics_server = start_metrics_server(exchange, self.metrics_port, self.host, self._run_in_loop)
+                self.metrics_port_bound = metrics_server[0].server_port
+            ssl_ctx = self._ssl_context()
+            server = await loop.create_server(
+                lambda: Connection(self), self.host, self.port, ssl=ssl_ctx, backlog=4096, reuse_address=True,
+                # a TLS peer that never finishes its handshake is dropped like one that never logs on
+                **({"ssl_handshake_timeout": gw.logon_timeout_s} if ssl_ctx else {}))
+            self.port = server.sockets[0].getsockname()[1]
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                try:
+                    loop.add_signal_handler(sig, self.stopping.set)
+                except (NotImplementedError, RuntimeError, ValueError):
+                    pass  # not the main thread (tests run servers in threads)
+            ticker = loop.create_task(self._ticker())
+            # Start-up objects (config, books, accounts, the journal's index) never become garbage:
+            # freeze them so collections only scan what the order path allocates.
+            gc.collect()
+            gc.freeze()
+            # Full collections scan every session's objects (10-20 ms with 3,700 sessions, measured
+            # in benchmarks/bench_gateway.py): one every GEN2_EVERY young-generation collections
+            # instead of every 10 keeps them to minutes apart at thousands of orders/s.
+            gen0, gen1, _ = gc.get_threshold()
+            gc.set_threshold(gen0, gen1, GEN2_EVERY)
+            # The GIL switch interval is the journal's to set (Journal.open lowers it so its writer
+            # thread is not starved by this busy loop); it is not touched here.
+            log_event("start", host=self.host, port=self.port, metrics_port=self.metrics_port if self.metrics else "off",
+                      data_dir=self.data_dir, trading_day=ledger.engine.trading_day, recovered=ledger.recovered,
+                      tls=bool(gw.tls_cert), members=len(ledger.engine.members))
+            if self.started is not None:
+                self.started.set()
+            await self.stopping.wait()
+            # Drain in stages, each with a time limit.
+            log_event("stopping", reason="journal_error" if exchange.failed else "signal")
+            server.close()
+            ticker.cancel()
+            if exchange.failed is None:
+                exchange.drain(time.monotonic())
+                deadline = loop.time() + 10
+                while exchange.outbox and loop.time() < deadline:
+                    await asyncio.sleep(0.005)
+            else:
+                for s in list(exchange.sessions):
+                    s.cause = "shutdown"
+                    s.sink.abort()
+            deadline = loop.time() + 5
+            while exchange.sessions and loop.time() < deadline:
+                await asyncio.sleep(0.005)
+            for s in list(exchange.sessions):
+                s.sink.abort()
+            await asyncio.sleep(0)
+        except OSError as exc:
+            if server is not None:
+                raise
+            # Start-up failed with the journal open (a port in use, a bad certificate): one line,
+            # exit non-zero; the finally closes what is open.
+            logging.getLogger("kaboni").error("event=start_failed host=%s port=%s error=%s",
+                                              self.host, self.port, json.dumps(str(exc)))
             self.exit_code = 1
-        if metrics_server is not None:
+        finally:
+            # Whatever happened after the journal opened, its threads and files and the metrics
+            # endpoint are closed.
             try:
-                metrics_server[0].shutdown()
-            except Exception:  # noqa: BLE001
-                pass
+                ledger.close()
+            except Exception as exc:  # noqa: BLE001 - a failed final flush must not hide the exit code
+                logging.getLogger("kaboni").error("event=journal_close_failed error=%r", exc)
+                self.exit_code = 1
+            _stop_metrics(metrics_server)
+        if server is None:
+            return self.exit_code
         log_event("stopped", exit_code=self.exit_code, last_seq=ledger.last_seq)
         return self.exit_code
 
@@ -313,6 +334,16 @@ class Server:
                 ex.tick(time.monotonic())
             except Exception:  # noqa: BLE001 - a bug here must not stop heartbeats for good
                 logging.getLogger("kaboni").exception("event=internal_error where=tick")
+
+
+def _stop_metrics(metrics_server) -> None:
+    """Stop the metrics endpoint's thread and close its listening socket."""
+    if metrics_server is not None:
+        try:
+            metrics_server[0].shutdown()
+            metrics_server[0].server_close()
+        except Exception:  # noqa: BLE001
+            pass
 
 
 def setup_logging(level: int = logging.INFO) -> None:

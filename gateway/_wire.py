@@ -23,7 +23,7 @@ from engine import (
 __all__ = [
     "Logon", "Logout", "Heartbeat", "Subscribe", "Unsubscribe",
     "LogonAccepted", "LogonRejected", "LogoutAccepted", "Error",
-    "ClientMessage", "ServerMessage", "SESSION_MESSAGES",
+    "ClientMessage",
     "FrameError", "MessageError", "FrameBuffer", "decode_client", "decode_server", "encode",
     "frame", "HEADER",
 ]
@@ -82,15 +82,12 @@ class Error(_Wire):
     text: str
 
 
-SESSION_MESSAGES = (Logon, Logout, Heartbeat, Subscribe, Unsubscribe)
-
 ClientMessage = Union[
     NewOrder, CancelOrder, ReplaceOrder, MassCancel, QueryBalances,
     Halt, Resume, OpenMarket, CloseMarket, EndOfDay, SuspendMember, ReinstateMember, Deposit,
     Withdraw,
     Logon, Logout, Heartbeat, Subscribe, Unsubscribe,
 ]
-ServerMessage = Union[LogonAccepted, LogonRejected, LogoutAccepted, Error, Heartbeat]
 
 
 class FrameError(Exception):

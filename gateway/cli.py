@@ -22,9 +22,20 @@ import time
 __all__ = ["main"]
 
 
+def _port(text: str) -> int:
+    """A TCP port for argparse: 0..65535 (0: any free port)."""
+    try:
+        port = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a port number: {text!r}") from None
+    if not 0 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"port out of range 0..65535: {port}")
+    return port
+
+
 def _connection_args(p: argparse.ArgumentParser, *, member: str | None = None, token: str | None = None) -> None:
     p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=7001)
+    p.add_argument("--port", type=_port, default=7001)
     p.add_argument("--member", default=member or os.environ.get("KABONI_MEMBER", "M01"))
     p.add_argument("--token", default=token or os.environ.get("KABONI_TOKEN"),
                    help="logon token (default: $KABONI_TOKEN, else '<member>-token' as in the demo)")
@@ -66,17 +77,64 @@ async def _order(args) -> int:
 
 
 async def _follow_order(client, cl: str, timeout: float) -> int:
-    """Print the reports of one request until it is done (rejected, or nothing more soon)."""
-    code = 0
-    first = await client.next_report(timeout)
-    _print(first)
-    if first["type"] in ("OrderRejected", "CancelRejected"):
-        return 1
+    """Print the reports of one request until it is done; 0 if accepted, 1 if rejected.
+
+    Only reports carrying the request's ``cl_ord_id`` count (the session also gets the member's
+    other orders' reports, e.g. fills of resting orders): the first decides, the rest are
+    printed until ``MassCancelDone`` or 0.3 s without more. An ``Error`` reply is a rejection.
+    """
+    from .client import ConnectionClosed
+
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    code = None
     while True:
-        try:
-            _print(await client.next_report(0.3))
-        except asyncio.TimeoutError:
+        remaining = deadline - loop.time()
+        if remaining <= 0:
+            if code is None:
+                raise asyncio.TimeoutError(f"no report for {cl} within {timeout:g} s")
             return code
+        try:
+            msgs = await _next_report_or_error(client, remaining)
+        except ConnectionClosed:
+            if code is None:
+                raise
+            return code
+        for msg in msgs:
+            if msg["type"] == "Error":
+                _print(msg)
+                return 1
+            if msg.get("cl_ord_id") != cl:
+                continue
+            _print(msg)
+            if code is None:
+                code = 1 if msg["type"] in ("OrderRejected", "CancelRejected") else 0
+                if code:
+                    return code
+            if msg["type"] == "MassCancelDone":
+                return code
+            deadline = loop.time() + 0.3
+
+
+async def _next_report_or_error(client, timeout: float) -> list[dict]:
+    """The next report and/or Error reply (other replies are dropped); [] on timeout."""
+    from .client import ConnectionClosed
+
+    report = asyncio.ensure_future(client.reports.get())
+    reply = asyncio.ensure_future(client.replies.get())
+    closed = asyncio.ensure_future(client.closed.wait())
+    done, pending = await asyncio.wait({report, reply, closed}, timeout=timeout,
+                                       return_when=asyncio.FIRST_COMPLETED)
+    for f in pending:
+        f.cancel()  # a Queue.get cancelled before it completed takes nothing off the queue
+    out = []
+    if reply in done and reply.result()["type"] == "Error":
+        out.append(reply.result())
+    if report in done:
+        out.append(report.result())
+    if not done - {closed} and closed in done:
+        raise ConnectionClosed("the server closed the connection")
+    return out
 
 
 async def _cancel(args) -> int:
@@ -180,13 +238,15 @@ def _build() -> argparse.ArgumentParser:
     p.add_argument("--demo", action="store_true", help="run the embedded demo market")
     p.add_argument("--data-dir", help="journal and snapshots (default: the config's gateway.data_dir)")
     p.add_argument("--host")
-    p.add_argument("--port", type=int)
-    p.add_argument("--metrics-port", type=int)
+    p.add_argument("--port", type=_port)
+    p.add_argument("--metrics-port", type=_port)
     p.add_argument("--no-metrics", action="store_true", help="do not serve /metrics")
     p.add_argument("--no-stats", action="store_true", help="skip the order-path counters (benchmarking)")
     p.set_defaults(func=_serve)
 
-    p = sub.add_parser("order", help="enter one order and print its reports")
+    p = sub.add_parser("order", help="enter one order and print its reports",
+                       description="Enter one order and print its reports (those with its cl_ord_id). "
+                                   "Exit status 0 if it is accepted, 1 if it is rejected.")
     _connection_args(p)
     p.add_argument("instrument")
     p.add_argument("side", choices=["buy", "sell"])
@@ -197,7 +257,9 @@ def _build() -> argparse.ArgumentParser:
     p.add_argument("--cl-ord-id")
     p.set_defaults(func=lambda a: asyncio.run(_order(a)))
 
-    p = sub.add_parser("cancel", help="cancel an order (or --all: mass cancel)")
+    p = sub.add_parser("cancel", help="cancel an order (or --all: mass cancel)",
+                       description="Cancel an order (or --all: mass cancel) and print the reports "
+                                   "answering it. Exit status 0 if it is done, 1 if it is rejected.")
     _connection_args(p)
     p.add_argument("orig_cl_ord_id", nargs="?")
     p.add_argument("--all", action="store_true")
@@ -252,9 +314,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"kaboni {args.command}: {type(exc).__name__}: {exc}", file=sys.stderr)
         return 1
     except Exception as exc:  # noqa: BLE001 - LogonError etc. become a message, not a trace
-        from .client import LogonError
+        from .client import ConnectionClosed, LogonError
 
         if isinstance(exc, LogonError):
             print(f"kaboni {args.command}: logon rejected: {exc}", file=sys.stderr)
+            return 1
+        if isinstance(exc, ConnectionClosed):
+            print(f"kaboni {args.command}: {exc}", file=sys.stderr)
             return 1
         raise

@@ -6,6 +6,7 @@ import ssl
 import subprocess
 import urllib.request
 
+import msgspec
 import pytest
 
 from engine import NewOrder
@@ -110,3 +111,144 @@ def test_tls(tmp_path):
                 await plain.logon("M01", "M01-token", timeout=2)
             await plain.close()
         run(main_())
+
+
+def test_start_up_failure_after_the_journal_opened_closes_it_and_the_metrics_endpoint(tmp_path):
+    import socket
+
+    from gateway._server import Server
+
+    from _fakes import ledger_factory
+
+    busy = socket.socket()
+    busy.bind(("127.0.0.1", 0))
+    busy.listen()
+    port = busy.getsockname()[1]
+    opened = []
+
+    def factory(*args, **kwargs):
+        ledger = ledger_factory()(*args, **kwargs)
+        close = ledger.close
+
+        def counted_close():
+            opened.remove(ledger)
+            close()
+        ledger.close = counted_close
+        opened.append(ledger)
+        return ledger
+
+    server = Server(make_config(), tmp_path / "d", port=port, metrics_port=0, ledger_factory=factory)
+    try:
+        assert asyncio.run(server.run()) == 1
+    finally:
+        busy.close()
+    assert opened == []                       # the journal was closed (its writer thread joined)
+    with pytest.raises(ConnectionRefusedError):  # and the metrics endpoint no longer listens
+        socket.create_connection(("127.0.0.1", server.metrics_port_bound), timeout=2).close()
+
+
+def test_cli_serve_on_a_port_in_use_says_so_in_one_line(tmp_path):
+    import socket
+    import sys
+
+    from _fakes import REPO
+
+    busy = socket.socket()
+    busy.bind(("127.0.0.1", 0))
+    busy.listen()
+    try:
+        proc = subprocess.run([sys.executable, "-m", "gateway", "serve", "--demo", "--data-dir", str(tmp_path / "d"),
+                               "--port", str(busy.getsockname()[1]), "--no-metrics"],
+                              cwd=REPO, env={"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin"},
+                              capture_output=True, text=True, timeout=60)
+    finally:
+        busy.close()
+    assert proc.returncode == 1
+    assert "Traceback" not in proc.stderr
+    errors = [line for line in proc.stderr.splitlines() if "level=ERROR" in line]
+    assert len(errors) == 1 and "event=start_failed" in errors[0] and "address already in use" in errors[0], proc.stderr
+
+
+def test_cli_serve_refuses_a_port_out_of_range(capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["serve", "--demo", "--port", "70000"])
+    assert exc.value.code == 2 and "70000" in capsys.readouterr().err
+
+
+class ScriptedExchange:
+    """A stand-in exchange on a real socket that answers each request with a fixed list of
+    frames: here, reports of the member's other orders arriving before and between the ones
+    answering the CLI's request (which a real exchange does when they happen at that moment)."""
+
+    def __init__(self, answers):
+        self.answers = answers  # request type -> list of server messages (plain dicts)
+        self.requests = []
+
+    async def _handle(self, reader, writer):
+        try:
+            while True:
+                n = int.from_bytes(await reader.readexactly(4), "big")
+                msg = msgspec.msgpack.decode(await reader.readexactly(n))
+                self.requests.append(msg)
+                if msg["type"] == "Logon":
+                    out = [{"type": "LogonAccepted", "member": msg["member"], "role": "member", "next_seq": 1,
+                            "heartbeat_s": 10, "trading_day": "2026-11-24"}]
+                elif msg["type"] == "Logout":
+                    out = [{"type": "LogoutAccepted"}]
+                else:
+                    out = [dict(m, cl_ord_id=msg["cl_ord_id"]) if m.get("cl_ord_id") == "$req" else m
+                           for m in self.answers[msg["type"]]]
+                for m in out:
+                    body = msgspec.msgpack.encode(m)
+                    writer.write(len(body).to_bytes(4, "big") + body)
+                await writer.drain()
+                if msg["type"] == "Logout":
+                    break
+        except asyncio.IncompleteReadError:
+            pass
+        writer.close()
+
+    def cli(self, capsys, *argv):
+        async def go():
+            server = await asyncio.start_server(self._handle, "127.0.0.1", 0)
+            port = server.sockets[0].getsockname()[1]
+            try:
+                return await asyncio.to_thread(main, [argv[0], "--port", str(port), *argv[1:]])
+            finally:
+                server.close()
+        code = run(go())
+        out = capsys.readouterr().out
+        return code, [json.loads(line) for line in out.splitlines() if line.strip()]
+
+
+def _report(type_, cl, seq, **fields):
+    return {"type": type_, "seq": seq, "ts": 1, "member": "M01", "cl_ord_id": cl, **fields}
+
+
+def test_cli_order_and_cancel_follow_only_their_own_cl_ord_id(capsys):
+    other_rejected = _report("OrderRejected", "other", 1, reason="price_out_of_band", text="x")
+    other_fill = _report("Fill", "resting", 3, order_id=7, trade_id=1, instrument="CEA25", side="sell", price=9300,
+                         qty=1, leaves_qty=4, liquidity="maker", fee=0)
+    ex = ScriptedExchange({"NewOrder": [other_rejected, _report("OrderAccepted", "$req", 2, order_id=9),
+                                        other_fill, _report("Fill", "$req", 4, leaves_qty=0)]})
+    code, out = ex.cli(capsys, "order", "--member", "M01", "--cl-ord-id", "mine", "CEA25", "buy", "1", "9300")
+    assert code == 0 and [(m["type"], m["seq"]) for m in out] == [("OrderAccepted", 2), ("Fill", 4)]
+
+    ex = ScriptedExchange({"NewOrder": [_report("OrderAccepted", "other", 1), other_fill,
+                                        _report("OrderRejected", "$req", 5, reason="price_out_of_band", text="x")]})
+    code, out = ex.cli(capsys, "order", "--member", "M01", "--cl-ord-id", "mine", "CEA25", "buy", "1", "1")
+    assert code == 1 and [(m["type"], m["seq"]) for m in out] == [("OrderRejected", 5)]
+
+    ex = ScriptedExchange({"CancelOrder": [_report("OrderCancelled", "other", 1, reason="ioc"),
+                                           _report("CancelRejected", "$req", 2, reason="unknown_order", text="x")]})
+    code, out = ex.cli(capsys, "cancel", "--member", "M01", "--cl-ord-id", "c1", "nope")
+    assert code == 1 and [(m["type"], m["seq"]) for m in out] == [("CancelRejected", 2)]
+
+    ex = ScriptedExchange({"MassCancel": [_report("OrderCancelled", "$req", 1, reason="mass_cancel"), other_fill,
+                                          _report("MassCancelDone", "$req", 2, cancelled=1)]})
+    code, out = ex.cli(capsys, "cancel", "--member", "M01", "--all", "--cl-ord-id", "mc")
+    assert code == 0 and [(m["type"], m["seq"]) for m in out] == [("OrderCancelled", 1), ("MassCancelDone", 2)]
+
+    ex = ScriptedExchange({"NewOrder": [{"type": "Error", "reason": "invalid_message", "text": "qty: ..."}]})
+    code, out = ex.cli(capsys, "order", "--member", "M01", "CEA25", "buy", "1", "9300")
+    assert code == 1 and out == [{"type": "Error", "reason": "invalid_message", "text": "qty: ..."}]

@@ -535,6 +535,15 @@ def test_config_gateway_section_errors():
     _bad(CONFIG_TOML + "\n[gateway]\nmax_msgs_per_s = 0\n", "gateway.max_msgs_per_s")
     _bad(CONFIG_TOML + '\n[gateway]\ntls_cert = "a.pem"\n', "gateway.tls_cert")
     _bad(CONFIG_TOML + "\n[gateway]\nport = \"x\"\n", "gateway.port")
+    _bad(CONFIG_TOML + "\n[gateway]\nport = 65536\n", "gateway.port")
+    _bad(CONFIG_TOML + "\n[gateway]\nport = -1\n", "gateway.port")
+    _bad(CONFIG_TOML + "\n[gateway]\nmetrics_port = 70000\n", "gateway.metrics_port")
+    _bad(CONFIG_TOML + "\n[gateway]\nlogon_timeout_s = 0\n", "gateway.logon_timeout_s")
+    _bad(CONFIG_TOML + "\n[gateway]\nlogon_timeout_s = -5.0\n", "gateway.logon_timeout_s")
+    _bad(CONFIG_TOML + "\n[gateway]\nlogon_timeout_s = nan\n", "gateway.logon_timeout_s")
+    _bad(CONFIG_TOML + "\n[gateway]\nlogon_timeout_s = inf\n", "gateway.logon_timeout_s")
+    cfg = parse_config(CONFIG_TOML + "\n[gateway]\nport = 0\nmetrics_port = 65535\nlogon_timeout_s = 0.5\n")
+    assert (cfg.gateway.port, cfg.gateway.metrics_port, cfg.gateway.logon_timeout_s) == (0, 65535, 0.5)
 
 
 def test_load_config_names_the_file(tmp_path):

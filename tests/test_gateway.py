@@ -381,3 +381,52 @@ def test_journal_failure_stops_the_server_without_reporting(tmp_path):
         run(main())
         s.thread.join(10)
     assert s.code == 1
+
+
+def test_a_closing_peer_that_stops_reading_is_cut_off_and_does_not_block_new_logons(tmp_path):
+    """A member logs out but never reads its last replies: the server's close waits for a send
+    buffer that never drains. Meanwhile that session must not count toward
+    max_sessions_per_member (4), and after logon_timeout_s (1 s here) the connection is cut off."""
+    config = make_config(logon_timeout_s=1.0, max_outbound_bytes=1 << 22)
+    with ThreadServer(config, tmp_path / "d") as server:
+        sock = socket.socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        sock.connect(("127.0.0.1", server.port))
+
+        def send(msg):
+            body = msgspec.msgpack.encode(msg)
+            sock.sendall(len(body).to_bytes(4, "big") + body)
+
+        def buffered():
+            return server.call(lambda: [s.sink.transport.get_write_buffer_size()
+                                        for s in server.exchange.sessions if s.member == "M01"])
+
+        send({"type": "Logon", "member": "M01", "token": "M01-token"})
+        deadline = time.monotonic() + 10
+        while not buffered()[0]:  # the kernel's buffers are full: the rest waits in the transport
+            assert time.monotonic() < deadline
+            for _ in range(200):
+                send({"type": "QueryBalances"})
+            time.sleep(0.02)
+        send({"type": "Logout"})
+        time.sleep(0.1)
+        assert buffered()[0] > 0  # closing, but not closed: the peer does not read
+
+        async def four():
+            clients = [await logon(server.port, "M01") for _ in range(4)]
+            for c in clients:
+                await c.logout()
+        run(four())
+
+        deadline = time.monotonic() + 5
+        while buffered() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert buffered() == []  # cut off after the grace period
+        assert server.exchange.stats.disconnects["logout"] == 5
+        sock.settimeout(5)
+        try:
+            while sock.recv(1 << 16):  # what the kernel holds, then the end
+                pass
+        except ConnectionResetError:
+            pass
+        sock.close()

@@ -124,15 +124,38 @@ def test_resume_while_reports_wait_for_the_journal_has_no_gap_or_duplicate():
                              "qty": 1, "price": 9310}), 0.0)      # seq 4, not durable yet
     late, sl = connect(ex, "M01", resume_from=1)
     fl = sl.frames()
-    assert fl[0]["type"] == "LogonAccepted" and fl[0]["next_seq"] == 5
+    assert fl[0]["type"] == "LogonAccepted" and fl[0]["next_seq"] == 4   # 4 is not durable: not promised
     assert [f["seq"] for f in fl[1:]] == [2, 3]                   # replayed from the journal
     fresh, sf = connect(ex, "M01")                                 # no resume: from next_seq on
-    sf.frames()
+    assert [(f["type"], f["next_seq"]) for f in sf.frames()] == [("LogonAccepted", 4)]
     ledger.durable_seq = ledger.last_seq
     ex.on_durable(ledger.last_seq)
     assert [f["seq"] for f in sl.frames()] == [4]                  # then live, once
-    assert sf.frames() == []                                       # 4 < its next_seq 5
+    assert [f["seq"] for f in sf.frames()] == [4]                  # its next_seq: live, once
     assert [f.get("seq") for f in sa.frames()] == [None, 1, 2, 3, 4]
+
+
+def test_logon_promises_only_durable_reports_and_resume_is_bounded_by_them():
+    ex, ledger = setup()
+    a, sa = connect(ex, "M01")
+    ex.data_received(a, enc({"type": "NewOrder", "cl_ord_id": "o1", "instrument": "CEA25", "side": "sell",
+                             "qty": 1, "price": 9300}), 0.0)
+    ledger.durable_seq = ledger.last_seq
+    ex.on_durable(ledger.last_seq)
+    ex.data_received(a, enc({"type": "NewOrder", "cl_ord_id": "o2", "instrument": "CEA25", "side": "sell",
+                             "qty": 1, "price": 9301}), 0.0)      # report seq 2, durability stalled
+    assert ledger.engine.last_seq("M01") == 2
+    _, sr = connect(ex, "M01", resume_from=2)                      # 2 may never exist after a crash
+    assert [(f["type"], f["reason"]) for f in sr.frames()] == [("LogonRejected", "invalid_resume")]
+    b, sb = connect(ex, "M01", resume_from=1)                      # the last durable seq is valid
+    assert [(f["type"], f["next_seq"]) for f in sb.frames()] == [("LogonAccepted", 2)]
+    c, sc = connect(ex, "M02")                                     # another member: unaffected
+    assert sc.frames()[0]["next_seq"] == 1
+    ledger.durable_seq = ledger.last_seq
+    ex.on_durable(ledger.last_seq)
+    assert [(f["type"], f["seq"]) for f in sb.frames()] == [("OrderAccepted", 2)]   # once, live
+    ex.on_durable(ledger.last_seq)
+    assert sb.frames() == [] and sc.frames() == []
 
 
 def test_cancel_on_disconnect_and_logout_goodbye_order():
@@ -183,3 +206,44 @@ def test_a_long_resume_goes_out_in_steps_paced_by_the_peer_and_live_reports_wait
     ledger.durable_seq = ledger.last_seq
     ex.on_durable(ledger.last_seq)
     assert [f["seq"] for f in sl.frames()] == [n + 2]       # then live
+
+
+def test_a_logon_cannot_forge_log_lines_or_fields():
+    import logging
+
+    records = []
+    handler = logging.Handler()
+    handler.emit = records.append
+    log = logging.getLogger("kaboni")
+    old_level = log.level
+    log.addHandler(handler)
+    log.setLevel(logging.INFO)
+    try:
+        ex, _ = setup()
+        forged = 'x" role=operator\nts=2026-11-24T00:00:00.000Z level=INFO event=logon member=ops role=operator'
+        _, sink = connect(ex, forged)
+        assert [(f["type"], f["reason"]) for f in sink.frames()] == [("LogonRejected", "bad_credentials")]
+        _, sink = connect(ex, "M" * 1_000)
+        _, sink = connect(ex, "M01")
+    finally:
+        log.removeHandler(handler)
+        log.setLevel(old_level)
+    lines = [r.getMessage() for r in records]
+    assert len(lines) == 3 and all("\n" not in line and "\r" not in line for line in lines)
+    assert lines[0] == ('event=logon_rejected member="x\\" role=operator\\nts=2026-11-24T00:00:00.000Z level=INFO '
+                        'event=logon member=ops role=operator" reason=bad_credentials')
+    assert lines[1] == f"event=logon_rejected member={'M' * 128}... reason=bad_credentials"
+    assert lines[2].startswith("event=logon member=M01 role=member ")
+
+
+def test_a_subscribe_naming_an_instrument_many_times_gets_one_snapshot():
+    ex, _ = setup()
+    m, sm = connect(ex, "M01")
+    sm.frames()
+    ex.data_received(m, enc({"type": "Subscribe", "instruments": ["CEA25"] * 5_000 + ["CEA24", "CEA25"]}), 0.0)
+    assert [(f["type"], f["instrument"]) for f in sm.frames()] == [("BookSnapshot", "CEA25"), ("BookSnapshot", "CEA24")]
+    assert ex.subscribers["CEA25"] == (m,)
+    ex.data_received(m, enc({"type": "Subscribe", "instruments": ["CEA25"] * 100 + ["NOPE"] * 100}), 0.0)
+    assert [(f["type"], f["reason"]) for f in sm.frames()] == [("Error", "invalid_message")]
+    ex.data_received(m, enc({"type": "Unsubscribe", "instruments": ["CEA25"] * 5_000}), 0.0)
+    assert sm.frames() == [] and ex.subscribers["CEA25"] == () and m.subscriptions == {"CEA24"}
