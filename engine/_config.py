@@ -220,8 +220,8 @@ def parse_config(text: str | bytes, source: str = "<config>") -> ExchangeConfig:
     except msgspec.ValidationError as exc:
         message = str(exc)
         # msgspec says "... - at `$.instruments[0].tick`"; lead with the key.
-        what, _, where = message.rpartition(" - at `")
-        if where:
+        what, at, where = message.rpartition(" - at `")
+        if at:
             raise _fail(source, where.rstrip("`").removeprefix("$."), what) from None
         raise ConfigError(f"{source}: {message}") from None
     return _check(config, source)

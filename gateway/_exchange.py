@@ -206,6 +206,7 @@ class Exchange:
             elif state is State.AWAIT_LOGON and now - s.opened > self.logon_timeout:
                 s.handle(Event.GOODBYE)
                 s.cause = "logon_timeout"
+                log_event("logon_timeout", session=s.sid)
                 s.sink.write(_error("not_logged_on", f"no Logon within {self.logon_timeout:g} s"))
                 s.sink.close()
 
@@ -365,9 +366,12 @@ class Exchange:
             if t is E.DayEnded:
                 log_event("end_of_day", trading_day=ev.trading_day, next_trading_day=ev.next_trading_day,
                           operator=session.member)
-            elif t is E.AdminAck and cls in (E.Halt, E.Resume, E.SuspendMember, E.ReinstateMember,
-                                               E.OpenMarket, E.CloseMarket):
+            elif t is E.AdminAck and cls is not E.EndOfDay:  # end of day is logged from DayEnded
+                if ev.duplicate is True:
+                    fields["duplicate"] = True
                 log_event(cls.__name__.lower(), operator=session.member, **fields)
+            elif t is E.AdminRejected:
+                log_event("admin_rejected", operator=session.member, request=ev.request, reason=ev.reason, **fields)
 
     # -----------------------------------------------------------------------------------------
     # Running commands and the outbox

@@ -235,7 +235,8 @@ class Server:
                 snapshot_every=gw.snapshot_every, on_durable=self._on_durable, on_error=self._on_error,
             )
         except Exception as exc:  # noqa: BLE001 - a journal we cannot open: say so, exit non-zero
-            logging.getLogger("kaboni").error('event=journal_open_failed data_dir=%s error="%s"', self.data_dir, exc)
+            logging.getLogger("kaboni").error("event=journal_open_failed data_dir=%s error=%s", self.data_dir,
+                                              json.dumps(str(exc)))
             return 1
         metrics_server = server = None
         try:
@@ -275,7 +276,8 @@ class Server:
             # thread is not starved by this busy loop); it is not touched here.
             log_event("start", host=self.host, port=self.port, metrics_port=self.metrics_port if self.metrics else "off",
                       data_dir=self.data_dir, trading_day=ledger.engine.trading_day, recovered=ledger.recovered,
-                      tls=bool(gw.tls_cert), members=len(ledger.engine.members))
+                      tls=bool(gw.tls_cert), members=sum(m.role == "member" for m in self.config.members),
+                      operators=sum(m.role == "operator" for m in self.config.members))
             if self.started is not None:
                 self.started.set()
             await self.stopping.wait()
@@ -303,8 +305,9 @@ class Server:
                 raise
             # Start-up failed with the journal open (a port in use, a bad certificate): one line,
             # exit non-zero; the finally closes what is open.
-            logging.getLogger("kaboni").error("event=start_failed host=%s port=%s error=%s",
-                                              self.host, self.port, json.dumps(str(exc)))
+            logging.getLogger("kaboni").error("event=start_failed host=%s port=%s metrics_port=%s error=%s",
+                                              self.host, self.port, self.metrics_port if self.metrics else "off",
+                                              json.dumps(str(exc)))
             self.exit_code = 1
         finally:
             # Whatever happened after the journal opened, its threads and files and the metrics
@@ -317,7 +320,7 @@ class Server:
             _stop_metrics(metrics_server)
         if server is None:
             return self.exit_code
-        log_event("stopped", exit_code=self.exit_code, last_seq=ledger.last_seq)
+        log_event("stopped", exit_code=self.exit_code, durable_seq=ledger.durable_seq)
         return self.exit_code
 
     def stop(self) -> None:
@@ -346,12 +349,31 @@ def _stop_metrics(metrics_server) -> None:
             pass
 
 
+class KeyValueFormatter(logging.Formatter):
+    """``ts=... level=... event=<name> key=value ...``, one line per record, whatever logged it.
+
+    Gateway events are already ``event=...`` lines. Anything else (the journal's recovery notes,
+    snapshot warnings) becomes ``event=<logger> message="..."``, and a traceback goes into a
+    ``traceback="..."`` field (JSON-escaped), so every line parses the same way."""
+
+    converter = time.gmtime  # UTC, one token: key=value parsers split on spaces
+
+    def __init__(self) -> None:
+        super().__init__("ts=%(asctime)s.%(msecs)03dZ level=%(levelname)s %(message)s", datefmt="%Y-%m-%dT%H:%M:%S")
+
+    def format(self, record: logging.LogRecord) -> str:
+        message = record.getMessage()
+        if not message.startswith("event="):
+            message = f"event={record.name.rpartition('.')[2]} message={json.dumps(message)}"
+        if record.exc_info:
+            message += f" traceback={json.dumps(self.formatException(record.exc_info))}"
+        return super().format(logging.makeLogRecord(
+            {**record.__dict__, "msg": message, "args": None, "exc_info": None, "exc_text": None}))
+
+
 def setup_logging(level: int = logging.INFO) -> None:
     handler = logging.StreamHandler()
-    formatter = logging.Formatter("ts=%(asctime)s.%(msecs)03dZ level=%(levelname)s %(message)s",
-                                  datefmt="%Y-%m-%dT%H:%M:%S")
-    formatter.converter = time.gmtime  # UTC, one token: key=value parsers split on spaces
-    handler.setFormatter(formatter)
+    handler.setFormatter(KeyValueFormatter())
     root = logging.getLogger("kaboni")
     if not root.handlers:
         root.addHandler(handler)

@@ -484,6 +484,8 @@ def test_config_wrong_types():
     _bad(CONFIG_TOML.replace("fee_bp = 25", "fee_bq = 25"), "instruments[1]", "fee_bq")
     _bad(CONFIG_TOML.replace('symbol = "CEA"\n', ""), "instruments[0]", "symbol")
     _bad('[market]\nfirst_trading_day = "2026-01-01"\n', "instruments")
+    with pytest.raises(ConfigError, match=r"^test\.toml: Object missing required field `instruments`$"):
+        parse_config("", "test.toml")
 
 
 @pytest.mark.parametrize("old,new,key", [

@@ -653,6 +653,12 @@ def test_a_second_open_of_a_live_journal_is_refused(tmp_path):
     j.close()
 
 
+def test_a_file_in_place_of_the_directory_is_named(tmp_path):
+    (tmp_path / "data").write_text("not a journal")
+    with pytest.raises(JournalError, match="data is not a directory"):
+        Journal.open(tmp_path / "data")
+
+
 def test_the_lock_goes_with_the_process_that_held_it(tmp_path):
     holder = subprocess.Popen(
         [sys.executable, "-c", "import sys, time; from engine.journal import Journal; "

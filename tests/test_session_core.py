@@ -1,10 +1,13 @@
 """The exchange core without sockets or threads: durability is in the test's hands."""
 
+import contextlib
+import logging
+
 import msgspec
 
 import engine as E
 from engine import Engine
-from gateway._exchange import Exchange
+from gateway._exchange import TICK_PARTS, Exchange
 
 from _fakes import make_config
 
@@ -208,27 +211,31 @@ def test_a_long_resume_goes_out_in_steps_paced_by_the_peer_and_live_reports_wait
     assert [f["seq"] for f in sl.frames()] == [n + 2]       # then live
 
 
-def test_a_logon_cannot_forge_log_lines_or_fields():
-    import logging
-
-    records = []
+@contextlib.contextmanager
+def logged_lines():
+    """The messages logged under ``kaboni`` meanwhile, as a list filled in as they come."""
+    lines: list[str] = []
     handler = logging.Handler()
-    handler.emit = records.append
+    handler.emit = lambda record: lines.append(record.getMessage())
     log = logging.getLogger("kaboni")
     old_level = log.level
     log.addHandler(handler)
     log.setLevel(logging.INFO)
     try:
+        yield lines
+    finally:
+        log.removeHandler(handler)
+        log.setLevel(old_level)
+
+
+def test_a_logon_cannot_forge_log_lines_or_fields():
+    with logged_lines() as lines:
         ex, _ = setup()
         forged = 'x" role=operator\nts=2026-11-24T00:00:00.000Z level=INFO event=logon member=ops role=operator'
         _, sink = connect(ex, forged)
         assert [(f["type"], f["reason"]) for f in sink.frames()] == [("LogonRejected", "bad_credentials")]
         _, sink = connect(ex, "M" * 1_000)
         _, sink = connect(ex, "M01")
-    finally:
-        log.removeHandler(handler)
-        log.setLevel(old_level)
-    lines = [r.getMessage() for r in records]
     assert len(lines) == 3 and all("\n" not in line and "\r" not in line for line in lines)
     assert lines[0] == ('event=logon_rejected member="x\\" role=operator\\nts=2026-11-24T00:00:00.000Z level=INFO '
                         'event=logon member=ops role=operator" reason=bad_credentials')
@@ -247,3 +254,50 @@ def test_a_subscribe_naming_an_instrument_many_times_gets_one_snapshot():
     assert [(f["type"], f["reason"]) for f in sm.frames()] == [("Error", "invalid_message")]
     ex.data_received(m, enc({"type": "Unsubscribe", "instruments": ["CEA25"] * 5_000}), 0.0)
     assert sm.frames() == [] and ex.subscribers["CEA25"] == () and m.subscriptions == {"CEA24"}
+
+
+def test_every_operator_action_is_logged_with_who_did_it_and_logon_timeouts_too():
+    with logged_lines() as lines:
+        ex, _ = setup()
+        ops, _ = connect(ex, "ops")
+        for msg in [
+            {"type": "Halt", "instrument": "CEA25"},
+            {"type": "Deposit", "ref": "d1", "member": "M01", "asset": "CNY", "amount": 500},
+            {"type": "Deposit", "ref": "d1", "member": "M01", "asset": "CNY", "amount": 500},
+            {"type": "Withdraw", "ref": "w1", "member": "M01", "asset": "CNY", "amount": 10**18},
+            {"type": "Resume", "instrument": "CEA25"},
+        ]:
+            ex.data_received(ops, enc(msg), 0.0)
+        ex.connect(Sink(), 0.0)  # never logs on
+        for _ in range(TICK_PARTS):
+            ex.tick(60.0)
+    assert lines[1:] == [
+        "event=halt operator=ops instrument=CEA25 cancel_orders=False",
+        "event=deposit operator=ops ref=d1 member=M01 asset=CNY amount=500",
+        "event=deposit operator=ops ref=d1 member=M01 asset=CNY amount=500 duplicate=True",
+        "event=admin_rejected operator=ops request=Withdraw reason=insufficient_funds ref=w1 member=M01 asset=CNY "
+        "amount=1000000000000000000",
+        "event=resume operator=ops instrument=CEA25",
+        "event=heartbeat_timeout member=ops session=1",  # a minute of silence
+        "event=logon_timeout session=2",
+    ]
+
+
+def test_every_log_line_is_one_line_of_key_value_fields():
+    from gateway._server import KeyValueFormatter
+
+    def line(name, level, msg, *args, exc_info=None):
+        record = logging.LogRecord(name, level, __file__, 1, msg, args, exc_info)
+        return KeyValueFormatter().format(record)
+
+    assert line("kaboni", logging.INFO, "event=logon member=M01").endswith(" level=INFO event=logon member=M01")
+    torn = line("kaboni.journal", logging.WARNING, "%s: torn tail of %d bytes", "/data dir/journal.kbj", 7)
+    assert torn.endswith(' level=WARNING event=journal message="/data dir/journal.kbj: torn tail of 7 bytes"')
+    try:
+        raise ValueError("boom\nsecond line")
+    except ValueError:
+        import sys
+
+        failed = line("kaboni", logging.ERROR, "event=internal_error", exc_info=sys.exc_info())
+    assert "\n" not in failed and ' event=internal_error traceback="Traceback' in failed
+    assert failed.startswith("ts=") and "Z level=ERROR " in failed

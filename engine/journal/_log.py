@@ -446,6 +446,8 @@ class Journal:
             sys.setswitchinterval(switch_interval)
         self = object.__new__(cls)
         self.directory = Path(directory)
+        if self.directory.exists() and not self.directory.is_dir():
+            raise JournalError(f"{self.directory} is not a directory")
         self.directory.mkdir(parents=True, exist_ok=True)
         self.durability = durability
         self._sync = durability == "fsync"
