@@ -39,8 +39,7 @@ __all__ = ["Exchange", "log_event"]
 
 log = logging.getLogger("kaboni")
 
-REPORT_TYPES = frozenset((E.OrderAccepted, E.OrderRejected, E.Fill, E.OrderCancelled, E.OrderReplaced,
-                          E.CancelRejected, E.MassCancelDone))
+REPORT_TYPES = frozenset(E.REPORTS)
 MARKET_TYPES = frozenset((E.BookUpdate, E.Trade, E.InstrumentStatus))
 REPLY_TYPES = frozenset((E.AdminAck, E.AdminRejected, E.Balances))
 _OrderRejected, _CancelRejected = E.OrderRejected, E.CancelRejected
@@ -462,7 +461,7 @@ class Exchange:
             s.last_tx = now
             s.sink.write(frames[0] if len(frames) == 1 else b"".join(frames))
         if len(self.stats.latencies) > 65_536:
-            self.stats.order_to_report  # fold into the histogram (normally done at scrape time)
+            self.stats.order_to_report()  # fold into the histogram (normally done at scrape time)
 
     # -----------------------------------------------------------------------------------------
     # Shutdown

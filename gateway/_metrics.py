@@ -45,15 +45,15 @@ class Stats:
         # order; these are its figures when this process started serving (after recovery's
         # replay), so the exported counters count this process's trades only.
         self.traded_base: dict[str, tuple[int, int, int]] = {}
-        self.latencies: list[float] = []   # folded into order_to_report at scrape time
+        self.latencies: list[float] = []   # folded in by order_to_report() at scrape time
         self._order_to_report = FixedHistogram(ORDER_LATENCY_BOUNDS)
         self.throttled = 0
         self.disconnects: defaultdict[str, int] = defaultdict(int)
         self.start_time = time.time()
 
-    @property
     def order_to_report(self) -> FixedHistogram:
-        """The histogram, with the latencies noted since the last look folded in."""
+        """The order-to-report histogram, after folding in the latencies noted since the last call
+        (the order path only appends to a list)."""
         pending, self.latencies = self.latencies, []
         hist = self._order_to_report
         bounds, counts = hist.bounds, hist.counts
@@ -129,16 +129,11 @@ class KaboniCollector:
         yield value
         yield _histogram("kaboni_order_to_report_latency_seconds",
                          "From an order's bytes arriving to its first report leaving (after the journal made it durable).",
-                         st.order_to_report)
+                         st.order_to_report())
         js = ex.ledger.stats
         yield _histogram("kaboni_journal_append_to_durable_seconds", "From a journal append to its fsync completing.",
                          js.append_to_durable_seconds)
-        from prometheus_client.core import HistogramMetricFamily
-
-        batch = js.batch_records
-        yield HistogramMetricFamily("kaboni_journal_batch_records", "Records per journal group commit.",
-                                    buckets=[(str(b) if b == "+Inf" else repr(float(b)), n) for b, n in batch.cumulative()],
-                                    sum_value=batch.sum)
+        yield _histogram("kaboni_journal_batch_records", "Records per journal group commit.", js.batch_records)
         yield _histogram("kaboni_journal_fsync_seconds", "Duration of one journal fsync.", js.fsync_seconds)
         yield CounterMetricFamily("kaboni_journal_bytes_written", "Bytes appended to the journal.", value=js.bytes)
         yield GaugeMetricFamily("kaboni_journal_records_pending", "Records appended but not yet durable.",
