@@ -33,11 +33,12 @@ def _port(text: str) -> int:
     return port
 
 
-def _connection_args(p: argparse.ArgumentParser, *, member: str | None = None, token: str | None = None) -> None:
+def _connection_args(p: argparse.ArgumentParser, *, member: str = "M01") -> None:
+    """The connection options; ``member`` is the fallback when $KABONI_MEMBER is not set."""
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=_port, default=7001)
-    p.add_argument("--member", default=member or os.environ.get("KABONI_MEMBER", "M01"))
-    p.add_argument("--token", default=token or os.environ.get("KABONI_TOKEN"),
+    p.add_argument("--member", default=os.environ.get("KABONI_MEMBER", member))
+    p.add_argument("--token", default=os.environ.get("KABONI_TOKEN"),
                    help="logon token (default: $KABONI_TOKEN, else '<member>-token' as in the demo)")
     p.add_argument("--tls", action="store_true", help="connect with TLS")
     p.add_argument("--cafile", help="CA certificate to trust (TLS)")
@@ -286,7 +287,7 @@ def _build() -> argparse.ArgumentParser:
     p.set_defaults(func=lambda a: asyncio.run(_tail(a)))
 
     p = sub.add_parser("admin", help="send an operator message: REQUEST [key=value ...]")
-    _connection_args(p, member="ops", token=None)
+    _connection_args(p, member="ops")
     p.add_argument("request", help="Halt, Resume, OpenMarket, CloseMarket, EndOfDay, SuspendMember, "
                                    "ReinstateMember, Deposit, Withdraw")
     p.add_argument("fields", nargs="*", help="key=value (ints and true/false are converted)")
