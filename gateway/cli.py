@@ -16,6 +16,7 @@ import asyncio
 import importlib
 import json
 import os
+import signal
 import sys
 import time
 
@@ -49,8 +50,21 @@ def _print(msg: dict) -> None:
     print(json.dumps(msg, separators=(",", ":")), flush=True)
 
 
+class _Failed(Exception):
+    """A client-side failure, reported as one line on stderr with exit status 1."""
+
+
+class _ErrorReply(Exception):
+    """The server answered ``Error``: printed as JSON on stdout, its reason on stderr, exit 1."""
+
+    def __init__(self, msg: dict) -> None:
+        super().__init__(f"error {msg.get('reason')}: {msg.get('text', '')}")
+        self.msg = msg
+
+
 async def _client(args, **logon):
-    from .client import Client
+    """Connect and log on; every way this can fail becomes a ``_Failed`` with one clear line."""
+    from .client import Client, ConnectionClosed
 
     ssl = None
     if args.tls:
@@ -58,23 +72,111 @@ async def _client(args, **logon):
 
         ssl = _ssl.create_default_context(cafile=args.cafile)
         ssl.check_hostname = False
-    client = await Client.connect(args.host, args.port, ssl=ssl)
+    where = f"{args.host}:{args.port}"
+    tls_hint = "" if args.tls else " (is the server using TLS? then add --tls)"
+    try:
+        client = await asyncio.wait_for(Client.connect(args.host, args.port, ssl=ssl), args.timeout)
+    except ConnectionRefusedError:
+        raise _Failed(f"cannot connect to {where}: connection refused (is the server running?)") from None
+    except TimeoutError:
+        raise _Failed(f"cannot connect to {where}: no answer within {args.timeout:g} s") from None
+    except OSError as exc:  # ssl.SSLError is one too
+        what = "TLS handshake with" if args.tls else "cannot connect to"
+        raise _Failed(f"{what} {where} failed: {getattr(exc, 'reason', None) or exc.strerror or exc}") from None
     token = args.token or f"{args.member}-token"
-    await client.logon(args.member, token, **logon)
+    try:
+        await client.logon(args.member, token, timeout=args.timeout, **logon)
+    except ConnectionClosed:
+        await client.close()
+        raise _Failed(f"{where} closed the connection before answering the logon{tls_hint}") from None
+    except TimeoutError:
+        await client.close()
+        raise _Failed(f"no logon reply from {where} within {args.timeout:g} s{tls_hint}") from None
+    except BaseException:
+        await client.close()
+        raise
     return client
+
+
+async def _session(args, body, **logon) -> int:
+    """Log on, run ``body(client)``, log out (briefly: the answer is already printed); close."""
+    client = await _client(args, **logon)
+    try:
+        code = await body(client)
+        try:
+            await client.logout(timeout=min(args.timeout, 2))
+        except (OSError, RuntimeError):  # already closed by the server, or timed out: nothing lost
+            pass
+        return code
+    finally:
+        await client.close()
+
+
+def _stop_on_signals(stop: asyncio.Event) -> list:
+    """SIGINT/SIGTERM set ``stop`` (a follow ends quietly with status 0); the signals handled.
+
+    Only the main thread can take signals; elsewhere (tests calling main in a thread) nothing
+    is installed."""
+    loop = asyncio.get_running_loop()
+    installed = []
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        try:
+            loop.add_signal_handler(sig, stop.set)
+        except (ValueError, RuntimeError, NotImplementedError):
+            break
+        installed.append(sig)
+    return installed
+
+
+async def _next(client, queue: asyncio.Queue, timeout: float | None, stop: asyncio.Event | None = None) -> dict | None:
+    """The next message on ``queue`` (``client.market`` or ``client.reports``).
+
+    An ``Error`` reply raises ``_ErrorReply`` at once; other replies are dropped. Returns None
+    when ``stop`` is set first; raises TimeoutError after ``timeout`` s (None: no limit) and
+    ConnectionClosed when the server closes the connection."""
+    from .client import ConnectionClosed
+
+    loop = asyncio.get_running_loop()
+    deadline = None if timeout is None else loop.time() + timeout
+    while True:
+        if not queue.empty():
+            return queue.get_nowait()
+        while not client.replies.empty():
+            reply = client.replies.get_nowait()
+            if reply["type"] == "Error":
+                raise _ErrorReply(reply)
+        if client.closed.is_set():
+            raise ConnectionClosed("the server closed the connection")
+        if stop is not None and stop.is_set():
+            return None
+        remaining = None if deadline is None else deadline - loop.time()
+        if remaining is not None and remaining <= 0:
+            raise TimeoutError(f"nothing received within {timeout:g} s")
+        # Queue.get cancelled before it completed takes nothing off its queue
+        item, reply = asyncio.ensure_future(queue.get()), asyncio.ensure_future(client.replies.get())
+        waits = {item, reply, asyncio.ensure_future(client.closed.wait())}
+        if stop is not None:
+            waits.add(asyncio.ensure_future(stop.wait()))
+        done, pending = await asyncio.wait(waits, timeout=remaining, return_when=asyncio.FIRST_COMPLETED)
+        for f in pending:
+            f.cancel()
+        if reply in done and reply.result()["type"] == "Error":
+            raise _ErrorReply(reply.result())
+        if item in done:
+            return item.result()
 
 
 async def _order(args) -> int:
     from engine import NewOrder
 
-    client = await _client(args)
     cl = args.cl_ord_id or f"cli-{time.time_ns()}"
     price = None if args.price in ("market", "mkt") else int(args.price)
     kwargs = {"tif": args.tif} if args.tif else {}
-    await client.send(NewOrder(cl, args.instrument, args.side, args.qty, price, stp=args.stp, **kwargs))
-    code = await _follow_order(client, cl, args.timeout)
-    await client.logout()
-    return code
+
+    async def body(client) -> int:
+        await client.send(NewOrder(cl, args.instrument, args.side, args.qty, price, stp=args.stp, **kwargs))
+        return await _follow_order(client, cl, args.timeout)
+    return await _session(args, body)
 
 
 async def _follow_order(client, cl: str, timeout: float) -> int:
@@ -82,7 +184,8 @@ async def _follow_order(client, cl: str, timeout: float) -> int:
 
     Only reports carrying the request's ``cl_ord_id`` count (the session also gets the member's
     other orders' reports, e.g. fills of resting orders): the first decides, the rest are
-    printed until ``MassCancelDone`` or 0.3 s without more. An ``Error`` reply is a rejection.
+    printed until ``MassCancelDone`` or 0.3 s without more. An ``Error`` reply raises
+    ``_ErrorReply`` (a rejection too).
     """
     from .client import ConnectionClosed
 
@@ -93,103 +196,89 @@ async def _follow_order(client, cl: str, timeout: float) -> int:
         remaining = deadline - loop.time()
         if remaining <= 0:
             if code is None:
-                raise asyncio.TimeoutError(f"no report for {cl} within {timeout:g} s")
+                raise TimeoutError(f"no report for {cl} within {timeout:g} s")
             return code
         try:
-            msgs = await _next_report_or_error(client, remaining)
+            msg = await _next(client, client.reports, remaining)
+        except TimeoutError:
+            continue
         except ConnectionClosed:
             if code is None:
                 raise
             return code
-        for msg in msgs:
-            if msg["type"] == "Error":
-                _print(msg)
-                return 1
-            if msg.get("cl_ord_id") != cl:
-                continue
-            _print(msg)
-            if code is None:
-                code = 1 if msg["type"] in ("OrderRejected", "CancelRejected") else 0
-                if code:
-                    return code
-            if msg["type"] == "MassCancelDone":
+        if msg.get("cl_ord_id") != cl:
+            continue
+        _print(msg)
+        if code is None:
+            code = 1 if msg["type"] in ("OrderRejected", "CancelRejected") else 0
+            if code:
                 return code
-            deadline = loop.time() + 0.3
-
-
-async def _next_report_or_error(client, timeout: float) -> list[dict]:
-    """The next report and/or Error reply (other replies are dropped); [] on timeout."""
-    from .client import ConnectionClosed
-
-    report = asyncio.ensure_future(client.reports.get())
-    reply = asyncio.ensure_future(client.replies.get())
-    closed = asyncio.ensure_future(client.closed.wait())
-    done, pending = await asyncio.wait({report, reply, closed}, timeout=timeout,
-                                       return_when=asyncio.FIRST_COMPLETED)
-    for f in pending:
-        f.cancel()  # a Queue.get cancelled before it completed takes nothing off the queue
-    out = []
-    if reply in done and reply.result()["type"] == "Error":
-        out.append(reply.result())
-    if report in done:
-        out.append(report.result())
-    if not done - {closed} and closed in done:
-        raise ConnectionClosed("the server closed the connection")
-    return out
+        if msg["type"] == "MassCancelDone":
+            return code
+        deadline = loop.time() + 0.3
 
 
 async def _cancel(args) -> int:
     from engine import CancelOrder, MassCancel
 
-    client = await _client(args)
     cl = args.cl_ord_id or f"cli-{time.time_ns()}"
-    if args.all:
-        await client.send(MassCancel(cl, args.instrument, args.side))
-    else:
-        await client.send(CancelOrder(cl, args.orig_cl_ord_id))
-    code = await _follow_order(client, cl, args.timeout)
-    await client.logout()
-    return code
+    request = MassCancel(cl, args.instrument, args.side) if args.all else CancelOrder(cl, args.orig_cl_ord_id)
+
+    async def body(client) -> int:
+        await client.send(request)
+        return await _follow_order(client, cl, args.timeout)
+    return await _session(args, body)
 
 
 async def _book(args) -> int:
-    client = await _client(args)
-    await client.subscribe([args.instrument], args.depth)
-    while True:
-        try:
-            msg = await client.next_market(args.timeout)
-        except asyncio.TimeoutError:
-            break
-        _print(msg)
-        if not args.follow:
-            break
-    await client.logout()
-    return 0
+    """The snapshot within --timeout; with --follow, then every update until SIGINT/SIGTERM."""
+    async def body(client) -> int:
+        await client.subscribe([args.instrument], args.depth)
+        _print(await _next(client, client.market, args.timeout))
+        if args.follow:
+            await _follow(client, client.market, None)
+        return 0
+    return await _session(args, body)
+
+
+async def _follow(client, queue: asyncio.Queue, idle: float | None) -> None:
+    """Print what arrives on ``queue`` until SIGINT/SIGTERM (or ``idle`` s of quiet)."""
+    stop = asyncio.Event()
+    installed = _stop_on_signals(stop)
+    loop = asyncio.get_running_loop()
+    try:
+        while True:
+            try:
+                msg = await _next(client, queue, idle, stop)
+            except TimeoutError:
+                return
+            if msg is None:
+                return
+            _print(msg)
+    finally:
+        for sig in installed:
+            loop.remove_signal_handler(sig)
 
 
 async def _balances(args) -> int:
     from engine import QueryBalances
 
-    client = await _client(args)
-    reply = await client.request(QueryBalances(), args.timeout)
-    _print(reply)
-    await client.logout()
-    return 0 if reply["type"] == "Balances" else 1
+    async def body(client) -> int:
+        reply = await client.request(QueryBalances(), args.timeout)
+        if reply["type"] == "Error":
+            raise _ErrorReply(reply)
+        _print(reply)
+        return 0 if reply["type"] == "Balances" else 1
+    return await _session(args, body)
 
 
 async def _tail(args) -> int:
-    client = await _client(args, resume_from=args.resume_from)
-    print(f"# logged on as {args.member}: next_seq={client.logon_reply['next_seq']}", file=sys.stderr)
-    try:
-        while True:
-            try:
-                _print(await client.next_report(args.idle if args.idle else 3600))
-            except asyncio.TimeoutError:
-                if args.idle:
-                    break
-    finally:
-        await client.close()
-    return 0
+    """The member's reports from --resume-from, until SIGINT/SIGTERM (or --idle s of quiet)."""
+    async def body(client) -> int:
+        print(f"# logged on as {args.member}: next_seq={client.logon_reply['next_seq']}", file=sys.stderr)
+        await _follow(client, client.reports, args.idle or None)
+        return 0
+    return await _session(args, body, resume_from=args.resume_from)
 
 
 def _parse_value(v: str):
@@ -202,15 +291,18 @@ def _parse_value(v: str):
 
 
 async def _admin(args) -> int:
-    client = await _client(args)
     msg = {"type": args.request}
     for kv in args.fields:
         k, _, v = kv.partition("=")
         msg[k] = _parse_value(v)
-    reply = await client.request(msg, args.timeout)
-    _print(reply)
-    await client.logout()
-    return 0 if reply["type"] == "AdminAck" else 1
+
+    async def body(client) -> int:
+        reply = await client.request(msg, args.timeout)
+        if reply["type"] == "Error":
+            raise _ErrorReply(reply)
+        _print(reply)
+        return 0 if reply["type"] == "AdminAck" else 1
+    return await _session(args, body)
 
 
 def _serve(args) -> int:
@@ -307,20 +399,24 @@ def _build() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = _build()
     args = parser.parse_args(argv)
+    from .client import ConnectionClosed, LogonError
+
+    def fail(text: str) -> int:
+        print(f"kaboni {args.command}: {text}", file=sys.stderr)
+        return 1
+
     try:
         return int(args.func(args) or 0)
     except KeyboardInterrupt:
         return 130
-    except (ConnectionError, OSError, asyncio.TimeoutError) as exc:
-        print(f"kaboni {args.command}: {type(exc).__name__}: {exc}", file=sys.stderr)
-        return 1
-    except Exception as exc:  # noqa: BLE001 - LogonError etc. become a message, not a trace
-        from .client import ConnectionClosed, LogonError
-
-        if isinstance(exc, LogonError):
-            print(f"kaboni {args.command}: logon rejected: {exc}", file=sys.stderr)
-            return 1
-        if isinstance(exc, ConnectionClosed):
-            print(f"kaboni {args.command}: {exc}", file=sys.stderr)
-            return 1
-        raise
+    except _ErrorReply as exc:
+        _print(exc.msg)
+        return fail(str(exc))
+    except (_Failed, ConnectionClosed) as exc:
+        return fail(str(exc))
+    except LogonError as exc:
+        return fail(f"logon rejected: {exc}")
+    except TimeoutError as exc:  # before OSError: it is one
+        return fail(str(exc) or "timed out")
+    except OSError as exc:
+        return fail(f"{exc.strerror or exc}")
