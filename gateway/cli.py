@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
 import importlib
 import json
 import os
@@ -34,6 +35,44 @@ def _port(text: str) -> int:
     return port
 
 
+def _price(text: str) -> int | None:
+    """An order price for argparse: integer minor units, or 'market' (also 'mkt') for None."""
+    if text.lower() in ("market", "mkt"):
+        return None
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"price must be an integer in minor units (9250 = 92.50) or 'market', not {text!r}") from None
+
+
+def _tonnes(text: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"qty must be a whole number of tonnes, not {text!r}") from None
+
+
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"not a positive number of seconds: {text!r}")
+    return value
+
+
+def _check_cancel(parser: argparse.ArgumentParser, args) -> None:
+    """cancel takes an order's cl_ord_id, or --all (with optional --instrument/--side)."""
+    if args.all and args.orig_cl_ord_id:
+        parser.error("give an order's cl_ord_id or --all, not both")
+    if not args.all and not args.orig_cl_ord_id:
+        parser.error("give the cl_ord_id of the order to cancel, or --all")
+    if not args.all and (args.instrument or args.side):
+        parser.error("--instrument and --side only go with --all")
+
+
 def _connection_args(p: argparse.ArgumentParser, *, member: str = "M01") -> None:
     """The connection options; ``member`` is the fallback when $KABONI_MEMBER is not set."""
     p.add_argument("--host", default="127.0.0.1")
@@ -43,7 +82,7 @@ def _connection_args(p: argparse.ArgumentParser, *, member: str = "M01") -> None
                    help="logon token (default: $KABONI_TOKEN, else '<member>-token' as in the demo)")
     p.add_argument("--tls", action="store_true", help="connect with TLS")
     p.add_argument("--cafile", help="CA certificate to trust (TLS)")
-    p.add_argument("--timeout", type=float, default=10.0)
+    p.add_argument("--timeout", type=_seconds, default=10.0)
 
 
 def _print(msg: dict) -> None:
@@ -81,8 +120,13 @@ async def _client(args, **logon):
     except TimeoutError:
         raise _Failed(f"cannot connect to {where}: no answer within {args.timeout:g} s") from None
     except OSError as exc:  # ssl.SSLError is one too
-        what = "TLS handshake with" if args.tls else "cannot connect to"
-        raise _Failed(f"{what} {where} failed: {getattr(exc, 'reason', None) or exc.strerror or exc}") from None
+        if not args.tls:
+            raise _Failed(f"cannot connect to {where}: {exc.strerror or exc}") from None
+        reason = getattr(exc, "verify_message", None) or getattr(exc, "reason", None) or exc.strerror or exc
+        hint = {"WRONG_VERSION_NUMBER": " (is the server not using TLS? then drop --tls)",
+                "CERTIFICATE_VERIFY_FAILED": " (give the server's CA certificate with --cafile)"}.get(
+                    getattr(exc, "reason", None), "")
+        raise _Failed(f"TLS handshake with {where} failed: {reason}{hint}") from None
     token = args.token or f"{args.member}-token"
     try:
         await client.logon(args.member, token, timeout=args.timeout, **logon)
@@ -170,11 +214,10 @@ async def _order(args) -> int:
     from engine import NewOrder
 
     cl = args.cl_ord_id or f"cli-{time.time_ns()}"
-    price = None if args.price in ("market", "mkt") else int(args.price)
     kwargs = {"tif": args.tif} if args.tif else {}
 
     async def body(client) -> int:
-        await client.send(NewOrder(cl, args.instrument, args.side, args.qty, price, stp=args.stp, **kwargs))
+        await client.send(NewOrder(cl, args.instrument, args.side, args.qty, args.price, stp=args.stp, **kwargs))
         return await _follow_order(client, cl, args.timeout)
     return await _session(args, body)
 
@@ -343,8 +386,8 @@ def _build() -> argparse.ArgumentParser:
     _connection_args(p)
     p.add_argument("instrument")
     p.add_argument("side", choices=["buy", "sell"])
-    p.add_argument("qty", type=int)
-    p.add_argument("price", help="integer minor units, or 'market'")
+    p.add_argument("qty", type=_tonnes)
+    p.add_argument("price", type=_price, help="integer minor units, or 'market'")
     p.add_argument("--tif", choices=["day", "gtc", "ioc", "fok"])
     p.add_argument("--stp", default="cancel_incoming", choices=["cancel_incoming", "cancel_resting", "cancel_both"])
     p.add_argument("--cl-ord-id")
@@ -359,7 +402,7 @@ def _build() -> argparse.ArgumentParser:
     p.add_argument("--instrument")
     p.add_argument("--side", choices=["buy", "sell"])
     p.add_argument("--cl-ord-id")
-    p.set_defaults(func=lambda a: asyncio.run(_cancel(a)))
+    p.set_defaults(func=lambda a: asyncio.run(_cancel(a)), check=functools.partial(_check_cancel, p))
 
     p = sub.add_parser("book", help="print an instrument's book snapshot (--follow: and updates)")
     _connection_args(p)
@@ -399,6 +442,8 @@ def _build() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = _build()
     args = parser.parse_args(argv)
+    if getattr(args, "check", None) is not None:
+        args.check(args)
     from .client import ConnectionClosed, LogonError
 
     def fail(text: str) -> int:

@@ -82,3 +82,72 @@ def test_book_of_an_unknown_instrument_fails_at_once_with_the_reason(server, cap
     assert err.strip() == "kaboni book: error invalid_message: instruments: unknown instrument 'NOPE'"
     code, out, err = cli(server, capsys, "balances", "--member", "ops")     # operators have no accounts
     assert code == 1 and out[0]["reason"] == "not_authorized" and "not_authorized" in err
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["order", "CEA25", "buy", "10", "92.50"], "price must be an integer in minor units (9250 = 92.50) or 'market'"),
+    (["order", "CEA25", "buy", "1.5", "9250"], "qty must be a whole number of tonnes"),
+    (["cancel"], "give the cl_ord_id of the order to cancel, or --all"),
+    (["cancel", "o1", "--all"], "not both"),
+    (["cancel", "o1", "--instrument", "CEA25"], "--instrument and --side only go with --all"),
+    (["book", "CEA25", "--timeout", "0"], "not a positive number of seconds"),
+])
+def test_bad_arguments_are_usage_errors_not_tracebacks(capsys, argv, message):
+    with pytest.raises(SystemExit) as exc:
+        main(argv)
+    err = capsys.readouterr().err
+    assert exc.value.code == 2 and message in err and "Traceback" not in err
+
+
+def test_a_market_order_is_still_spelled_market(server, capsys):
+    code, out, _ = cli(server, capsys, "order", "--member", "M08", "CEA21", "sell", "1", "market")
+    assert code == 0 and out[0]["type"] == "OrderAccepted" and out[0]["price"] is None
+
+
+def _free_port():
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_connection_failures_are_one_line_with_status_1(server, capsys):
+    import socket
+
+    code = main(["balances", "--port", str(_free_port())])
+    err = capsys.readouterr().err
+    assert code == 1 and err.count("\n") == 1 and "connection refused (is the server running?)" in err
+
+    silent = socket.socket()                                  # accepts (backlog) but never answers
+    silent.bind(("127.0.0.1", 0))
+    silent.listen()
+    try:
+        code = main(["balances", "--port", str(silent.getsockname()[1]), "--timeout", "0.3"])
+    finally:
+        silent.close()
+    err = capsys.readouterr().err
+    assert code == 1 and err.count("\n") == 1 and "no logon reply from" in err and "within 0.3 s" in err
+
+    code = main(["balances", "--port", str(server.port), "--member", "M01", "--token", "wrong"])
+    err = capsys.readouterr().err
+    assert code == 1 and err.startswith("kaboni balances: logon rejected: ") and err.count("\n") == 1
+
+
+def test_tls_mismatches_are_one_line_with_a_hint(tmp_path, server, capsys):
+    import subprocess
+
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes",
+                    "-keyout", str(key), "-out", str(cert), "-days", "1", "-subj", "/CN=localhost"],
+                   check=True, capture_output=True)
+    with ThreadServer(make_config(tls_cert=str(cert), tls_key=str(key)), tmp_path / "d") as tls_server:
+        port = str(tls_server.port)
+        code = main(["balances", "--port", port, "--timeout", "3"])
+        err = capsys.readouterr().err
+        assert code == 1 and err.count("\n") == 1 and "(is the server using TLS? then add --tls)" in err, err
+        code = main(["balances", "--port", port, "--tls", "--cafile", str(cert)])
+        assert code == 0 and json.loads(capsys.readouterr().out)["type"] == "Balances"
+    code = main(["balances", "--port", str(server.port), "--tls", "--timeout", "3"])   # TLS to a plain server
+    err = capsys.readouterr().err
+    assert code == 1 and err.count("\n") == 1 and "TLS handshake with" in err and "drop --tls" in err, err
