@@ -75,14 +75,16 @@ def _check_cancel(parser: argparse.ArgumentParser, args) -> None:
 
 def _connection_args(p: argparse.ArgumentParser, *, member: str = "M01") -> None:
     """The connection options; ``member`` is the fallback when $KABONI_MEMBER is not set."""
-    p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=_port, default=7001)
-    p.add_argument("--member", default=os.environ.get("KABONI_MEMBER", member))
+    p.add_argument("--host", default="127.0.0.1", help="exchange address (default: %(default)s)")
+    p.add_argument("--port", type=_port, default=7001, help="order-entry port (default: %(default)s)")
+    p.add_argument("--member", default=os.environ.get("KABONI_MEMBER", member),
+                   help=f"member id to log on as (default: $KABONI_MEMBER, else {member})")
     p.add_argument("--token", default=os.environ.get("KABONI_TOKEN"),
                    help="logon token (default: $KABONI_TOKEN, else '<member>-token' as in the demo)")
-    p.add_argument("--tls", action="store_true", help="connect with TLS")
-    p.add_argument("--cafile", help="CA certificate to trust (TLS)")
-    p.add_argument("--timeout", type=_seconds, default=10.0)
+    p.add_argument("--tls", action="store_true", help="connect with TLS (the server has gateway.tls_cert)")
+    p.add_argument("--cafile", help="CA certificate to trust with --tls (default: the system's CAs)")
+    p.add_argument("--timeout", type=_seconds, default=10.0,
+                   help="seconds to wait for the connection, the logon and the first answer (default: %(default)g)")
 
 
 def _print(msg: dict) -> None:
@@ -365,67 +367,125 @@ def _serve(args) -> int:
                metrics=not args.no_metrics, stats_enabled=not args.no_stats)
 
 
-def _build() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="kaboni", description="Kaboni carbon allowance exchange")
-    sub = parser.add_subparsers(dest="command", required=True)
+_EPILOG = """\
+The client commands (order, cancel, book, balances, tail, admin) read KABONI_MEMBER and
+KABONI_TOKEN from the environment as defaults for --member and --token. Their exit status is 0
+when the request is accepted (or the follow is interrupted), 1 when it is rejected, the server
+answers Error, or the connection fails (one line on stderr), and 2 for usage errors."""
 
-    p = sub.add_parser("serve", help="run the exchange (gateway, engine and journal)")
-    p.add_argument("--config", help="exchange configuration (TOML)")
-    p.add_argument("--demo", action="store_true", help="run the embedded demo market")
-    p.add_argument("--data-dir", help="journal and snapshots (default: the config's gateway.data_dir)")
-    p.add_argument("--host")
-    p.add_argument("--port", type=_port)
-    p.add_argument("--metrics-port", type=_port)
+# Options registered by other modules' hooks that came without a help text.
+_HELP_FALLBACK = {
+    ("journal verify", "dir"): "journal directory",
+    ("journal dump", "dir"): "journal directory",
+    ("journal stats", "dir"): "journal directory",
+    ("settle", "dir"): "journal directory",
+    ("settle", "format"): "output format (default: %(default)s)",
+}
+
+
+def _version() -> str:
+    """The installed distribution's version; 'unknown' when running from a bare checkout."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("kaboni")
+    except PackageNotFoundError:
+        return "unknown (not installed)"
+
+
+def _subparsers(parser: argparse.ArgumentParser, path: tuple[str, ...] = ()):
+    """(command path, parser) for every subcommand, depth first."""
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for name, sub in action.choices.items():
+                yield (*path, name), sub
+                yield from _subparsers(sub, (*path, name))
+
+
+def _build() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="kaboni", description="Kaboni carbon allowance exchange",
+                                     epilog=_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--version", action="version", version=f"kaboni {_version()}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("serve", help="run the exchange (gateway, engine and journal)",
+                       description="Run the exchange until SIGINT/SIGTERM. Options given here override "
+                                   "the configuration's [gateway] settings.")
+    p.add_argument("--config", help="exchange configuration (TOML); give this or --demo")
+    p.add_argument("--demo", action="store_true", help="run the embedded demo market (20 funded members M01..M20, "
+                                                       "operator ops; tokens '<member>-token')")
+    p.add_argument("--data-dir", help="journal and snapshots (default: the config's gateway.data_dir, "
+                                      "./kaboni-data in the demo)")
+    p.add_argument("--host", help="listen address (default: the config's gateway.host, 127.0.0.1 in the demo)")
+    p.add_argument("--port", type=_port, help="order-entry port, 0 for any free one "
+                                              "(default: the config's gateway.port, 7001 in the demo)")
+    p.add_argument("--metrics-port", type=_port, help="Prometheus /metrics port (default: the config's "
+                                                      "gateway.metrics_port, 9101 in the demo)")
     p.add_argument("--no-metrics", action="store_true", help="do not serve /metrics")
-    p.add_argument("--no-stats", action="store_true", help="skip the order-path counters (benchmarking)")
+    p.add_argument("--no-stats", action="store_true",
+                   help="skip the order-path counters and latency histograms (benchmarking)")
     p.set_defaults(func=_serve)
 
     p = sub.add_parser("order", help="enter one order and print its reports",
-                       description="Enter one order and print its reports (those with its cl_ord_id). "
-                                   "Exit status 0 if it is accepted, 1 if it is rejected.")
+                       description="Enter one order and print its reports (those with its cl_ord_id) as JSON "
+                                   "lines. Exit status 0 if it is accepted, 1 if it is rejected.")
     _connection_args(p)
-    p.add_argument("instrument")
-    p.add_argument("side", choices=["buy", "sell"])
-    p.add_argument("qty", type=_tonnes)
-    p.add_argument("price", type=_price, help="integer minor units, or 'market'")
-    p.add_argument("--tif", choices=["day", "gtc", "ioc", "fok"])
-    p.add_argument("--stp", default="cancel_incoming", choices=["cancel_incoming", "cancel_resting", "cancel_both"])
-    p.add_argument("--cl-ord-id")
+    p.add_argument("instrument", help="instrument symbol, e.g. CEA25")
+    p.add_argument("side", choices=["buy", "sell"], help="buy or sell")
+    p.add_argument("qty", type=_tonnes, help="quantity in tonnes (an integer)")
+    p.add_argument("price", type=_price,
+                   help="limit price in integer minor units (9250 = 92.50), or 'market' for a market order")
+    p.add_argument("--tif", choices=["day", "gtc", "ioc", "fok"],
+                   help="time in force (default: the exchange's: day for limit orders, ioc for market orders)")
+    p.add_argument("--stp", default="cancel_incoming", choices=["cancel_incoming", "cancel_resting", "cancel_both"],
+                   help="self-trade prevention (default: %(default)s)")
+    p.add_argument("--cl-ord-id", help="client order id (default: cli-<nanoseconds>)")
     p.set_defaults(func=lambda a: asyncio.run(_order(a)))
 
     p = sub.add_parser("cancel", help="cancel an order (or --all: mass cancel)",
                        description="Cancel an order (or --all: mass cancel) and print the reports "
                                    "answering it. Exit status 0 if it is done, 1 if it is rejected.")
     _connection_args(p)
-    p.add_argument("orig_cl_ord_id", nargs="?")
-    p.add_argument("--all", action="store_true")
-    p.add_argument("--instrument")
-    p.add_argument("--side", choices=["buy", "sell"])
-    p.add_argument("--cl-ord-id")
+    p.add_argument("orig_cl_ord_id", nargs="?", help="cl_ord_id of the order to cancel (or use --all)")
+    p.add_argument("--all", action="store_true", help="cancel all the member's orders (mass cancel)")
+    p.add_argument("--instrument", help="with --all: only this instrument's orders (default: all instruments)")
+    p.add_argument("--side", choices=["buy", "sell"], help="with --all: only this side (default: both)")
+    p.add_argument("--cl-ord-id", help="client id of the cancel request itself (default: cli-<nanoseconds>)")
     p.set_defaults(func=lambda a: asyncio.run(_cancel(a)), check=functools.partial(_check_cancel, p))
 
-    p = sub.add_parser("book", help="print an instrument's book snapshot (--follow: and updates)")
+    p = sub.add_parser("book", help="print an instrument's book snapshot (--follow: and updates)",
+                       description="Print an instrument's book snapshot as a JSON line; with --follow, then "
+                                   "every market data message until interrupted (SIGINT/SIGTERM: exit 0).")
     _connection_args(p)
-    p.add_argument("instrument")
-    p.add_argument("--depth", type=int, default=10)
-    p.add_argument("--follow", action="store_true")
+    p.add_argument("instrument", help="instrument symbol, e.g. CEA25")
+    p.add_argument("--depth", type=int, default=10, help="price levels per side (default: %(default)s)")
+    p.add_argument("--follow", action="store_true",
+                   help="keep printing updates until interrupted (--timeout bounds only the snapshot)")
     p.set_defaults(func=lambda a: asyncio.run(_book(a)))
 
-    p = sub.add_parser("balances", help="print a member's balances")
+    p = sub.add_parser("balances", help="print a member's balances",
+                       description="Print the member's cash and allowance balances as a JSON line.")
     _connection_args(p)
     p.set_defaults(func=lambda a: asyncio.run(_balances(a)))
 
-    p = sub.add_parser("tail", help="follow a member's reports")
+    p = sub.add_parser("tail", help="follow a member's reports",
+                       description="Print the member's execution reports as JSON lines until interrupted "
+                                   "(SIGINT/SIGTERM: exit 0) or --idle seconds pass without one.")
     _connection_args(p)
-    p.add_argument("--resume-from", type=int, default=None)
-    p.add_argument("--idle", type=float, default=0, help="stop after this many idle seconds (0: never)")
+    p.add_argument("--resume-from", type=int, default=None,
+                   help="replay the reports after this seq first (0: the whole day; default: only new ones)")
+    p.add_argument("--idle", type=float, default=0,
+                   help="stop (exit 0) after this many seconds without a report (default: 0, never)")
     p.set_defaults(func=lambda a: asyncio.run(_tail(a)))
 
-    p = sub.add_parser("admin", help="send an operator message: REQUEST [key=value ...]")
+    p = sub.add_parser("admin", help="send an operator message: REQUEST [key=value ...]",
+                       description="Send one operator message and print the reply. Exit status 0 for "
+                                   "AdminAck, 1 for AdminRejected or Error.")
     _connection_args(p, member="ops")
     p.add_argument("request", help="Halt, Resume, OpenMarket, CloseMarket, EndOfDay, SuspendMember, "
                                    "ReinstateMember, Deposit, Withdraw")
-    p.add_argument("fields", nargs="*", help="key=value (ints and true/false are converted)")
+    p.add_argument("fields", nargs="*", help="the message's fields as key=value (integers and true/false "
+                                             "are converted), e.g. instrument=CEA25")
     p.set_defaults(func=lambda a: asyncio.run(_admin(a)))
 
     for module, hook in (("gateway._journal_cli", "add_journal_commands"), ("gateway._demo", "add_demo_command")):
@@ -436,6 +496,10 @@ def _build() -> argparse.ArgumentParser:
                 raise
             continue
         getattr(mod, hook)(sub)
+    for path, p in _subparsers(parser):
+        for action in p._actions:
+            if action.help is None:
+                action.help = _HELP_FALLBACK.get((" ".join(path), action.dest))
     return parser
 
 

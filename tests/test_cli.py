@@ -151,3 +151,40 @@ def test_tls_mismatches_are_one_line_with_a_hint(tmp_path, server, capsys):
     code = main(["balances", "--port", str(server.port), "--tls", "--timeout", "3"])   # TLS to a plain server
     err = capsys.readouterr().err
     assert code == 1 and err.count("\n") == 1 and "TLS handshake with" in err and "drop --tls" in err, err
+
+
+def test_version_prints_the_package_version(capsys):
+    import tomllib
+
+    from _fakes import REPO
+
+    with pytest.raises(SystemExit) as exc:
+        main(["--version"])
+    version = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["version"]
+    assert exc.value.code == 0 and capsys.readouterr().out.strip() == f"kaboni {version}"
+
+
+def test_every_subcommand_has_help_for_every_option(capsys, monkeypatch):
+    import argparse
+
+    from gateway.cli import _build, _subparsers
+
+    monkeypatch.delenv("KABONI_MEMBER", raising=False)
+    commands = dict(_subparsers(_build()))
+    assert {("serve",), ("order",), ("cancel",), ("book",), ("balances",), ("tail",), ("admin",)} <= commands.keys()
+    for path, parser in commands.items():
+        with pytest.raises(SystemExit) as exc:
+            main([*path, "--help"])
+        text = capsys.readouterr().out
+        assert exc.value.code == 0 and text.startswith(f"usage: kaboni {' '.join(path)}"), path
+        for action in parser._actions:
+            if not isinstance(action, argparse._SubParsersAction):
+                assert action.help, (path, action.dest)
+    for name, member in (("book", "M01"), ("admin", "ops")):
+        with pytest.raises(SystemExit):
+            main([name, "--help"])
+        text = " ".join(capsys.readouterr().out.split())
+        assert f"(default: $KABONI_MEMBER, else {member})" in text and "(default: $KABONI_TOKEN, else" in text
+    with pytest.raises(SystemExit):
+        main(["settle", "--help"])
+    assert "(default: csv)" in capsys.readouterr().out
