@@ -158,20 +158,30 @@ async def _session(args, body, **logon) -> int:
         await client.close()
 
 
-def _stop_on_signals(stop: asyncio.Event) -> list:
-    """SIGINT/SIGTERM set ``stop`` (a follow ends quietly with status 0); the signals handled.
+def _stop_on_signals(stop: asyncio.Event) -> dict:
+    """SIGINT/SIGTERM set ``stop`` (a follow ends quietly with status 0); returns the signals
+    handled with the handlers they had, for ``_restore_signals``.
 
     Only the main thread can take signals; elsewhere (tests calling main in a thread) nothing
     is installed."""
     loop = asyncio.get_running_loop()
-    installed = []
+    installed = {}
     for sig in (signal.SIGINT, signal.SIGTERM):
+        previous = signal.getsignal(sig)
         try:
             loop.add_signal_handler(sig, stop.set)
         except (ValueError, RuntimeError, NotImplementedError):
             break
-        installed.append(sig)
+        installed[sig] = previous
     return installed
+
+
+def _restore_signals(installed: dict) -> None:
+    loop = asyncio.get_running_loop()
+    for sig, previous in installed.items():
+        loop.remove_signal_handler(sig)
+        if previous is not None:
+            signal.signal(sig, previous)
 
 
 async def _next(client, queue: asyncio.Queue, timeout: float | None, stop: asyncio.Event | None = None) -> dict | None:
@@ -290,7 +300,6 @@ async def _follow(client, queue: asyncio.Queue, idle: float | None) -> None:
     """Print what arrives on ``queue`` until SIGINT/SIGTERM (or ``idle`` s of quiet)."""
     stop = asyncio.Event()
     installed = _stop_on_signals(stop)
-    loop = asyncio.get_running_loop()
     try:
         while True:
             try:
@@ -301,8 +310,7 @@ async def _follow(client, queue: asyncio.Queue, idle: float | None) -> None:
                 return
             _print(msg)
     finally:
-        for sig in installed:
-            loop.remove_signal_handler(sig)
+        _restore_signals(installed)
 
 
 async def _balances(args) -> int:

@@ -188,3 +188,23 @@ def test_every_subcommand_has_help_for_every_option(capsys, monkeypatch):
     with pytest.raises(SystemExit):
         main(["settle", "--help"])
     assert "(default: csv)" in capsys.readouterr().out
+
+
+def test_tail_ends_on_sigterm_with_0_and_in_process_leaves_the_signal_handlers_as_they_were(server, capsys):
+    import signal
+    import time
+
+    before = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
+    code, out, _ = cli(server, capsys, "tail", "--member", "M09", "--resume-from", "0", "--idle", "0.2")
+    assert code == 0 and (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)) == before
+
+    proc = _kaboni("tail", "--member", "M09", "--timeout", "0.5", "--port", str(server.port))
+    try:
+        assert proc.stderr.readline().startswith("# logged on as M09")
+        time.sleep(1.0)
+        assert proc.poll() is None
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=5)
+    finally:
+        proc.kill()
+    assert proc.returncode == 0 and out == "" and err == ""
