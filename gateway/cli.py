@@ -533,6 +533,12 @@ def main(argv: list[str] | None = None) -> int:
         return fail(str(exc))
     except LogonError as exc:
         return fail(f"logon rejected: {exc}")
+    except BrokenPipeError:  # stdout's reader went away (kaboni book --follow | head): stop quietly
+        try:
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit
+        except (OSError, ValueError, AttributeError):
+            pass
+        return 1
     except TimeoutError as exc:  # before OSError: it is one
         return fail(str(exc) or "timed out")
     except OSError as exc:

@@ -208,3 +208,19 @@ def test_tail_ends_on_sigterm_with_0_and_in_process_leaves_the_signal_handlers_a
     finally:
         proc.kill()
     assert proc.returncode == 0 and out == "" and err == ""
+
+
+def test_book_follow_into_a_closed_pipe_stops_quietly(server, capsys):
+    import subprocess
+
+    reader = _kaboni("book", "CEA21", "--follow", "--port", str(server.port))
+    reader.stdout.readline()
+    reader.stdout.close()                                     # like `| head -1` exiting
+    code, _, _ = cli(server, capsys, "order", "--member", "M07", "CEA21", "buy", "1", "9000")
+    try:
+        err = reader.stderr.read()
+        reader.wait(timeout=5)
+    except subprocess.TimeoutExpired:
+        reader.kill()
+        raise
+    assert reader.returncode == 1 and err == ""
