@@ -59,7 +59,7 @@ class FlowControl:
 class Connection(asyncio.Protocol):
     """One TCP (or TLS) connection: bytes to the exchange, frames to the socket."""
 
-    __slots__ = ("server", "exchange", "transport", "session", "flow", "closing")
+    __slots__ = ("server", "exchange", "transport", "session", "flow", "closing", "held", "close_timer")
 
     def __init__(self, server: "Server") -> None:
         self.server = server
@@ -68,6 +68,8 @@ class Connection(asyncio.Protocol):
         self.session = None
         self.flow = None
         self.closing = False
+        self.held = False  # reading paused: frames wait for a later turn (see FRAMES_PER_TURN)
+        self.close_timer = None
 
     # asyncio.Protocol -----------------------------------------------------------------------
     def connection_made(self, transport) -> None:
@@ -76,15 +78,38 @@ class Connection(asyncio.Protocol):
         self.session = self.exchange.connect(self, time.monotonic())
 
     def data_received(self, data: bytes) -> None:
-        if not self.closing:
-            self.exchange.data_received(self.session, data, time.monotonic())
+        if not self.closing and self.exchange.data_received(self.session, data, time.monotonic()):
+            self._hold()
+
+    def _hold(self) -> None:
+        """Frames are left over: read nothing more until a later loop turn has run them, so that
+        other connections get their turn in between."""
+        if not self.held:
+            self.held = True
+            self.transport.pause_reading()
+            asyncio.get_running_loop().call_soon(self._run_held)
+
+    def _run_held(self) -> None:
+        self.held = False
+        if self.closing:
+            return
+        if self.exchange.data_received(self.session, b"", time.monotonic()):
+            self._hold()
+        elif not self.closing:
+            self.transport.resume_reading()
 
     def eof_received(self):
         return False  # close our side too
 
     def connection_lost(self, exc) -> None:
         self.closing = True
+        if self.close_timer is not None:
+            self.close_timer.cancel()
         self.exchange.connection_lost(self.session, "client_close", time.monotonic())
+        # The session points back at this connection (its sink), and the transport at it too:
+        # drop our side of both cycles so a closed connection is freed at once, not by the full
+        # collections the server makes rare (connections churned by the thousand piled up).
+        self.session = self.transport = self.flow = self.close_timer = None
 
     def pause_writing(self) -> None:
         self.flow.pause_writing()
@@ -113,7 +138,8 @@ class Connection(asyncio.Protocol):
         if not self.closing:
             self.closing = True
             self.transport.close()
-            asyncio.get_running_loop().call_later(self.server.config.gateway.logon_timeout_s, self._close_timeout)
+            self.close_timer = asyncio.get_running_loop().call_later(self.server.config.gateway.logon_timeout_s,
+                                                                     self._close_timeout)
 
     def _close_timeout(self) -> None:
         if self.session.state is not State.CLOSED:

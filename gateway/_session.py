@@ -142,8 +142,9 @@ class Session:
         self.state = next_state
         return action, reason
 
-    def receive_data(self, data: bytes, now: float) -> list[tuple[str, object]]:
-        """Frame and decode ``data``; return the actions the table chose, in order.
+    def receive_data(self, data: bytes, now: float, limit: int = 1 << 62) -> list[tuple[str, object]]:
+        """Frame ``data``; decode at most ``limit`` of the frames waiting and return the actions
+        the table chose, in order. Frames beyond ``limit`` wait in ``pending`` for a later call.
 
         A ``"logon"`` action is always last: later frames wait in ``pending`` until the exchange
         has decided (``accept``/``reject``) and calls ``receive_data(b"", now)`` again.
@@ -153,7 +154,7 @@ class Session:
             self.pending.extend(self.frames.feed(data))
         out: list[tuple[str, object]] = []
         pending = self.pending
-        while pending and self.state is not State.CLOSING and self.state is not State.CLOSED:
+        while pending and len(out) < limit and self.state is not State.CLOSING and self.state is not State.CLOSED:
             body = pending.popleft()
             msg_type = ""
             if isinstance(body, FrameError):

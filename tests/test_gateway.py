@@ -430,3 +430,89 @@ def test_a_closing_peer_that_stops_reading_is_cut_off_and_does_not_block_new_log
         except ConnectionResetError:
             pass
         sock.close()
+
+
+def test_a_member_pipelining_a_flood_does_not_hold_up_another_members_order(server):
+    """One connection's frames run FRAMES_PER_TURN per loop turn, so an order from another member
+    is answered while a flood of 300,000 heartbeats from the first is still being worked through
+    (before, the whole flood ran first). The flood ends with a QueryBalances as a marker."""
+    import threading
+
+    def frame(msg):
+        body = msgspec.msgpack.encode(msg)
+        return len(body).to_bytes(4, "big") + body
+
+    flooder = socket.create_connection(("127.0.0.1", server.port))
+    flooder.settimeout(30)
+    flooder.sendall(frame({"type": "Logon", "member": "M05", "token": "M05-token"}))
+    arrivals: list[tuple[str, float]] = []
+
+    def read_flooder():
+        buf = b""
+        while True:
+            try:
+                chunk = flooder.recv(65536)
+            except OSError:
+                return
+            if not chunk:
+                return
+            buf += chunk
+            while len(buf) >= 4 and len(buf) >= 4 + int.from_bytes(buf[:4], "big"):
+                n = int.from_bytes(buf[:4], "big")
+                msg = msgspec.msgpack.decode(buf[4:4 + n])
+                buf = buf[4 + n:]
+                arrivals.append((msg["type"], time.monotonic()))
+                if msg["type"] == "Balances":
+                    return
+
+    reader = threading.Thread(target=read_flooder, daemon=True)
+    reader.start()
+    flood = frame({"type": "Heartbeat"}) * 300_000 + frame({"type": "QueryBalances"})
+    sender = threading.Thread(target=flooder.sendall, args=(flood,), daemon=True)
+
+    async def main():
+        victim = await logon(server.port, "M06")
+        sender.start()
+        await asyncio.sleep(0.02)
+        await victim.send(NewOrder("v1", "CEA24", "buy", 1, 9000))
+        accepted = await victim.next_report()
+        at = time.monotonic()
+        await victim.close()
+        return accepted, at
+
+    accepted, accepted_at = run(main())
+    reader.join(30)
+    sender.join(30)
+    flooder.close()
+    assert accepted["type"] == "OrderAccepted"
+    balances_at = [t for kind, t in arrivals if kind == "Balances"]
+    assert balances_at, arrivals
+    assert accepted_at < balances_at[0]
+
+
+def test_closed_connections_are_freed_without_waiting_for_the_garbage_collector(server):
+    """The server makes full collections rare; connections churned by the thousand must not wait
+    for one (they piled up by hundreds of MB, with collection pauses of 100-350 ms)."""
+    import gc
+
+    from gateway._session import Session
+
+    def sessions() -> int:
+        return sum(1 for o in gc.get_objects() if type(o) is Session)
+
+    gc.collect()
+    gc.disable()
+    try:
+        before = sessions()
+        for _ in range(100):
+            with socket.create_connection(("127.0.0.1", server.port)) as s:
+                s.sendall(b"\x00\x00\x00\x00")  # a bad frame: Error, then the server closes
+                s.settimeout(5)
+                while s.recv(4096):
+                    pass
+        deadline = time.monotonic() + 5
+        while sessions() > before and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert sessions() == before
+    finally:
+        gc.enable()

@@ -186,7 +186,9 @@ def test_a_long_resume_goes_out_in_steps_paced_by_the_peer_and_live_reports_wait
     n = 2 * REPLAY_CHUNK + 100
     orders = b"".join(enc({"type": "NewOrder", "cl_ord_id": f"o{i}", "instrument": "CEA25", "side": "sell",
                            "qty": 1, "price": 9300}) for i in range(n))
-    ex.data_received(a, orders, 0.0)
+    more = ex.data_received(a, orders, 0.0)
+    while more:  # FRAMES_PER_TURN at a time, as the connection would run them
+        more = ex.data_received(a, b"", 0.0)
     ledger.durable_seq = ledger.last_seq
     ex.on_durable(ledger.last_seq)
     assert len(sa.frames()) == n + 1  # LogonAccepted and a report per order
@@ -301,3 +303,25 @@ def test_every_log_line_is_one_line_of_key_value_fields():
         failed = line("kaboni", logging.ERROR, "event=internal_error", exc_info=sys.exc_info())
     assert "\n" not in failed and ' event=internal_error traceback="Traceback' in failed
     assert failed.startswith("ts=") and "Z level=ERROR " in failed
+
+
+def test_one_connection_runs_at_most_frames_per_turn_and_says_when_frames_are_left():
+    """A client pipelining thousands of frames gets them run FRAMES_PER_TURN at a time; the
+    connection reads nothing more until they are done, so others get their turns between."""
+    from gateway._exchange import FRAMES_PER_TURN
+
+    ex, ledger = setup()
+    a, sa = connect(ex, "M01")
+    sa.frames()
+    queries = enc({"type": "QueryBalances"}) * (2 * FRAMES_PER_TURN + 5)
+    turns = [ex.data_received(a, queries, 0.0)]
+    replies = [len(sa.frames())]
+    while turns[-1]:
+        turns.append(ex.data_received(a, b"", 0.0))
+        replies.append(len(sa.frames()))
+    assert turns == [True, True, False]
+    assert replies == [FRAMES_PER_TURN, FRAMES_PER_TURN, 5]
+    # a Logon's decision does not reset the budget: frames after it wait for the next turn too
+    b = ex.connect(Sink(), 0.0)
+    logon = enc({"type": "Logon", "member": "M02", "token": "M02-token"})
+    assert ex.data_received(b, logon + queries, 0.0) is True
