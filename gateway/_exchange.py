@@ -61,13 +61,14 @@ TICK_PARTS = 50
 _REPORT, _SESSION, _MARKET, _CLOSE = range(4)
 
 
-_PLAIN = re.compile(r"[A-Za-z0-9_.:/@+,-]+")
 # Frames of one connection run per loop turn. A client pipelining thousands of messages in one
 # read (heartbeats, QueryBalances, garbage fields) would otherwise hold the loop for tens of
 # milliseconds while every other member waits; past this many, the connection stops reading and
 # goes on in a later turn (TCP backpressure, nothing refused). Measured with one flooding member:
 # a victim's p99 went from seconds to about 10 ms.
 FRAMES_PER_TURN = 64
+
+_PLAIN = re.compile(r"[A-Za-z0-9_.:/@+,-]+")  # a log value written as it is; anything else JSON-quoted
 MAX_LOG_VALUE = 128  # characters of a value in a log line; longer ones end in "..."
 
 
