@@ -94,11 +94,6 @@ class Account:
         # Usually empty (only GTC orders outlive a day), so hot paths test it before probing it.
         self.carried: set[str] = set()
 
-    @property
-    def used_ids(self) -> set[str]:
-        """The cl_ord_ids used up this trading day (state hash, snapshots)."""
-        return self.taken - self.carried
-
     def retire(self, cl: str) -> None:
         """Order ``cl`` is no longer live: if it was carried over (not used today), free its id."""
         if cl in self.carried:
