@@ -192,6 +192,10 @@ def test_flipped_byte_in_an_older_segment_is_found_by_readers(tmp_path):
     with pytest.raises(CorruptJournalError) as info:
         scan_journal(tmp_path)
     assert (info.value.path, info.value.offset) == (str(path), off)
+    assert (tmp_path / index_name(first_segments[0])).exists()
+    with pytest.raises(CorruptJournalError) as info:
+        list(read_records(tmp_path))  # the index no longer matches the bytes: the walk names the frame
+    assert (info.value.path, info.value.offset) == (str(path), off)
     j = Journal.open(tmp_path, segment_bytes=2048)  # open checks the newest segment only
     with pytest.raises(CorruptJournalError) as info:
         list(j.records(1))
@@ -258,6 +262,26 @@ def test_sealed_segments_are_indexed_and_the_index_gives_the_same_payloads(tmp_p
     for kind in (1, 2, 3):
         assert [bytes(p) for p in j.payloads(start, kind)] == want[kind]
     j.close()
+
+
+def test_readers_take_sealed_segments_from_their_indexes_with_the_same_records(tmp_path, caplog):
+    j = fill(tmp_path, 400, segment_bytes=2048)
+    j.append_group([(2, payload(401)), (3, payload(402))])  # group_end differs inside a group
+    j.close()
+    segments = list_segments(tmp_path)
+    assert len(segments) > 6 and all((tmp_path / index_name(s)).exists() for s in segments[:-1])
+    j = Journal.open(tmp_path, segment_bytes=2048)
+    walked = list(j.records(1))  # every frame unpacked and CRC-checked
+    j.close()
+    assert len(walked) == 402
+    with caplog.at_level(logging.WARNING, logger="kaboni.journal"):
+        for from_seq in (1, 7, segments[1], segments[1] + 1, segments[-1], 402, 403):
+            assert list(read_records(tmp_path, from_seq)) == walked[from_seq - 1:]
+    assert caplog.text == ""
+    (tmp_path / index_name(segments[1])).write_bytes(b"KBNX not an index")
+    with caplog.at_level(logging.WARNING, logger="kaboni.journal"):
+        assert list(read_records(tmp_path)) == walked
+    assert "walking the segment's frames instead" in caplog.text
 
 
 @pytest.mark.parametrize("damage", ["index byte", "other segment's index", "segment length"])
