@@ -83,8 +83,8 @@ def _histogram(name: str, doc: str, hist: FixedHistogram):
 class KaboniCollector:
     """A custom collector: everything is computed from plain state at scrape time."""
 
-    def __init__(self, exchange, runner=None) -> None:
-        self.exchange = exchange
+    def __init__(self, exchange=None, runner=None) -> None:
+        self.exchange = exchange  # None while the journal is still being recovered at start-up
         # The engine and the counters belong to the event loop's thread; the HTTP server's
         # thread asks the loop to build the families (``runner``) instead of racing it.
         self.runner = runner or (lambda fn: fn())
@@ -93,6 +93,8 @@ class KaboniCollector:
         return []
 
     def collect(self):
+        if self.exchange is None:
+            return iter(())  # starting: only the process collector's figures
         return iter(self.runner(lambda: list(self._families())))
 
     def _families(self):
@@ -184,11 +186,11 @@ class KaboniCollector:
                                 value=st.start_time)
 
 
-def start_metrics_server(exchange, port: int, host: str = "127.0.0.1", runner=None):
+def start_metrics_server(collector: KaboniCollector, port: int, host: str = "127.0.0.1"):
     """Serve /metrics on its own registry: our collector plus the process collector."""
     from prometheus_client import CollectorRegistry, ProcessCollector, start_http_server
 
     registry = CollectorRegistry(auto_describe=False)
-    registry.register(KaboniCollector(exchange, runner))
+    registry.register(collector)
     ProcessCollector(registry=registry)
     return start_http_server(port, addr=host, registry=registry)

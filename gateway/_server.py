@@ -23,7 +23,7 @@ from pathlib import Path
 from engine import Restarted
 
 from ._exchange import TICK_PARTS, Exchange, log_event
-from ._metrics import Stats, start_metrics_server
+from ._metrics import KaboniCollector, Stats, start_metrics_server
 from ._session import State
 
 __all__ = ["Server", "run", "FlowControl"]
@@ -255,6 +255,29 @@ class Server:
         loop.set_exception_handler(self._loop_error)
         gw = self.config.gateway
         today = _dt.datetime.now(_dt.timezone.utc).date().isoformat()
+        # The ports first: a port in use or a bad certificate fails before the journal is
+        # opened (and possibly recovered, which takes seconds on a long day). Nothing is
+        # served until the journal is open.
+        collector = KaboniCollector(runner=self._run_in_loop)
+        metrics_server = server = None
+        try:
+            ssl_ctx = self._ssl_context()
+            server = await loop.create_server(
+                lambda: Connection(self), self.host, self.port, ssl=ssl_ctx, backlog=4096, reuse_address=True,
+                start_serving=False,
+                # a TLS peer that never finishes its handshake is dropped like one that never logs on
+                **({"ssl_handshake_timeout": gw.logon_timeout_s} if ssl_ctx else {}))
+            self.port = server.sockets[0].getsockname()[1]
+            if self.metrics:
+                metrics_server = start_metrics_server(collector, self.metrics_port, self.host)
+                self.metrics_port_bound = metrics_server[0].server_port
+        except OSError as exc:  # ssl.SSLError is one too
+            logging.getLogger("kaboni").error("event=start_failed host=%s port=%s metrics_port=%s error=%s",
+                                              self.host, self.port, self.metrics_port if self.metrics else "off",
+                                              json.dumps(str(exc)))
+            if server is not None:
+                server.close()
+            return 1
         try:
             ledger = self.ledger_factory(
                 self.config, self.data_dir, durability=gw.durability, today=today,
@@ -263,8 +286,9 @@ class Server:
         except Exception as exc:  # noqa: BLE001 - a journal we cannot open: say so, exit non-zero
             logging.getLogger("kaboni").error("event=journal_open_failed data_dir=%s error=%s", self.data_dir,
                                               json.dumps(str(exc)))
+            server.close()
+            _stop_metrics(metrics_server)
             return 1
-        metrics_server = server = None
         try:
             exchange = self.exchange = Exchange(self.config, ledger, clock_ns=time.time_ns,
                                                 stats=Stats(self.stats_enabled))
@@ -274,15 +298,8 @@ class Server:
                 # Every connection ended with the old process: cancel-on-disconnect orders go now.
                 exchange._execute(Restarted(), "", None, time.monotonic())
                 exchange.release(ledger.durable_seq)
-            if self.metrics:
-                metrics_server = start_metrics_server(exchange, self.metrics_port, self.host, self._run_in_loop)
-                self.metrics_port_bound = metrics_server[0].server_port
-            ssl_ctx = self._ssl_context()
-            server = await loop.create_server(
-                lambda: Connection(self), self.host, self.port, ssl=ssl_ctx, backlog=4096, reuse_address=True,
-                # a TLS peer that never finishes its handshake is dropped like one that never logs on
-                **({"ssl_handshake_timeout": gw.logon_timeout_s} if ssl_ctx else {}))
-            self.port = server.sockets[0].getsockname()[1]
+            collector.exchange = exchange
+            await server.start_serving()
             for sig in (signal.SIGTERM, signal.SIGINT):
                 try:
                     loop.add_signal_handler(sig, self.stopping.set)
@@ -326,15 +343,6 @@ class Server:
             for s in list(exchange.sessions):
                 s.sink.abort()
             await asyncio.sleep(0)
-        except OSError as exc:
-            if server is not None:
-                raise
-            # Start-up failed with the journal open (a port in use, a bad certificate): one line,
-            # exit non-zero; the finally closes what is open.
-            logging.getLogger("kaboni").error("event=start_failed host=%s port=%s metrics_port=%s error=%s",
-                                              self.host, self.port, self.metrics_port if self.metrics else "off",
-                                              json.dumps(str(exc)))
-            self.exit_code = 1
         finally:
             # Whatever happened after the journal opened, its threads and files and the metrics
             # endpoint are closed.
@@ -344,8 +352,7 @@ class Server:
                 logging.getLogger("kaboni").error("event=journal_close_failed error=%r", exc)
                 self.exit_code = 1
             _stop_metrics(metrics_server)
-        if server is None:
-            return self.exit_code
+            server.close()
         log_event("stopped", exit_code=self.exit_code, durable_seq=ledger.durable_seq)
         return self.exit_code
 

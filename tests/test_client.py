@@ -113,38 +113,46 @@ def test_tls(tmp_path):
         run(main_())
 
 
-def test_start_up_failure_after_the_journal_opened_closes_it_and_the_metrics_endpoint(tmp_path):
+@pytest.mark.parametrize("which", ["port", "metrics_port"])
+def test_a_port_in_use_fails_the_start_before_the_journal_is_opened(tmp_path, which):
     import socket
 
     from gateway._server import Server
 
-    from _fakes import ledger_factory
-
     busy = socket.socket()
     busy.bind(("127.0.0.1", 0))
     busy.listen()
-    port = busy.getsockname()[1]
     opened = []
 
     def factory(*args, **kwargs):
-        ledger = ledger_factory()(*args, **kwargs)
-        close = ledger.close
+        opened.append(args)
+        raise AssertionError("the journal was opened")
 
-        def counted_close():
-            opened.remove(ledger)
-            close()
-        ledger.close = counted_close
-        opened.append(ledger)
-        return ledger
-
-    server = Server(make_config(), tmp_path / "d", port=port, metrics_port=0, ledger_factory=factory)
+    ports = {"port": 0, "metrics_port": 0, which: busy.getsockname()[1]}
+    server = Server(make_config(), tmp_path / "d", ledger_factory=factory, **ports)
     try:
         assert asyncio.run(server.run()) == 1
     finally:
         busy.close()
-    assert opened == []                       # the journal was closed (its writer thread joined)
-    with pytest.raises(ConnectionRefusedError):  # and the metrics endpoint no longer listens
-        socket.create_connection(("127.0.0.1", server.metrics_port_bound), timeout=2).close()
+    assert opened == [] and not (tmp_path / "d").exists()  # nothing recovered, nothing created
+    if which == "metrics_port":  # the order port bound first was let go again
+        with pytest.raises(ConnectionRefusedError):
+            socket.create_connection(("127.0.0.1", server.port), timeout=2).close()
+
+
+def test_a_journal_that_cannot_be_opened_lets_go_of_both_ports(tmp_path):
+    import socket
+
+    from gateway._server import Server
+
+    def factory(*args, **kwargs):
+        raise OSError("disk on fire")
+
+    server = Server(make_config(), tmp_path / "d", port=0, metrics_port=0, ledger_factory=factory)
+    assert asyncio.run(server.run()) == 1
+    for port in (server.port, server.metrics_port_bound):
+        with pytest.raises(ConnectionRefusedError):
+            socket.create_connection(("127.0.0.1", port), timeout=2).close()
 
 
 def test_cli_serve_on_a_port_in_use_says_so_in_one_line(tmp_path):
