@@ -227,8 +227,8 @@ class Ledger:
         start = None
         for body in self._snapshots():
             try:
-                first = next(iter(journal.read_at(body.position)), None)
-                if first is None or first.seq != body.seq or first.kind != KIND_ENTRY:
+                at = next(iter(journal.read_at(body.position)), None)
+                if at is None or at.seq != body.seq or at.kind != KIND_ENTRY:
                     raise ValueError(f"no ENTRY with seq {body.seq} at its position")
                 engine = Engine.restore(config, body.engine)
             except (JournalError, ValueError, KeyError, TypeError, msgspec.MsgspecError) as exc:
