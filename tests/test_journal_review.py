@@ -10,7 +10,9 @@ import msgspec
 import pytest
 
 from engine import NewOrder, demo_config
-from engine.journal import Ledger
+from engine.journal import CorruptJournalError, Journal, Ledger, list_segments
+from engine.journal._format import pack_position, segment_name
+from engine.journal._index import index_name
 from engine.journal._snapshot import list_snapshots, read_snapshot, snapshot_name, write_snapshot
 
 pytestmark = pytest.mark.timeout(60)
@@ -53,3 +55,42 @@ def test_an_unusable_snapshot_falls_back_to_a_full_replay_from_record_1(tmp_path
     write_snapshot(tmp_path, msgspec.structs.replace(body, engine=msgspec.msgpack.encode(state)), sync=False)
     with Ledger.open(demo_config(), tmp_path, durability="none") as ledger:
         assert ledger.engine.state_hash() == live_hash
+
+
+def _segmented_journal(directory, n: int = 60, segment_bytes: int = 300) -> list[int]:
+    j = Journal.open(directory, durability="none", segment_bytes=segment_bytes)
+    for i in range(1, n + 1):
+        j.append(1 + i % 2, b"p%03d" % i * 5)
+    j.close()
+    return list_segments(directory)
+
+
+@pytest.mark.parametrize("indexed", [True, False], ids=["with-indexes", "walking"])
+def test_a_missing_segment_is_not_silently_skipped_by_the_journal_readers(tmp_path, indexed):
+    """Seqs are gap-free across segments and a replay checks every record, so a sealed segment
+    that is gone (a partial copy of the directory, a mistaken delete) must be an error that
+    names where the sequence breaks. ``records``, ``read_at`` and ``payload_spans`` (the
+    Ledger's replay and report paths) reset their expected seq to each segment's first and
+    went on from the next segment as if nothing were missing."""
+    segments = _segmented_journal(tmp_path)
+    assert len(segments) > 4
+    gone = segments[2]
+    (tmp_path / segment_name(gone)).unlink()
+    (tmp_path / index_name(gone)).unlink()
+    if not indexed:
+        for first in segments:
+            (tmp_path / index_name(first)).unlink(missing_ok=True)
+    after = tmp_path / segment_name(segments[3])
+    j = Journal.open(tmp_path, durability="none", segment_bytes=300)
+    try:
+        with pytest.raises(CorruptJournalError) as info:
+            list(j.records(1))
+        assert info.value.path == str(after) and f"{gone} expected" in str(info.value)
+        with pytest.raises(CorruptJournalError):
+            list(j.read_at(pack_position(segments[1], 24)))
+        for kind in (1, 2):
+            with pytest.raises(CorruptJournalError) as info:
+                list(j.payload_spans(pack_position(1, 24), kind))
+            assert info.value.path == str(after)
+    finally:
+        j.close()

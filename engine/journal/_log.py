@@ -194,6 +194,7 @@ def _iter_file(path: Path, segment: int, offset: int, limit: int | None, expect:
     If ``strict``, a bad or cut-off frame raises ``CorruptJournalError``; otherwise the
     iteration stops there and appends the frame's offset to ``stopped`` (the caller judges
     whether it is a torn tail). With ``only``, records of other kinds are checked but not yielded.
+    Returns the seq expected after the last frame (``expect`` if there was none).
     """
     base = segment << 32
     unpack = _unpack_frame
@@ -214,7 +215,7 @@ def _iter_file(path: Path, segment: int, offset: int, limit: int | None, expect:
                 buf = buf + more if buf else more
             n = len(buf)
             if n == 0:
-                return
+                return expect
             mv = memoryview(buf)
             off = 0
             pos_base = base | buf_start
@@ -251,7 +252,7 @@ def _iter_file(path: Path, segment: int, offset: int, limit: int | None, expect:
                     if strict:
                         raise CorruptJournalError(path, buf_start, f"record cut off after {len(buf)} bytes")
                     stopped.append(buf_start)
-                return
+                return expect
     finally:
         os.close(fd)
 
@@ -993,11 +994,12 @@ class Journal:
             seg = segments[i]
             path = self.directory / segment_name(seg)
             last = seg == lim_seg
-            yield from _iter_file(path, seg, off, lim_off if last else None, expect, True, None, only)
+            expect = yield from _iter_file(path, seg, off, lim_off if last else None, expect, True, None, only)
             if last or i + 1 >= len(segments):
                 return
             i += 1
             off = _HEADER_SIZE
+            self._check_continues(segments[i], expect)
             expect = segments[i]  # a segment's first record carries the seq in its name
 
     def payloads(self, position: int, kind: int) -> Iterator[memoryview]:
@@ -1041,11 +1043,13 @@ class Journal:
                 if seg != lim_seg:
                     # a sealed segment: from its index, if it has a good one (one CRC32C call
                     # over the whole segment instead of one per frame)
-                    spans = self._indexed_spans(seg, data, off, kind)
-                    if spans is not None:
+                    indexed = self._indexed_spans(seg, data, off, kind)
+                    if indexed is not None:
+                        spans, frames = indexed
                         yield data, spans
                         i += 1
                         off = _HEADER_SIZE
+                        self._check_continues(segments[i], seg + frames)
                         expect = segments[i]
                         continue
             end = lim_off if seg == lim_seg else len(data)
@@ -1066,11 +1070,19 @@ class Journal:
                 return
             i += 1
             off = _HEADER_SIZE
+            self._check_continues(segments[i], expect or None)  # 0: nothing was read to go by
             expect = segments[i]  # a segment's first record carries the seq in its name
 
-    def _indexed_spans(self, seg: int, data, start: int, kind: int) -> list[int] | None:
-        """``payload_spans``' work for a sealed segment, from its index; None if it has no usable
-        index (the frames are walked instead)."""
+    def _check_continues(self, first: int, expect: int | None) -> None:
+        """Seqs are gap-free across segments: the segment starting at ``first`` must carry the
+        seq after the previous segment's last record (a missing segment file is corruption)."""
+        if expect is not None and first != expect:
+            raise CorruptJournalError(self.directory / segment_name(first), 0,
+                                      f"segment starts at seq {first}, {expect} expected")
+
+    def _indexed_spans(self, seg: int, data, start: int, kind: int) -> tuple[list[int], int] | None:
+        """``payload_spans``' work for a sealed segment, from its index, and its frame count;
+        None if it has no usable index (the frames are walked instead)."""
         try:
             kinds, lengths = load_index(self.directory, seg, data)
         except IndexUnusable as exc:
@@ -1081,7 +1093,7 @@ class Journal:
         if index_spans(kinds, lengths, _HEADER_SIZE, start, kind, spans) != len(data):
             log.warning("%s: the index does not cover the segment; walking its frames instead", index_name(seg))
             return None
-        return spans
+        return spans, len(lengths)
 
     def _index(self, work: int | tuple) -> None:
         """Have a sealed segment indexed in the background: from the appends' notes (a tuple:
