@@ -11,7 +11,7 @@ import pytest
 
 from engine import NewOrder, demo_config
 from engine.journal import CorruptJournalError, Journal, Ledger, list_segments
-from engine.journal._format import pack_position, segment_name
+from engine.journal._format import MAX_PAYLOAD, pack_position, segment_name
 from engine.journal._index import index_name
 from engine.journal._snapshot import list_snapshots, read_snapshot, snapshot_name, write_snapshot
 
@@ -92,5 +92,32 @@ def test_a_missing_segment_is_not_silently_skipped_by_the_journal_readers(tmp_pa
             with pytest.raises(CorruptJournalError) as info:
                 list(j.payload_spans(pack_position(1, 24), kind))
             assert info.value.path == str(after)
+    finally:
+        j.close()
+
+
+def test_a_record_recovery_would_drop_is_refused_when_appended(tmp_path):
+    """Recovery treats a length over MAX_PAYLOAD as a torn frame, but the appends took any
+    size: a record confirmed durable was truncated at the next open as a "torn tail" (or, with
+    records after it, stopped startup as corruption). The appends now refuse it whole, before
+    anything is framed, so the journal goes on intact."""
+    j = Journal.open(tmp_path, durability="none")
+    j.append(1, b"a")
+    big = bytes(MAX_PAYLOAD + 1)
+    with pytest.raises(ValueError):
+        j.append(1, big)
+    with pytest.raises(ValueError):
+        j.append_group([(2, b"fill"), (3, big)])
+    with pytest.raises(ValueError):
+        j.append_many(2, [b"x", big])
+    del big
+    assert j.append(1, b"b") == 2
+    assert j.append(1, bytes(MAX_PAYLOAD)) == 3  # the largest record recovery keeps
+    j.sync()
+    j.close()
+    j = Journal.open(tmp_path, durability="none")
+    try:
+        assert j.last_seq == 3
+        assert [(r.seq, r.payload[:1]) for r in j.records()] == [(1, b"a"), (2, b"b"), (3, b"\0")]
     finally:
         j.close()

@@ -68,6 +68,10 @@ if FRAME.format != _replay_frame.format or FRAME_SIZE != _REPLAY_FRAME_SIZE:  # 
     raise ImportError("engine/_replay.py's frame layout differs from the journal format's")
 
 
+def _too_large(size: int) -> ValueError:
+    return ValueError(f"a record of {size} bytes: recovery reads records of at most {MAX_PAYLOAD} bytes")
+
+
 def _frame_many(first: int, kind: int, payloads) -> tuple[bytearray, int]:
     """Frame records of one kind (GROUP_END already in ``kind``) from seq ``first``. Returns
     the frames and the size of the last one."""
@@ -678,6 +682,9 @@ class Journal:
         items = records if isinstance(records, (list, tuple)) else list(records)
         if not items:
             raise ValueError("an empty group")
+        largest = max(len(payload) for _, payload in items)
+        if largest > MAX_PAYLOAD:  # refused whole, before any of the group is framed
+            raise _too_large(largest)
         with self._lock:
             self._ready_for_group()
             buf = self._buf
@@ -709,9 +716,12 @@ class Journal:
                 self._wake.notify()
             return seq - 1
 
-    def append(self, kind: int, payload: bytes, _head=_HEAD_PACK, _crc=_CRC_PACK, _crc32c=crc32c) -> int:
+    def append(self, kind: int, payload: bytes, _head=_HEAD_PACK, _crc=_CRC_PACK, _crc32c=crc32c,
+               _max=MAX_PAYLOAD) -> int:
         """Append one record as a group of its own; returns its seq. The hot path: pre-bound
         packers, one CRC call, and one comparison for "failed, closing or segment full"."""
+        if len(payload) > _max:
+            raise _too_large(len(payload))
         with self._lock:
             pos = self._seg_size
             if pos < self._limit:
@@ -744,6 +754,9 @@ class Journal:
             payloads = list(payloads)
         if not payloads:
             return self.last_seq
+        largest = max(map(len, payloads))
+        if largest > MAX_PAYLOAD:
+            raise _too_large(largest)
         kind |= GROUP_END
         first = self._next_seq
         frames, last_len = _frame_many(first, kind, payloads)
