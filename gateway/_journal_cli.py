@@ -138,9 +138,11 @@ def _dump(args) -> int:
             if args.limit is not None and n >= args.limit:
                 break
             n += 1
-            values = msgspec.msgpack.decode(rec.payload)
             fields = _FIELDS.get(rec.kind)
-            body = dict(zip(fields, _plain(values))) if fields else _plain(values)
+            if fields is None:  # a kind of a later build: its payload decoded (or in hex), as it is
+                body = {"payload": _plain(_plain(rec.payload))}
+            else:
+                body = dict(zip(fields, _plain(msgspec.msgpack.decode(rec.payload))))
             if rec.kind == KIND_ENTRY:
                 body["reports"] = [{"member": m, "seq": s, "body": b} for m, s, b in body["reports"]]
             line = {"seq": rec.seq, "kind": KIND_NAMES.get(rec.kind, rec.kind), **body}

@@ -121,3 +121,37 @@ def test_a_record_recovery_would_drop_is_refused_when_appended(tmp_path):
         assert [(r.seq, r.payload[:1]) for r in j.records()] == [(1, b"a"), (2, b"b"), (3, b"\0")]
     finally:
         j.close()
+
+
+def _cli(*argv: str) -> tuple[int, str, str]:
+    import argparse
+    import io
+    from contextlib import redirect_stderr, redirect_stdout
+
+    from gateway._journal_cli import add_journal_commands
+
+    parser = argparse.ArgumentParser(prog="kaboni")
+    add_journal_commands(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(list(argv))
+    out, err = io.StringIO(), io.StringIO()
+    with redirect_stdout(out), redirect_stderr(err):
+        code = args.func(args)
+    return code, out.getvalue(), err.getvalue()
+
+
+def test_journal_dump_shows_records_of_a_kind_it_does_not_know(tmp_path):
+    """New record kinds may be added within a format version and readers skip them; ``journal
+    dump`` crashed on one (TypeError: its decoded payload, a list, was spread as a mapping)."""
+    import json
+
+    j = Journal.open(tmp_path, durability="none")
+    j.append(1, msgspec.msgpack.encode([1, DAY, "digest", "EXCHANGE"]))
+    j.append(9, msgspec.msgpack.encode([1, "two", 3]))  # a kind from a later build
+    j.append(10, b"\xc1 not msgpack")
+    j.close()
+    code, out, err = _cli("journal", "dump", str(tmp_path))
+    assert code == 0, err
+    lines = [json.loads(line) for line in out.splitlines()]
+    assert [(r["seq"], r["kind"]) for r in lines] == [(1, "START"), (2, 9), (3, 10)]
+    assert lines[1]["payload"] == [1, "two", 3]
+    assert lines[2]["payload"] == b"\xc1 not msgpack".hex()
