@@ -155,3 +155,17 @@ def test_journal_dump_shows_records_of_a_kind_it_does_not_know(tmp_path):
     assert [(r["seq"], r["kind"]) for r in lines] == [(1, "START"), (2, 9), (3, 10)]
     assert lines[1]["payload"] == [1, "two", 3]
     assert lines[2]["payload"] == b"\xc1 not msgpack".hex()
+
+
+def test_segments_are_kept_within_what_a_position_can_address(tmp_path):
+    """A position packs a byte offset into 32 bits (``segment << 32 | offset``), but any
+    ``segment_bytes`` was taken: with a segment past 4 GiB the offsets spilled into the segment
+    field (measured: after 64 appends of 64 MiB to a 5 GiB-segment journal, the next record's
+    position read back as segment 1, offset 1112: record 2's), so ``read_at``, the report index
+    and snapshot positions pointed at the wrong records. A segment of up to 2 GiB leaves room
+    for its last group, so a larger ``segment_bytes`` is refused at open."""
+    with pytest.raises(ValueError, match="segment_bytes"):
+        Journal.open(tmp_path / "a", segment_bytes=5 << 30)
+    with pytest.raises(ValueError, match="segment_bytes"):
+        Ledger.open(demo_config(), tmp_path / "b", today=DAY, durability="none", segment_bytes=(2 << 30) + 1)
+    Journal.open(tmp_path / "c", durability="none", segment_bytes=2 << 30).close()

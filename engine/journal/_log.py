@@ -54,6 +54,9 @@ FSYNC_BOUNDS = (
     0.5, 1.0, 2.5, 10.0,
 )
 _READ_CHUNK = 4 << 20
+# A position packs a segment's byte offsets into 32 bits; a segment is rolled once it reaches
+# segment_bytes, so this leaves 2 GiB for the group that fills it.
+MAX_SEGMENT_BYTES = 2 << 30
 _HEAD_PACK = struct.Struct("<IQB").pack  # the frame after its CRC: length, seq, kind
 _CRC_PACK = struct.Struct("<I").pack
 _HEADER_SIZE = SEGMENT_HEADER.size
@@ -491,6 +494,8 @@ class Journal:
         """
         if durability not in DURABILITY_MODES:
             raise ValueError(f"durability must be one of {DURABILITY_MODES}, got {durability!r}")
+        if segment_bytes > MAX_SEGMENT_BYTES:  # a position holds a segment's offsets in 32 bits
+            raise ValueError(f"segment_bytes must be at most {MAX_SEGMENT_BYTES}, got {segment_bytes}")
         if switch_interval is not None and sys.getswitchinterval() > switch_interval:
             sys.setswitchinterval(switch_interval)
         self = object.__new__(cls)
