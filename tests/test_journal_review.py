@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import random
 import shutil
@@ -10,7 +11,7 @@ import msgspec
 import pytest
 
 from engine import NewOrder, demo_config
-from engine.journal import CorruptJournalError, Journal, Ledger, list_segments
+from engine.journal import CorruptJournalError, FileOps, Journal, JournalFailedError, Ledger, list_segments
 from engine.journal._format import MAX_PAYLOAD, pack_position, segment_name
 from engine.journal._index import index_name
 from engine.journal._snapshot import list_snapshots, read_snapshot, snapshot_name, write_snapshot
@@ -169,3 +170,34 @@ def test_segments_are_kept_within_what_a_position_can_address(tmp_path):
     with pytest.raises(ValueError, match="segment_bytes"):
         Ledger.open(demo_config(), tmp_path / "b", today=DAY, durability="none", segment_bytes=(2 << 30) + 1)
     Journal.open(tmp_path / "c", durability="none", segment_bytes=2 << 30).close()
+
+
+class FailingClose(FileOps):
+    """``close`` of a sealed segment reports EIO (a deferred write error, as NFS and some file
+    systems give); like Linux, the descriptor is released all the same."""
+
+    def close(self, fd):
+        super().close(fd)
+        raise OSError(errno.EIO, "Input/output error (injected)")
+
+
+def test_a_failed_close_at_a_roll_leaves_no_stale_descriptor_for_close(tmp_path):
+    """The writer cleared its descriptor only after ``close`` returned: when closing the sealed
+    segment failed, the journal failed (as it should) but kept the released number, and
+    ``Journal.close`` later closed whatever file had been given that number since."""
+    errors = []
+    j = Journal.open(tmp_path / "j", segment_bytes=256, file_ops=FailingClose(), on_error=errors.append)
+    for i in range(1, 40):
+        try:
+            j.append(1, b"record-%d" % i * 8)
+        except JournalFailedError:
+            break
+    with pytest.raises(JournalFailedError):
+        j.sync(timeout=5)
+    assert errors and errors[0].errno == errno.EIO
+    other = os.open(tmp_path / "other", os.O_WRONLY | os.O_CREAT)
+    try:
+        j.close()
+        os.fstat(other)  # still open: the journal did not close it
+    finally:
+        os.close(other)

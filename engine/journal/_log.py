@@ -935,8 +935,8 @@ class Journal:
                         # roll: the old segment is whole and synced before the new one exists
                         if sync:
                             ops.sync(self._fd)
-                        ops.close(self._fd)
-                        self._fd = -1  # closed: if create fails, close() must not close a reused number
+                        fd, self._fd = self._fd, -1  # released even if close fails: close() must not
+                        ops.close(fd)  # close the number again once it is reused (nor if create fails)
                         notes = self._sealed_notes.pop(seg, None)
                         if notes is not None:
                             sealed, kinds, lengths = notes
