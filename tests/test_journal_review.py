@@ -201,3 +201,20 @@ def test_a_failed_close_at_a_roll_leaves_no_stale_descriptor_for_close(tmp_path)
         os.fstat(other)  # still open: the journal did not close it
     finally:
         os.close(other)
+
+
+def test_a_journal_without_its_first_segment_is_named_as_such_at_open(tmp_path):
+    """Record 1 (START) is read first at a restart; with the first segment gone (a partial
+    copy, archived segments), ``Ledger.open`` raised a bare ``StopIteration``: an empty
+    message in the gateway's ``journal_open_failed`` line, and a ``RuntimeError`` wherever it
+    is called from a generator. It now says which file the journal starts with."""
+    with Ledger.open(demo_config(), tmp_path, today=DAY, durability="none", segment_bytes=8192) as ledger:
+        fill_ledger(ledger, 300)
+    segments = list_segments(tmp_path)
+    assert len(segments) > 2 and list_snapshots(tmp_path)
+    (tmp_path / segment_name(1)).unlink()
+    (tmp_path / index_name(1)).unlink()
+    with pytest.raises(CorruptJournalError) as info:
+        Ledger.open(demo_config(), tmp_path, durability="none", segment_bytes=8192)
+    assert info.value.path == str(tmp_path / segment_name(segments[1]))
+    assert f"starts at seq {segments[1]}" in str(info.value)
