@@ -449,7 +449,10 @@ def read_records(directory: str | Path, from_seq: int = 1) -> Iterator[Record]:
         # where the frames stop (damage with valid records after it still raises).
         stopped: list[int] = []
         held: list[Record] = []
-        for rec in _iter_file(path, first, _HEADER_SIZE, None, expect, False, stopped):
+        # up to the end as of now, and the tail judged on those same bytes: a live journal's
+        # writer may complete a cut-off frame and write more meanwhile
+        size = os.stat(path).st_size
+        for rec in _iter_file(path, first, _HEADER_SIZE, size, expect, False, stopped):
             expect = rec.seq + 1
             if rec.group_end and not held:
                 if rec.seq >= from_seq:
@@ -465,7 +468,7 @@ def read_records(directory: str | Path, from_seq: int = 1) -> Iterator[Record]:
         if stopped:
             with open(path, "rb") as f:
                 f.seek(stopped[0])
-                tail = f.read()
+                tail = f.read(size - stopped[0])
             found = _find_valid_frame(tail, 1, expect)
             if found is not None:
                 raise CorruptJournalError(path, stopped[0], f"bad record with valid records after it (at offset "
