@@ -55,9 +55,12 @@ def add_journal_commands(subparsers) -> None:
 
 def _day(text: str) -> str:
     try:
-        _dt.date.fromisoformat(text)
+        # exactly YYYY-MM-DD, as FILL records carry it (fromisoformat also takes 20261124 and 2026-W48-2)
+        ok = _dt.date.fromisoformat(text).isoformat() == text
     except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a YYYY-MM-DD date") from None
+        ok = False
+    if not ok:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a YYYY-MM-DD date")
     return text
 
 

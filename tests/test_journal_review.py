@@ -243,3 +243,16 @@ def test_read_records_on_a_live_journal_judges_its_tail_by_the_bytes_it_read(tmp
         f.write(data[eleventh + 30:])
     assert list(records) == []  # a torn tail as far as this read goes: no error
     assert [r.seq for r in read_records(tmp_path)] == list(range(1, 13))
+
+
+@pytest.mark.parametrize("day", ["20261124", "2026-W48-2"])
+def test_settle_refuses_a_day_not_written_yyyy_mm_dd(tmp_path, day):
+    """FILL records carry the day as YYYY-MM-DD, and ``--day`` was checked with
+    ``date.fromisoformat``, which in Python 3.11 also takes 20261124 and 2026-W48-2: such a
+    day passed, matched no FILL, and ``settle`` printed an empty report with exit 0."""
+    with Ledger.open(demo_config(), tmp_path, today=DAY, durability="none") as ledger:
+        fill_ledger(ledger, 100)
+    code, out, _ = _cli("settle", str(tmp_path), "--day", DAY)
+    assert code == 0 and len(out.splitlines()) > 1
+    with pytest.raises(SystemExit):
+        _cli("settle", str(tmp_path), "--day", day)
