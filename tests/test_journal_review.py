@@ -256,3 +256,25 @@ def test_settle_refuses_a_day_not_written_yyyy_mm_dd(tmp_path, day):
     assert code == 0 and len(out.splitlines()) > 1
     with pytest.raises(SystemExit):
         _cli("settle", str(tmp_path), "--day", day)
+
+
+def test_offline_readers_refuse_a_journal_whose_first_segment_is_gone(tmp_path):
+    """Every journal starts at seq 1, but ``scan_journal`` and ``read_records`` started from
+    whatever segment came first: a copy without its first segment passed ``journal verify``
+    (exit 0), and ``settle`` summed the fills it had left, under the default fee account,
+    with exit 0: a wrong report that looked right."""
+    with Ledger.open(demo_config(), tmp_path, today=DAY, durability="none", segment_bytes=8192) as ledger:
+        fill_ledger(ledger, 300)
+    segments = list_segments(tmp_path)
+    assert len(segments) > 2
+    (tmp_path / segment_name(1)).unlink()
+    (tmp_path / index_name(1)).unlink()
+    second = str(tmp_path / segment_name(segments[1]))
+    with pytest.raises(CorruptJournalError) as info:
+        list(read_records(tmp_path))
+    assert info.value.path == second
+    assert [r.seq for r in read_records(tmp_path, segments[1] + 2)][:1] == [segments[1] + 2]  # asked for: there
+    for argv in (("journal", "verify", str(tmp_path)), ("settle", str(tmp_path), "--day", DAY),
+                 ("journal", "stats", str(tmp_path)), ("journal", "dump", str(tmp_path))):
+        code, _, err = _cli(*argv)
+        assert code == 1 and second in err, argv

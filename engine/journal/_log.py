@@ -194,6 +194,14 @@ def list_segments(directory: str | Path) -> list[int]:
     return firsts
 
 
+def _check_first(directory: Path, firsts: list[int], from_seq: int) -> None:
+    """A journal starts at seq 1: records asked for before its first segment are missing."""
+    if firsts and firsts[0] > max(from_seq, 1):
+        raise CorruptJournalError(directory / segment_name(firsts[0]), 0,
+                                  f"the journal starts at seq {firsts[0]}: seqs {max(from_seq, 1)} to "
+                                  f"{firsts[0] - 1} are missing")
+
+
 def _iter_file(path: Path, segment: int, offset: int, limit: int | None, expect: int | None,
                strict: bool, stopped: list | None = None, only: int | None = None) -> Iterator[Record]:
     """Frames of one segment from ``offset`` up to ``limit`` (file end if None), CRC-checked.
@@ -335,6 +343,7 @@ def scan_journal(directory: str | Path) -> ScanResult:
     result = ScanResult()
     firsts = list_segments(directory)
     result.segments = len(firsts)
+    _check_first(directory, firsts, 1)
     expect = firsts[0] if firsts else 1
     result.first_seq = expect
     result.last_seq = expect - 1
@@ -421,6 +430,7 @@ def read_records(directory: str | Path, from_seq: int = 1) -> Iterator[Record]:
     firsts = list_segments(directory)
     if not firsts:
         return
+    _check_first(directory, firsts, from_seq)
     i = max(0, bisect_right(firsts, from_seq) - 1)
     expect = firsts[i]
     for j in range(i, len(firsts)):
