@@ -21,7 +21,7 @@ import threading
 import time
 from array import array
 from bisect import bisect_right
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Generator, Iterable, Iterator
 from pathlib import Path
 
 from crc32c import crc32c
@@ -203,7 +203,8 @@ def _check_first(directory: Path, firsts: list[int], from_seq: int) -> None:
 
 
 def _iter_file(path: Path, segment: int, offset: int, limit: int | None, expect: int | None,
-               strict: bool, stopped: list | None = None, only: int | None = None) -> Iterator[Record]:
+               strict: bool, stopped: list | None = None, only: int | None = None
+               ) -> Generator[Record, None, int | None]:
     """Frames of one segment from ``offset`` up to ``limit`` (file end if None), CRC-checked.
 
     If ``strict``, a bad or cut-off frame raises ``CorruptJournalError``; otherwise the
