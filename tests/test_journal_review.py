@@ -14,7 +14,7 @@ from engine.journal import (
     CorruptJournalError, FileOps, Journal, JournalFailedError, Ledger, list_segments, read_records,
 )
 from engine.journal._format import MAX_PAYLOAD, pack_position, segment_name, unpack_position
-from engine.journal._index import index_name
+from engine.journal._index import index_name, load_index
 from engine.journal._snapshot import list_snapshots, read_snapshot, snapshot_name, write_snapshot
 
 pytestmark = pytest.mark.timeout(60)
@@ -277,3 +277,33 @@ def test_offline_readers_refuse_a_journal_whose_first_segment_is_gone(tmp_path):
                  ("journal", "stats", str(tmp_path)), ("journal", "dump", str(tmp_path))):
         code, _, err = _cli(*argv)
         assert code == 1 and second in err, argv
+
+
+def test_an_index_left_beside_the_newest_segment_does_not_outlive_its_bytes(tmp_path, monkeypatch):
+    """A crash while rolling (the new segment half created, removed at open) makes the sealed
+    segment before it the newest again, appended to, with the index it got when it was sealed.
+    If the next crash came between its next sealing and the new index, that stale index was
+    still there: ``index_missing`` only indexes segments that have none, so every replay
+    warned and walked the segment, for good. Recovery now removes an index beside the newest
+    segment (which is never read through one), so the segment is indexed once sealed."""
+    import engine.journal._log as log_module
+
+    j = Journal.open(tmp_path, durability="none", segment_bytes=300)
+    for i in range(1, 31):
+        j.append(1, b"r%03d" % i * 5)
+    j.close()
+    segments = list_segments(tmp_path)
+    os.truncate(tmp_path / segment_name(segments[-1]), 10)  # a crash while rolling to it
+    again = segments[-2]  # the newest again, with the index it got when it was sealed
+    assert (tmp_path / index_name(again)).exists()
+    with monkeypatch.context() as patch:
+        patch.setattr(log_module, "write_index", lambda *args: None)  # the next crash: before indexing
+        j = Journal.open(tmp_path, durability="none", segment_bytes=600)
+        for i in range(31, 45):
+            j.append(1, b"r%03d" % i * 5)
+        j.close()
+    assert list_segments(tmp_path)[-2] == again  # sealed again, grown
+    j = Journal.open(tmp_path, durability="none", segment_bytes=600)
+    j.index_missing()
+    j.close()
+    load_index(tmp_path, again, (tmp_path / segment_name(again)).read_bytes())  # usable
