@@ -307,3 +307,26 @@ def test_an_index_left_beside_the_newest_segment_does_not_outlive_its_bytes(tmp_
     j.index_missing()
     j.close()
     load_index(tmp_path, again, (tmp_path / segment_name(again)).read_bytes())  # usable
+
+
+class NoSpace(FileOps):
+    def write(self, fd, data):
+        raise OSError(errno.ENOSPC, "No space left on device (injected)")
+
+
+class SyncFails(FileOps):
+    def sync(self, fd):
+        raise OSError(errno.EIO, "Input/output error (injected)")
+
+
+@pytest.mark.parametrize("ops", [NoSpace, SyncFails], ids=["write-ENOSPC", "sync-EIO"])
+def test_a_new_journal_that_cannot_be_written_leaks_no_descriptor(tmp_path, ops):
+    """Creating a journal writes and syncs the first segment's header; when that failed,
+    ``Journal.open`` raised (as it should) but left the segment's descriptor open."""
+    before = set(os.listdir("/proc/self/fd"))
+    with pytest.raises(OSError):
+        Journal.open(tmp_path, file_ops=ops())
+    assert set(os.listdir("/proc/self/fd")) <= before
+    j = Journal.open(tmp_path, durability="none")  # and the directory is still usable
+    assert j.last_seq == 0
+    j.close()

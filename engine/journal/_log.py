@@ -602,10 +602,17 @@ class Journal:
             path = directory / segment_name(1)
             fd = ops.create(str(path))
             head = _segment_header(1)
-            self._write_all(fd, head)
-            if self._sync:
-                ops.sync(fd)
-                ops.sync_dir(str(directory))
+            try:
+                self._write_all(fd, head)
+                if self._sync:
+                    ops.sync(fd)
+                    ops.sync_dir(str(directory))
+            except BaseException:
+                try:
+                    ops.close(fd)  # open fails: its descriptor goes too
+                except OSError:
+                    pass
+                raise
             self._segments = [1]
             self._fd = fd
             self._next_seq = 1
