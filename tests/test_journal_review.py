@@ -330,3 +330,19 @@ def test_a_new_journal_that_cannot_be_written_leaks_no_descriptor(tmp_path, ops)
     j = Journal.open(tmp_path, durability="none")  # and the directory is still usable
     assert j.last_seq == 0
     j.close()
+
+
+@pytest.mark.parametrize("segment_bytes", [0, 24])
+def test_a_segment_size_that_cannot_hold_a_record_is_refused(tmp_path, segment_bytes):
+    """A segment is rolled once it holds ``segment_bytes``; at 24 or less (a header's size) a
+    fresh segment was already "full", so the first append rolled it into a new segment with
+    the same first seq: a second header written into the same file, a journal that
+    ``read_records`` (and a full replay) then found corrupt. Such a size is now refused."""
+    with pytest.raises(ValueError, match="segment_bytes"):
+        Journal.open(tmp_path, durability="none", segment_bytes=segment_bytes)
+    assert list_segments(tmp_path) == []
+    j = Journal.open(tmp_path, durability="none", segment_bytes=25)  # one record per segment
+    for i in range(3):
+        j.append(1, b"x%d" % i)
+    j.close()
+    assert [r.seq for r in read_records(tmp_path)] == [1, 2, 3]

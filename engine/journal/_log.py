@@ -508,8 +508,11 @@ class Journal:
         """
         if durability not in DURABILITY_MODES:
             raise ValueError(f"durability must be one of {DURABILITY_MODES}, got {durability!r}")
-        if segment_bytes > MAX_SEGMENT_BYTES:  # a position holds a segment's offsets in 32 bits
-            raise ValueError(f"segment_bytes must be at most {MAX_SEGMENT_BYTES}, got {segment_bytes}")
+        # more than a header (a fresh segment must not count as full); at most what a position's
+        # 32-bit offset can address
+        if not _HEADER_SIZE < segment_bytes <= MAX_SEGMENT_BYTES:
+            raise ValueError(f"segment_bytes must be more than {_HEADER_SIZE} and at most {MAX_SEGMENT_BYTES}, "
+                             f"got {segment_bytes}")
         if switch_interval is not None and sys.getswitchinterval() > switch_interval:
             sys.setswitchinterval(switch_interval)
         self = object.__new__(cls)
