@@ -55,9 +55,12 @@ def add_journal_commands(subparsers) -> None:
 
 def _day(text: str) -> str:
     try:
-        _dt.date.fromisoformat(text)
+        # exactly YYYY-MM-DD, as FILL records carry it (fromisoformat also takes 20261124 and 2026-W48-2)
+        ok = _dt.date.fromisoformat(text).isoformat() == text
     except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a YYYY-MM-DD date") from None
+        ok = False
+    if not ok:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a YYYY-MM-DD date")
     return text
 
 
@@ -138,9 +141,11 @@ def _dump(args) -> int:
             if args.limit is not None and n >= args.limit:
                 break
             n += 1
-            values = msgspec.msgpack.decode(rec.payload)
             fields = _FIELDS.get(rec.kind)
-            body = dict(zip(fields, _plain(values))) if fields else _plain(values)
+            if fields is None:  # a kind of a later build: its payload decoded (or in hex), as it is
+                body = {"payload": _plain(_plain(rec.payload))}
+            else:
+                body = dict(zip(fields, _plain(msgspec.msgpack.decode(rec.payload))))
             if rec.kind == KIND_ENTRY:
                 body["reports"] = [{"member": m, "seq": s, "body": b} for m, s, b in body["reports"]]
             line = {"seq": rec.seq, "kind": KIND_NAMES.get(rec.kind, rec.kind), **body}

@@ -28,9 +28,11 @@ from .._engine import Engine
 from .._messages import REPORTS, Command, DayEnded, Deposit, Fill, NewOrder, OpenMarket, QueryBalances
 from .._replay import run_entries
 from ._format import (
-    FORMAT_VERSION, KIND_ENTRY, KIND_FILL, KIND_START, EntryRecord, StartRecord,
+    FORMAT_VERSION, KIND_ENTRY, KIND_FILL, KIND_START, EntryRecord, StartRecord, segment_name,
 )
-from ._log import SWITCH_INTERVAL, FileOps, Journal, JournalError, JournalStats
+from ._log import (
+    SWITCH_INTERVAL, CorruptJournalError, FileOps, Journal, JournalError, JournalStats, list_segments,
+)
 from ._snapshot import SnapshotBody, list_snapshots, prune_snapshots, read_snapshot, snapshot_name, write_snapshot
 
 __all__ = ["Ledger", "config_digest", "INDEX_STEP"]
@@ -218,7 +220,11 @@ class Ledger:
     def _recover(self) -> None:
         journal = self.journal
         config = self.config
-        first = next(journal.records(1, 1))
+        first = next(journal.records(1, 1), None)
+        if first is None:  # the segment that held record 1 is gone
+            start = list_segments(self.directory)[0]
+            raise CorruptJournalError(self.directory / segment_name(start), 0,
+                                      f"the journal starts at seq {start}: record 1 (START) is missing")
         if first.kind != KIND_START:
             raise JournalError(f"record 1 of {self.directory} is not a START record")
         head = _start_decoder.decode(first.payload)
@@ -227,8 +233,8 @@ class Ledger:
         start = None
         for body in self._snapshots():
             try:
-                first = next(iter(journal.read_at(body.position)), None)
-                if first is None or first.seq != body.seq or first.kind != KIND_ENTRY:
+                at = next(iter(journal.read_at(body.position)), None)
+                if at is None or at.seq != body.seq or at.kind != KIND_ENTRY:
                     raise ValueError(f"no ENTRY with seq {body.seq} at its position")
                 engine = Engine.restore(config, body.engine)
             except (JournalError, ValueError, KeyError, TypeError, msgspec.MsgspecError) as exc:

@@ -21,7 +21,7 @@ import threading
 import time
 from array import array
 from bisect import bisect_right
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Generator, Iterable, Iterator
 from pathlib import Path
 
 from crc32c import crc32c
@@ -54,6 +54,9 @@ FSYNC_BOUNDS = (
     0.5, 1.0, 2.5, 10.0,
 )
 _READ_CHUNK = 4 << 20
+# A position packs a segment's byte offsets into 32 bits; a segment is rolled once it reaches
+# segment_bytes, so this leaves 2 GiB for the group that fills it.
+MAX_SEGMENT_BYTES = 2 << 30
 _HEAD_PACK = struct.Struct("<IQB").pack  # the frame after its CRC: length, seq, kind
 _CRC_PACK = struct.Struct("<I").pack
 _HEADER_SIZE = SEGMENT_HEADER.size
@@ -66,6 +69,10 @@ _FRAME_PROBLEMS = {  # scan_groups' problems, as errors
 _unpack_frame = FRAME.unpack_from
 if FRAME.format != _replay_frame.format or FRAME_SIZE != _REPLAY_FRAME_SIZE:  # the compiled replay keeps its own copy
     raise ImportError("engine/_replay.py's frame layout differs from the journal format's")
+
+
+def _too_large(size: int) -> ValueError:
+    return ValueError(f"a record of {size} bytes: recovery reads records of at most {MAX_PAYLOAD} bytes")
 
 
 def _frame_many(first: int, kind: int, payloads) -> tuple[bytearray, int]:
@@ -187,13 +194,23 @@ def list_segments(directory: str | Path) -> list[int]:
     return firsts
 
 
+def _check_first(directory: Path, firsts: list[int], from_seq: int) -> None:
+    """A journal starts at seq 1: records asked for before its first segment are missing."""
+    if firsts and firsts[0] > max(from_seq, 1):
+        raise CorruptJournalError(directory / segment_name(firsts[0]), 0,
+                                  f"the journal starts at seq {firsts[0]}: seqs {max(from_seq, 1)} to "
+                                  f"{firsts[0] - 1} are missing")
+
+
 def _iter_file(path: Path, segment: int, offset: int, limit: int | None, expect: int | None,
-               strict: bool, stopped: list | None = None, only: int | None = None) -> Iterator[Record]:
+               strict: bool, stopped: list | None = None, only: int | None = None
+               ) -> Generator[Record, None, int | None]:
     """Frames of one segment from ``offset`` up to ``limit`` (file end if None), CRC-checked.
 
     If ``strict``, a bad or cut-off frame raises ``CorruptJournalError``; otherwise the
     iteration stops there and appends the frame's offset to ``stopped`` (the caller judges
     whether it is a torn tail). With ``only``, records of other kinds are checked but not yielded.
+    Returns the seq expected after the last frame (``expect`` if there was none).
     """
     base = segment << 32
     unpack = _unpack_frame
@@ -214,7 +231,7 @@ def _iter_file(path: Path, segment: int, offset: int, limit: int | None, expect:
                 buf = buf + more if buf else more
             n = len(buf)
             if n == 0:
-                return
+                return expect
             mv = memoryview(buf)
             off = 0
             pos_base = base | buf_start
@@ -251,7 +268,7 @@ def _iter_file(path: Path, segment: int, offset: int, limit: int | None, expect:
                     if strict:
                         raise CorruptJournalError(path, buf_start, f"record cut off after {len(buf)} bytes")
                     stopped.append(buf_start)
-                return
+                return expect
     finally:
         os.close(fd)
 
@@ -327,6 +344,7 @@ def scan_journal(directory: str | Path) -> ScanResult:
     result = ScanResult()
     firsts = list_segments(directory)
     result.segments = len(firsts)
+    _check_first(directory, firsts, 1)
     expect = firsts[0] if firsts else 1
     result.first_seq = expect
     result.last_seq = expect - 1
@@ -413,6 +431,7 @@ def read_records(directory: str | Path, from_seq: int = 1) -> Iterator[Record]:
     firsts = list_segments(directory)
     if not firsts:
         return
+    _check_first(directory, firsts, from_seq)
     i = max(0, bisect_right(firsts, from_seq) - 1)
     expect = firsts[i]
     for j in range(i, len(firsts)):
@@ -441,7 +460,10 @@ def read_records(directory: str | Path, from_seq: int = 1) -> Iterator[Record]:
         # where the frames stop (damage with valid records after it still raises).
         stopped: list[int] = []
         held: list[Record] = []
-        for rec in _iter_file(path, first, _HEADER_SIZE, None, expect, False, stopped):
+        # up to the end as of now, and the tail judged on those same bytes: a live journal's
+        # writer may complete a cut-off frame and write more meanwhile
+        size = os.stat(path).st_size
+        for rec in _iter_file(path, first, _HEADER_SIZE, size, expect, False, stopped):
             expect = rec.seq + 1
             if rec.group_end and not held:
                 if rec.seq >= from_seq:
@@ -457,7 +479,7 @@ def read_records(directory: str | Path, from_seq: int = 1) -> Iterator[Record]:
         if stopped:
             with open(path, "rb") as f:
                 f.seek(stopped[0])
-                tail = f.read()
+                tail = f.read(size - stopped[0])
             found = _find_valid_frame(tail, 1, expect)
             if found is not None:
                 raise CorruptJournalError(path, stopped[0], f"bad record with valid records after it (at offset "
@@ -486,6 +508,11 @@ class Journal:
         """
         if durability not in DURABILITY_MODES:
             raise ValueError(f"durability must be one of {DURABILITY_MODES}, got {durability!r}")
+        # more than a header (a fresh segment must not count as full); at most what a position's
+        # 32-bit offset can address
+        if not _HEADER_SIZE < segment_bytes <= MAX_SEGMENT_BYTES:
+            raise ValueError(f"segment_bytes must be more than {_HEADER_SIZE} and at most {MAX_SEGMENT_BYTES}, "
+                             f"got {segment_bytes}")
         if switch_interval is not None and sys.getswitchinterval() > switch_interval:
             sys.setswitchinterval(switch_interval)
         self = object.__new__(cls)
@@ -578,10 +605,17 @@ class Journal:
             path = directory / segment_name(1)
             fd = ops.create(str(path))
             head = _segment_header(1)
-            self._write_all(fd, head)
-            if self._sync:
-                ops.sync(fd)
-                ops.sync_dir(str(directory))
+            try:
+                self._write_all(fd, head)
+                if self._sync:
+                    ops.sync(fd)
+                    ops.sync_dir(str(directory))
+            except BaseException:
+                try:
+                    ops.close(fd)  # open fails: its descriptor goes too
+                except OSError:
+                    pass
+                raise
             self._segments = [1]
             self._fd = fd
             self._next_seq = 1
@@ -601,6 +635,9 @@ class Journal:
             path = directory / segment_name(first)
             data = path.read_bytes()
             _check_header(path, data, first)
+            # the newest segment is never read through an index; one beside it is left from when
+            # it was sealed before (the next segment was half created) and goes stale as it grows
+            (directory / index_name(first)).unlink(missing_ok=True)
             kinds, lengths = bytearray(), []
             records, group_end, group_seq, group_last = _scan_last_segment(path, first, data, _HEADER_SIZE, first,
                                                                            kinds, lengths)
@@ -677,6 +714,9 @@ class Journal:
         items = records if isinstance(records, (list, tuple)) else list(records)
         if not items:
             raise ValueError("an empty group")
+        largest = max(len(payload) for _, payload in items)
+        if largest > MAX_PAYLOAD:  # refused whole, before any of the group is framed
+            raise _too_large(largest)
         with self._lock:
             self._ready_for_group()
             buf = self._buf
@@ -708,9 +748,12 @@ class Journal:
                 self._wake.notify()
             return seq - 1
 
-    def append(self, kind: int, payload: bytes, _head=_HEAD_PACK, _crc=_CRC_PACK, _crc32c=crc32c) -> int:
+    def append(self, kind: int, payload: bytes, _head=_HEAD_PACK, _crc=_CRC_PACK, _crc32c=crc32c,
+               _max=MAX_PAYLOAD) -> int:
         """Append one record as a group of its own; returns its seq. The hot path: pre-bound
         packers, one CRC call, and one comparison for "failed, closing or segment full"."""
+        if len(payload) > _max:
+            raise _too_large(len(payload))
         with self._lock:
             pos = self._seg_size
             if pos < self._limit:
@@ -743,6 +786,9 @@ class Journal:
             payloads = list(payloads)
         if not payloads:
             return self.last_seq
+        largest = max(map(len, payloads))
+        if largest > MAX_PAYLOAD:
+            raise _too_large(largest)
         kind |= GROUP_END
         first = self._next_seq
         frames, last_len = _frame_many(first, kind, payloads)
@@ -916,8 +962,8 @@ class Journal:
                         # roll: the old segment is whole and synced before the new one exists
                         if sync:
                             ops.sync(self._fd)
-                        ops.close(self._fd)
-                        self._fd = -1  # closed: if create fails, close() must not close a reused number
+                        fd, self._fd = self._fd, -1  # released even if close fails: close() must not
+                        ops.close(fd)  # close the number again once it is reused (nor if create fails)
                         notes = self._sealed_notes.pop(seg, None)
                         if notes is not None:
                             sealed, kinds, lengths = notes
@@ -993,11 +1039,12 @@ class Journal:
             seg = segments[i]
             path = self.directory / segment_name(seg)
             last = seg == lim_seg
-            yield from _iter_file(path, seg, off, lim_off if last else None, expect, True, None, only)
+            expect = yield from _iter_file(path, seg, off, lim_off if last else None, expect, True, None, only)
             if last or i + 1 >= len(segments):
                 return
             i += 1
             off = _HEADER_SIZE
+            self._check_continues(segments[i], expect)
             expect = segments[i]  # a segment's first record carries the seq in its name
 
     def payloads(self, position: int, kind: int) -> Iterator[memoryview]:
@@ -1041,11 +1088,13 @@ class Journal:
                 if seg != lim_seg:
                     # a sealed segment: from its index, if it has a good one (one CRC32C call
                     # over the whole segment instead of one per frame)
-                    spans = self._indexed_spans(seg, data, off, kind)
-                    if spans is not None:
+                    indexed = self._indexed_spans(seg, data, off, kind)
+                    if indexed is not None:
+                        spans, frames = indexed
                         yield data, spans
                         i += 1
                         off = _HEADER_SIZE
+                        self._check_continues(segments[i], seg + frames)
                         expect = segments[i]
                         continue
             end = lim_off if seg == lim_seg else len(data)
@@ -1066,11 +1115,19 @@ class Journal:
                 return
             i += 1
             off = _HEADER_SIZE
+            self._check_continues(segments[i], expect or None)  # 0: nothing was read to go by
             expect = segments[i]  # a segment's first record carries the seq in its name
 
-    def _indexed_spans(self, seg: int, data, start: int, kind: int) -> list[int] | None:
-        """``payload_spans``' work for a sealed segment, from its index; None if it has no usable
-        index (the frames are walked instead)."""
+    def _check_continues(self, first: int, expect: int | None) -> None:
+        """Seqs are gap-free across segments: the segment starting at ``first`` must carry the
+        seq after the previous segment's last record (a missing segment file is corruption)."""
+        if expect is not None and first != expect:
+            raise CorruptJournalError(self.directory / segment_name(first), 0,
+                                      f"segment starts at seq {first}, {expect} expected")
+
+    def _indexed_spans(self, seg: int, data, start: int, kind: int) -> tuple[list[int], int] | None:
+        """``payload_spans``' work for a sealed segment, from its index, and its frame count;
+        None if it has no usable index (the frames are walked instead)."""
         try:
             kinds, lengths = load_index(self.directory, seg, data)
         except IndexUnusable as exc:
@@ -1081,7 +1138,7 @@ class Journal:
         if index_spans(kinds, lengths, _HEADER_SIZE, start, kind, spans) != len(data):
             log.warning("%s: the index does not cover the segment; walking its frames instead", index_name(seg))
             return None
-        return spans
+        return spans, len(lengths)
 
     def _index(self, work: int | tuple) -> None:
         """Have a sealed segment indexed in the background: from the appends' notes (a tuple:
