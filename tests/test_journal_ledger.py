@@ -300,6 +300,54 @@ def test_journal_failure_surfaces_through_on_error(tmp_path):
     ledger.close()
 
 
+def test_a_command_the_journal_refuses_stops_the_ledger_before_anything_else_runs(tmp_path):
+    """The engine runs a command before its entry is appended; if the append fails (an entry
+    too large, an encoding error), the engine is ahead of its journal. Nothing more may run:
+    later reports would carry seqs the journal never gives back."""
+    from engine.journal import JournalFailedError
+
+    errors = []
+    ledger = Ledger.open(demo_config(), tmp_path, today=DAY, on_error=errors.append)
+    ledger.execute(NewOrder("a", "CEA25", "buy", 1, 9250), "M01", 1)
+    ledger.journal.sync()
+    before = ledger.engine.state_hash()
+    journal_append = ledger.journal.append
+
+    def refuse(kind, payload):
+        raise ValueError("a record of 70000000 bytes: refused (injected)")
+    ledger.journal.append = refuse
+    with pytest.raises(ValueError, match="injected"):
+        ledger.execute(NewOrder("b", "CEA25", "buy", 1, 9250), "M01", 2)
+    ledger.journal.append = journal_append
+    assert len(errors) == 1 and "injected" in str(errors[0])
+    ahead = ledger.engine.state_hash()
+    assert ahead != before  # the engine took order "b"; the journal does not have it
+    with pytest.raises(JournalFailedError):
+        ledger.execute(NewOrder("c", "CEA25", "buy", 1, 9250), "M01", 3)
+    assert ledger.engine.state_hash() == ahead  # "c" never reached the engine
+    ledger.close()
+    again = Ledger.open(demo_config(), tmp_path, today=DAY)
+    assert again.engine.state_hash() == before  # recovered from what the journal holds
+    again.close()
+
+
+def test_the_report_index_holds_positions_of_segments_past_seq_2_to_the_31(tmp_path):
+    """A position is (segment's first seq << 32 | offset): past 2^31 records it no longer fits
+    an int64. The index keeps positions unsigned, and a snapshot carries them through."""
+    from engine.journal._format import pack_position
+    from engine.journal._snapshot import SnapshotBody
+
+    ledger = Ledger.open(demo_config(), tmp_path, today=DAY)
+    far = pack_position(2**32 - 1, 2**31)
+    ledger._ensure_index()
+    ledger._index([("M01", 10**9, b"")], far)
+    body = ledger._snapshot_body()
+    restored = msgspec.msgpack.decode(msgspec.msgpack.encode(body), type=SnapshotBody)
+    seqs, positions = restored.index["M01"]
+    assert far in memoryview(positions).cast("Q").tolist()
+    ledger.close()
+
+
 # ---------------------------------------------------------------------------------------------
 # Hypothesis: snapshot + replay == full replay == the live engine
 

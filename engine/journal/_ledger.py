@@ -31,7 +31,8 @@ from ._format import (
     FORMAT_VERSION, KIND_ENTRY, KIND_FILL, KIND_START, EntryRecord, StartRecord, segment_name,
 )
 from ._log import (
-    SWITCH_INTERVAL, CorruptJournalError, FileOps, Journal, JournalError, JournalStats, list_segments,
+    SWITCH_INTERVAL, CorruptJournalError, FileOps, Journal, JournalError, JournalFailedError, JournalStats,
+    list_segments,
 )
 from ._snapshot import SnapshotBody, list_snapshots, prune_snapshots, read_snapshot, snapshot_name, write_snapshot
 
@@ -168,6 +169,7 @@ class Ledger:
         self._snap_queue: queue.Queue = queue.Queue()
         self._snap_thread: threading.Thread | None = None
         self._closed = False
+        self._failed: BaseException | None = None
         self.journal = Journal.open(self.directory, durability=durability, segment_bytes=segment_bytes,
                                     on_durable=on_durable, on_error=on_error, file_ops=file_ops,
                                     switch_interval=switch_interval)
@@ -247,7 +249,7 @@ class Ledger:
             for member, (seqs, positions) in start.index.items():
                 a = array("q")
                 a.frombytes(seqs)
-                b = array("q")
+                b = array("Q")  # written as int64 before: the same bytes for positions below 2^63
                 b.frombytes(positions)
                 self._idx_seq[member] = a
                 self._idx_pos[member] = b
@@ -327,7 +329,7 @@ class Ledger:
             seqs, positions = live_seq[m], live_pos[m]
             cut = bisect_right(positions, start)
             self._idx_seq.setdefault(m, array("q")).extend(seqs[cut:])
-            self._idx_pos.setdefault(m, array("q")).extend(positions[cut:])
+            self._idx_pos.setdefault(m, array("Q")).extend(positions[cut:])
         self._unindexed = None
 
     # ------------------------------------------------------------------------------------------
@@ -350,11 +352,35 @@ class Ledger:
         """Run the command through the engine and append it to the journal. Returns (journal
         seq of the entry, events, [(member, report body)]); QueryBalances and commands with no
         events at all are not journaled and return seq = last_seq."""
+        failed = self._failed or self.journal.failed
+        if failed is not None:  # the engine may be ahead of its journal: run nothing more
+            raise JournalFailedError(f"journal failed: {failed!r}") from failed
         engine = self.engine
         day = engine.trading_day  # before the command: an EndOfDay has no fills
         events = engine.execute(command, member, ts, session, throttled)
         if not events or type(command) is QueryBalances:
             return self.journal.last_seq, events, []
+        try:
+            seq, reports, end_of_day = self._journal_events(command, member, ts, session, throttled, day, events)
+        except BaseException as exc:
+            self._fail(exc)
+            raise
+        if end_of_day or seq - self._snap_seq >= self.snapshot_every:
+            self.snapshot()
+        return seq, events, reports
+
+    def _fail(self, exc: BaseException) -> None:
+        """The engine has run a command that is not (wholly) journaled: stop, as on a failed
+        write. Nothing more runs or is reported durable, ``on_error`` tells the gateway, and a
+        restart recovers the state from what the journal holds."""
+        self._failed = exc
+        if self.journal.failed is None:
+            self.journal._fail(exc)
+
+    def _journal_events(self, command, member: str, ts: int, session: int, throttled: bool, day: str,
+                        events: list) -> tuple[int, list[tuple[str, bytes]], bool]:
+        """Append the command's entry, its fills' settlement records and its reports; index
+        them. Returns (seq of the entry, [(member, report body)], whether the day ended)."""
         encode = self._encode
         rows: list[tuple[str, int, bytes]] = []
         records: list[tuple[int, bytes]] = []
@@ -394,9 +420,7 @@ class Ledger:
             if not (seqs and seq0 - seqs[-1] < INDEX_STEP
                     and (len(rows) == 1 or all(r[0] == member0 for r in rows))):
                 self._index(rows, journal.last_position)
-        if end_of_day or seq - self._snap_seq >= self.snapshot_every:
-            self.snapshot()
-        return seq, events, reports
+        return seq, reports, end_of_day
 
     def _index(self, rows, position: int) -> None:
         """Note the entry's position for each member whose reports reach a new index step."""
@@ -407,7 +431,7 @@ class Ledger:
             seqs = self._idx_seq.get(member)
             if seqs is None:
                 seqs = self._idx_seq[member] = array("q")
-                self._idx_pos[member] = array("q")
+                self._idx_pos[member] = array("Q")  # positions: up to 2^64 (see docs/journal.md)
             if not seqs or seq - seqs[-1] >= INDEX_STEP:
                 seqs.append(seq)
                 self._idx_pos[member].append(position)

@@ -33,8 +33,8 @@ class SnapshotBody(msgspec.Struct, array_like=True, gc=False):
     trading_day: str
     engine: bytes  # Engine.snapshot()
     index_step: int
-    # member -> (report seqs, entry positions) as little-endian int64 arrays: the sparse
-    # per-member report index (see Ledger.reports)
+    # member -> (report seqs, entry positions) as little-endian int64 and uint64 arrays: the
+    # sparse per-member report index (see Ledger.reports)
     index: dict[str, tuple[bytes, bytes]]
 
 
