@@ -259,6 +259,30 @@ def test_a_changed_configuration_is_reported_on_every_restart(tmp_path, caplog):
         assert "configuration differs from the one this journal was started with" in caplog.text
 
 
+def test_a_snapshot_that_fails_to_write_leaves_the_snapshot_thread_working(tmp_path, monkeypatch, caplog):
+    import engine.journal._ledger as ledger_module
+
+    real_write = ledger_module.write_snapshot
+    calls = []
+
+    def write_once_badly(directory, body, sync):
+        calls.append(body.seq)
+        if len(calls) == 1:
+            raise TypeError("a bug in the writer (injected)")
+        return real_write(directory, body, sync)
+    monkeypatch.setattr(ledger_module, "write_snapshot", write_once_badly)
+    ledger = Ledger.open(demo_config(), tmp_path, today=DAY)
+    ledger.execute(NewOrder("a", "CEA25", "buy", 1, 9250), "M01", 1)
+    ledger.snapshot()
+    ledger.wait_snapshots()
+    assert "injected" in caplog.text and list_snapshots(tmp_path) == []
+    ledger.execute(NewOrder("b", "CEA25", "buy", 1, 9250), "M01", 2)
+    ledger.snapshot()
+    ledger.wait_snapshots()  # returned: the thread took the second one
+    assert list_snapshots(tmp_path) == [ledger.last_seq]
+    ledger.close()
+
+
 def test_damaged_snapshot_falls_back_to_an_older_one(tmp_path):
     rng = random.Random(5)
     with Ledger.open(demo_config(), tmp_path, today=DAY, durability="none", snapshot_every=300) as ledger:

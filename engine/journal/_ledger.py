@@ -508,7 +508,7 @@ class Ledger:
                 try:
                     write_snapshot(self.directory, body, self._sync)
                     prune_snapshots(self.directory)
-                except OSError:
+                except Exception:  # noqa: BLE001 - the thread must live on: later snapshots, wait_snapshots
                     log.exception("writing the snapshot at seq %d failed", body.seq)
             finally:
                 self._snap_queue.task_done()
