@@ -481,9 +481,13 @@ class Exchange:
     def drain(self, now: float) -> None:
         """Stop taking input; end every session (cancel-on-disconnect applies), say goodbye."""
         self.draining = True
+        # Every cancel first, then the goodbyes: a session's LogoutAccepted must come after the
+        # cancels of its member's other sessions (and a subscriber's after their BookUpdates).
         for s in list(self.sessions):
             if s.state is State.ACTIVE:
                 self._end_session(s, now)
+        for s in list(self.sessions):
+            if s.state is State.ACTIVE:
                 s.cause = "shutdown"
                 self._to_session(s, _LOGOUT_ACCEPTED)
                 self._close_after_flush(s)
