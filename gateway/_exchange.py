@@ -305,6 +305,10 @@ class Exchange:
             after = through
         session.replay_after = None
         session.min_seq = after + 1
+        if session.goodbye:  # the server is shutting down: now that the replay is done
+            self._to_session(session, _LOGOUT_ACCEPTED)
+            self._close_after_flush(session)
+            self.release(self.ledger.durable_seq)
 
     # -----------------------------------------------------------------------------------------
     # Messages of a logged-on session
@@ -489,6 +493,9 @@ class Exchange:
         for s in list(self.sessions):
             if s.state is State.ACTIVE:
                 s.cause = "shutdown"
+                if s.replay_after is not None:
+                    s.goodbye = True  # owed the rest of its replay first: replay_more says goodbye
+                    continue
                 self._to_session(s, _LOGOUT_ACCEPTED)
                 self._close_after_flush(s)
             elif s.state is State.AWAIT_LOGON:

@@ -6,7 +6,7 @@ import msgspec
 
 import engine as E
 from engine import Engine
-from gateway._exchange import REPLAY_CHUNK, Exchange
+from gateway._exchange import Exchange
 
 from _fakes import make_config
 
@@ -124,3 +124,28 @@ def test_drain_sends_every_session_all_cancel_on_disconnect_cancels_before_its_g
     assert sorted(got[:2]) == [("BookUpdate", 9000, 0), ("BookUpdate", 9001, 0)], got
     assert got[2:] == [("LogoutAccepted", None, None)]
 
+
+
+def test_drain_during_a_paced_resume_replay_sends_the_rest_before_the_goodbye():
+    """A session still taking its resume replay at shutdown is owed the rest of it (and its
+    cancel-on-disconnect cancels, live) before LogoutAccepted; it got a truncated replay."""
+    ex, ledger = make_exchange(max_outbound_bytes=4096)   # replay steps of about 1 KB
+    a, sa = connect(ex, "M01")
+    n = 40
+    ex.data_received(a, b"".join(order(f"o{i}") for i in range(n)), 0.0)
+    durable(ex, ledger)
+    late, sl = connect(ex, "M01", resume_from=0, cancel_on_disconnect=True)
+    assert sl.replays_pending == 1 and late.replay_after < n
+    ex.data_received(late, order("late-1", price=8400), 0.0)   # resting, cancel-on-disconnect
+    durable(ex, ledger)
+    ex.drain(0.0)
+    durable(ex, ledger)
+    while sl.replays_pending:
+        sl.replays_pending -= 1
+        ex.replay_more(late)
+        durable(ex, ledger)
+    frames = sl.frames()
+    seqs = [f["seq"] for f in frames if "seq" in f]
+    assert seqs == list(range(1, n + 3)), seqs[-5:]              # the replay, its order, its cancel
+    assert frames[-2]["type"] == "OrderCancelled" and frames[-2]["reason"] == "disconnect"
+    assert frames[-1]["type"] == "LogoutAccepted" and sl.closed
