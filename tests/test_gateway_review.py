@@ -149,3 +149,43 @@ def test_drain_during_a_paced_resume_replay_sends_the_rest_before_the_goodbye():
     assert seqs == list(range(1, n + 3)), seqs[-5:]              # the replay, its order, its cancel
     assert frames[-2]["type"] == "OrderCancelled" and frames[-2]["reason"] == "disconnect"
     assert frames[-1]["type"] == "LogoutAccepted" and sl.closed
+
+
+def test_the_client_disconnects_a_server_silent_for_three_heartbeat_intervals():
+    """"A peer silent for 3 x heartbeat_s is disconnected" holds for both sides; the client only
+    sent heartbeats, so a server that went silent (a partition, a stopped process) left its
+    reads waiting forever."""
+    import asyncio
+
+    from gateway.client import Client, ConnectionClosed
+
+    async def silent(reader, writer):
+        n = int.from_bytes(await reader.readexactly(4), "big")
+        logon = msgspec.msgpack.decode(await reader.readexactly(n))
+        body = msgspec.msgpack.encode({"type": "LogonAccepted", "member": logon["member"], "role": "member",
+                                       "next_seq": 1, "heartbeat_s": 1, "trading_day": "2026-11-24"})
+        writer.write(len(body).to_bytes(4, "big") + body)
+        try:
+            await asyncio.sleep(30)   # then nothing, and the connection stays open
+        except asyncio.CancelledError:
+            writer.close()
+
+    async def go():
+        server = await asyncio.start_server(silent, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        client = await Client.connect("127.0.0.1", port)
+        try:
+            await client.logon("M01", "M01-token", heartbeat_s=1)
+            t0 = asyncio.get_running_loop().time()
+            try:
+                await client.next_report(timeout=6)
+            except ConnectionClosed:
+                return asyncio.get_running_loop().time() - t0
+            except asyncio.TimeoutError:
+                return None
+        finally:
+            await client.close()
+            server.close()
+
+    waited = asyncio.run(go())
+    assert waited is not None and 2.5 < waited < 4.5, waited
