@@ -148,8 +148,10 @@ class Connection(asyncio.Protocol):
             self.transport.abort()
 
     def abort(self) -> None:
-        if not self.closing:
-            self.closing = True
+        # Even when already closing: a close waiting to flush to a peer that does not read (or
+        # the transport closing itself on the peer's EOF) would otherwise never end.
+        self.closing = True
+        if self.transport is not None:
             self.transport.abort()
 
     def replay_later(self) -> None:

@@ -189,3 +189,43 @@ def test_the_client_disconnects_a_server_silent_for_three_heartbeat_intervals():
 
     waited = asyncio.run(go())
     assert waited is not None and 2.5 < waited < 4.5, waited
+
+
+def test_a_peer_that_half_closes_and_stops_reading_is_still_cut_off_by_the_heartbeat_timeout(tmp_path):
+    """The peer sends EOF while replies it does not read are still buffered: the transport
+    starts closing itself (waiting to flush, forever), the next write marked the connection
+    closing, and the heartbeat timeout's abort then did nothing. The session stayed logged on
+    and its cancel-on-disconnect order rested until the peer went away for good."""
+    import socket
+    import time
+
+    from _fakes import ThreadServer
+
+    with ThreadServer(make_config(), tmp_path) as srv:
+        sk = socket.socket()
+        sk.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        sk.connect(("127.0.0.1", srv.port))
+        try:
+            sk.sendall(enc({"type": "Logon", "member": "M01", "token": "M01-token", "heartbeat_s": 1,
+                            "cancel_on_disconnect": True}))
+            deadline = time.monotonic() + 5
+            while not srv.call(lambda: srv.exchange.by_member.get("M01")) and time.monotonic() < deadline:
+                time.sleep(0.01)
+
+            def small_send_buffer():
+                for s in srv.exchange.sessions:
+                    s.sink.transport.get_extra_info("socket").setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+            srv.call(small_send_buffer)
+            sk.sendall(order("cod-1") + enc({"type": "QueryBalances"}) * 500)   # ~300 KB of replies, unread
+            time.sleep(0.2)
+            sk.shutdown(socket.SHUT_WR)
+            deadline = time.monotonic() + 6                                    # 3 x heartbeat_s is 3 s
+            while time.monotonic() < deadline:
+                state = srv.call(lambda: (len(srv.exchange.sessions), srv.exchange.engine.resting("CEA25")))
+                if state == (0, (0, 0)):
+                    break
+                time.sleep(0.1)
+            assert state == (0, (0, 0)), state
+            assert srv.call(lambda: srv.exchange.stats.disconnects["heartbeat_timeout"]) == 1
+        finally:
+            sk.close()
