@@ -138,6 +138,8 @@ class Connection(asyncio.Protocol):
         if not self.closing:
             self.closing = True
             self.transport.close()
+        # also when the transport began closing by itself (the peer's EOF) and waits to flush
+        if self.close_timer is None and self.transport is not None:
             self.close_timer = asyncio.get_running_loop().call_later(self.server.config.gateway.logon_timeout_s,
                                                                      self._close_timeout)
 

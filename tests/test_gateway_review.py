@@ -229,3 +229,45 @@ def test_a_peer_that_half_closes_and_stops_reading_is_still_cut_off_by_the_heart
             assert srv.call(lambda: srv.exchange.stats.disconnects["heartbeat_timeout"]) == 1
         finally:
             sk.close()
+
+
+def test_a_logged_out_peer_that_half_closed_and_stops_reading_is_cut_off_after_logon_timeout(tmp_path):
+    """docs/protocol.md: a closing connection whose peer does not take the rest within
+    logon_timeout_s is cut off. When the peer's EOF came before the goodbye was released (its
+    Logout's cancels still on their way to the journal), the transport was already closing by
+    itself, close() did nothing and no timer was set: the connection and its unread bytes stayed
+    for as long as the peer kept its socket open."""
+    import socket
+    import time
+
+    from _fakes import ThreadServer
+
+    with ThreadServer(make_config(logon_timeout_s=1.0), tmp_path) as srv:
+        sk = socket.socket()
+        sk.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        sk.connect(("127.0.0.1", srv.port))
+        try:
+            sk.sendall(enc({"type": "Logon", "member": "M01", "token": "M01-token", "heartbeat_s": 1,
+                            "cancel_on_disconnect": True}))
+            deadline = time.monotonic() + 5
+            while not srv.call(lambda: srv.exchange.by_member.get("M01")) and time.monotonic() < deadline:
+                time.sleep(0.01)
+
+            def small_send_buffer():
+                for s in srv.exchange.sessions:
+                    s.sink.transport.get_extra_info("socket").setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+            srv.call(small_send_buffer)
+            sk.sendall(order("cod-1") + enc({"type": "QueryBalances"}) * 500)   # ~300 KB of replies, unread
+            time.sleep(0.3)
+            sk.sendall(enc({"type": "Logout"}))     # its cancel goes to the journal; EOF comes meanwhile
+            sk.shutdown(socket.SHUT_WR)
+            deadline = time.monotonic() + 2.5       # well within the 3 s heartbeat timeout of an active one
+            while time.monotonic() < deadline:
+                left = srv.call(lambda: len(srv.exchange.sessions))
+                if not left:
+                    break
+                time.sleep(0.1)
+            assert left == 0
+            assert srv.call(lambda: srv.exchange.engine.resting("CEA25")) == (0, 0)
+        finally:
+            sk.close()
