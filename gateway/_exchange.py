@@ -58,7 +58,7 @@ _DUMMY_HASH = hash_token("\x00no such member\x00")
 TICK_PARTS = 50
 
 # outbox delivery kinds
-_REPORT, _SESSION, _MARKET, _CLOSE = range(4)
+_REPORT, _SESSION, _MARKET, _CLOSE, _DAY = range(5)
 
 
 # Frames of one connection run per loop turn. A client pipelining thousands of messages in one
@@ -114,6 +114,7 @@ class Exchange:
         self.by_member: dict[str, list[Session]] = {}
         self.subscribers: dict[str, tuple[Session, ...]] = {s: () for s in self.engine.instruments}
         self.released = {m: self.engine.last_seq(m) for m in self.engine.members}
+        self.trading_day = self.engine.trading_day  # the durable one: an EndOfDay counts once released
         self.outbox: deque = deque()  # (journal seq, kind, target, a, frame bytes, receive time or None)
         self.next_sid = 1
         self.draining = False
@@ -267,7 +268,7 @@ class Exchange:
         next_seq = last + 1
         session.last_tx = now
         session.sink.write(frame(encode(LogonAccepted(member, role, next_seq, logon.heartbeat_s,
-                                                      self.engine.trading_day))))
+                                                      self.trading_day))))
         group.append(session)
         if logon.resume_from is not None:
             session.replay_after = logon.resume_from
@@ -424,6 +425,8 @@ class Exchange:
             elif t in REPLY_TYPES:
                 if session is not None:
                     out.append((seq, _SESSION, session, None, frame(encode(ev)), None))
+            elif t is E.DayEnded:
+                out.append((seq, _DAY, None, ev.next_trading_day, None, None))
         return events
 
     def _to_session(self, session: Session, data: bytes) -> None:
@@ -466,6 +469,8 @@ class Exchange:
             elif kind == _SESSION:
                 if target.state is not closed:
                     batches[target].append(data)
+            elif kind == _DAY:
+                self.trading_day = a
             else:  # _CLOSE
                 b = batches.pop(target, None)
                 if b:

@@ -271,3 +271,21 @@ def test_a_logged_out_peer_that_half_closed_and_stops_reading_is_cut_off_after_l
             assert srv.call(lambda: srv.exchange.engine.resting("CEA25")) == (0, 0)
         finally:
             sk.close()
+
+
+def test_logon_accepted_never_announces_a_trading_day_whose_end_of_day_is_not_durable():
+    """Nothing caused by a command leaves before the command is durable; LogonAccepted read
+    the engine's trading day, so a logon while EndOfDay waited for the journal was told the
+    next day, which a crash at that moment would take back."""
+    ex, ledger = make_exchange()
+    ops, so = connect(ex, "ops")
+    ex.data_received(ops, enc({"type": "CloseMarket"}), 0.0)
+    durable(ex, ledger)
+    ex.data_received(ops, enc({"type": "EndOfDay"}), 0.0)        # waits for the journal
+    assert ledger.engine.trading_day == "2026-11-25"
+    _, s1 = connect(ex, "M01")
+    assert [(f["type"], f["trading_day"]) for f in s1.frames()] == [("LogonAccepted", "2026-11-24")]
+    durable(ex, ledger)
+    assert so.frames()[-1] == {"type": "AdminAck", "request": "EndOfDay", "trading_day": "2026-11-25"}
+    _, s2 = connect(ex, "M01")
+    assert [(f["type"], f["trading_day"]) for f in s2.frames()] == [("LogonAccepted", "2026-11-25")]
