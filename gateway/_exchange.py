@@ -226,7 +226,8 @@ class Exchange:
         counts: dict[str, int] = {}
         for group in self.by_member.values():
             for s in group:
-                counts[s.role] = counts.get(s.role, 0) + 1
+                if s.state is State.ACTIVE:  # logged on; not a session being closed
+                    counts[s.role] = counts.get(s.role, 0) + 1
         return counts
 
     # -----------------------------------------------------------------------------------------

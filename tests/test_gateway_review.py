@@ -289,3 +289,23 @@ def test_logon_accepted_never_announces_a_trading_day_whose_end_of_day_is_not_du
     assert so.frames()[-1] == {"type": "AdminAck", "request": "EndOfDay", "trading_day": "2026-11-25"}
     _, s2 = connect(ex, "M01")
     assert [(f["type"], f["trading_day"]) for f in s2.frames()] == [("LogonAccepted", "2026-11-25")]
+
+
+def test_the_sessions_gauge_counts_logged_on_sessions_not_ones_being_closed():
+    """kaboni_sessions is "sessions logged on"; a session that logged out (or broke the framing)
+    still counted until its peer had taken the last bytes and the socket closed (up to
+    logon_timeout_s for a peer that does not read), though the logon limit already let it go."""
+    ex, ledger = make_exchange()
+    a, sa = connect(ex, "M01")
+    b, sb = connect(ex, "M01")
+    c, sc = connect(ex, "M02")
+    ops, _ = connect(ex, "ops")
+    assert ex.session_counts() == {"member": 3, "operator": 1}
+    ex.data_received(a, enc({"type": "Logout"}), 0.0)
+    ex.data_received(c, b"\x00\x00\x00\x00", 0.0)             # bad_frame: Error, then close
+    durable(ex, ledger)
+    assert sa.closed and sc.closed                              # the peers have not gone yet
+    assert ex.session_counts() == {"member": 1, "operator": 1}
+    ex.connection_lost(a, "client_close", 0.0)
+    ex.connection_lost(c, "client_close", 0.0)
+    assert ex.session_counts() == {"member": 1, "operator": 1}
