@@ -371,6 +371,8 @@ class Exchange:
             # The snapshot waits behind the commands already run; events after it follow it.
             self._to_session(session, frame(encode(self.engine.book_snapshot(sym, msg.depth))))
             if sym not in session.subscriptions:
+                # events queued before now (for an earlier subscription) are in the snapshot
+                session.md_since[sym] = self.ledger.last_seq
                 session.subscriptions.add(sym)
                 self.subscribers[sym] = self.subscribers[sym] + (session,)
 
@@ -453,7 +455,7 @@ class Exchange:
         closed = State.CLOSED
         batches: defaultdict[Session, list[bytes]] = defaultdict(list)
         while out and out[0][0] <= durable:
-            _, kind, target, a, data, t0 = out.popleft()
+            seq, kind, target, a, data, t0 = out.popleft()
             if kind == _REPORT:
                 released[target] = a
                 if t0 is not None:
@@ -465,7 +467,7 @@ class Exchange:
                             batches[s].append(data)
             elif kind == _MARKET:
                 for s in target:
-                    if a in s.subscriptions and s.state is not closed:
+                    if a in s.subscriptions and s.state is not closed and seq > s.md_since[a]:
                         batches[s].append(data)
             elif kind == _SESSION:
                 if target.state is not closed:

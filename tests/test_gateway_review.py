@@ -309,3 +309,28 @@ def test_the_sessions_gauge_counts_logged_on_sessions_not_ones_being_closed():
     ex.connection_lost(a, "client_close", 0.0)
     ex.connection_lost(c, "client_close", 0.0)
     assert ex.session_counts() == {"member": 1, "operator": 1}
+
+
+def test_a_resubscribe_after_unsubscribe_starts_with_its_snapshot_not_stale_increments():
+    """"Subscribe gives a snapshot and then incremental updates." Market data still waiting for
+    the journal when a session unsubscribed went out to it anyway once it had subscribed again,
+    ahead of the new snapshot and after a gap (the events released in between were withheld)."""
+    ex, ledger = make_exchange()
+    a, sa = connect(ex, "M01")
+    w, sw = connect(ex, "M02")
+    ex.data_received(w, enc({"type": "Subscribe", "instruments": ["CEA25"]}), 0.0)
+    durable(ex, ledger)
+    k = sw.frames()[-1]["md_seq"]
+    ex.data_received(a, order("o1", price=9000), 0.0)           # md_seq k + 1, waits for the journal
+    first = ledger.last_seq
+    ex.data_received(a, order("o2", price=9001), 0.0)           # md_seq k + 2, waits too
+    ex.data_received(w, enc({"type": "Unsubscribe", "instruments": ["CEA25"]}), 0.0)
+    ledger.durable_seq = first
+    ex.on_durable(first)                                        # k + 1 released: w is not subscribed
+    ex.data_received(w, enc({"type": "Subscribe", "instruments": ["CEA25"]}), 0.0)
+    durable(ex, ledger)
+    got = [(f["type"], f["md_seq"]) for f in sw.frames()]
+    assert got == [("BookSnapshot", k + 2)], got
+    ex.data_received(a, order("o3", price=9002), 0.0)
+    durable(ex, ledger)
+    assert [(f["type"], f["md_seq"]) for f in sw.frames()] == [("BookUpdate", k + 3)]
