@@ -372,7 +372,7 @@ class EntryLedger(ManualLedger):
         return seq, events, reports
 
 
-def _random_day(seed):
+def _random_day(seed, drain=False):
     import random
 
     from gateway._session import State
@@ -424,24 +424,29 @@ def _random_day(seed):
             ex.data_received(rnd.choice(live)[0], enc({"type": "Logout"}), 0.0)
         else:
             ex.connection_lost(rnd.choice(live)[0], "client_close", 0.0)
+    active_at_drain = set()
+    if drain:
+        active_at_drain = {s for s, _, _, _ in sessions if s.state is State.ACTIVE}
+        ex.drain(0.0)
     for _ in range(100):
         durable(ex, ledger)
         for s, sink, _, _ in sessions:
             while sink.replays_pending:
                 sink.replays_pending -= 1
                 ex.replay_more(s)
-    return ex, ledger, sessions
+    return ex, ledger, sessions, active_at_drain
 
 
 def test_random_interleavings_keep_reports_durable_gap_free_once_and_market_data_consistent():
     """Logons with and without resume_from, paced replays, orders, (un)subscribes, halts,
-    logouts, disconnects and durability advancing in uneven steps, in random order: every
+    logouts, disconnects and durability advancing in uneven steps, in random order, and for
+    half the runs a drain at the end (each session then owed all and LogoutAccepted last): every
     session sees its member's reports once, in order, with no gap from where it started, none
     before it is durable; and market data only after a snapshot, md_seq without gaps."""
     from gateway._session import State
 
     for seed in range(200):
-        ex, ledger, sessions = _random_day(seed)
+        ex, ledger, sessions, active_at_drain = _random_day(seed, drain=seed % 2 == 1)
         for s, sink, m, resume in sessions:
             got = sink.got
             if not got or got[0]["type"] != "LogonAccepted":
@@ -450,8 +455,10 @@ def test_random_interleavings_keep_reports_durable_gap_free_once_and_market_data
             seqs = [f["seq"] for f in got if "seq" in f]
             assert seqs == list(range(start, start + len(seqs))), (seed, s.sid, resume, seqs[:10])
             assert all(f["member"] == m for f in got if "seq" in f)
-            if s.state is State.ACTIVE:   # still logged on: it has everything
+            if s.state is State.ACTIVE or s in active_at_drain:   # logged on to the end: it has everything
                 assert start + len(seqs) == ledger.engine.last_seq(m) + 1, (seed, s.sid)
+            if s in active_at_drain:                               # then the goodbye, last
+                assert got[-1]["type"] == "LogoutAccepted" and sink.closed, (seed, s.sid, got[-1])
             md = None
             for f in got:
                 if f["type"] == "BookSnapshot":
