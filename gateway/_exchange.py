@@ -496,7 +496,7 @@ class Exchange:
         # Every cancel first, then the goodbyes: a session's LogoutAccepted must come after the
         # cancels of its member's other sessions (and a subscriber's after their BookUpdates).
         for s in list(self.sessions):
-            if s.state is State.ACTIVE:
+            if s.state is State.ACTIVE or (s.state is State.CLOSING and s.member):  # closing ones too
                 self._end_session(s, now)
         for s in list(self.sessions):
             if s.state is State.ACTIVE:

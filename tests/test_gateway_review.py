@@ -468,3 +468,24 @@ def test_random_interleavings_keep_reports_durable_gap_free_once_and_market_data
                 elif f["type"] in ("BookUpdate", "Trade", "InstrumentStatus"):
                     assert md is not None and f["md_seq"] == md + 1, (seed, s.sid, f, md)
                     md = f["md_seq"]
+
+
+def test_drain_cancels_for_a_session_already_closing_before_the_goodbyes():
+    """A cancel-on-disconnect session that broke the framing just before the shutdown is still
+    closing (its Error waits for the journal); its orders were cancelled only when its socket
+    closed, after the member's other sessions had had their goodbye, so they never saw it."""
+    ex, ledger = make_exchange()
+    a, sa = connect(ex, "M01", cancel_on_disconnect=True)
+    b, sb = connect(ex, "M01")
+    ex.data_received(a, order("a1"), 0.0)
+    durable(ex, ledger)
+    ex.data_received(b, order("b1", price=9001), 0.0)          # waits for the journal
+    ex.data_received(a, b"\x00\x00\x00\x00", 0.0)              # bad_frame: a is closing
+    sb.frames()
+    ex.drain(0.0)
+    durable(ex, ledger)
+    ex.connection_lost(a, "client_close", 0.0)
+    durable(ex, ledger)
+    got = [(f["type"], f.get("reason"), f.get("cl_ord_id")) for f in sb.frames()]
+    assert got == [("OrderAccepted", None, "b1"), ("OrderCancelled", "disconnect", "a1"),
+                   ("LogoutAccepted", None, None)], got
