@@ -58,7 +58,7 @@ _DUMMY_HASH = hash_token("\x00no such member\x00")
 TICK_PARTS = 50
 
 # outbox delivery kinds
-_REPORT, _SESSION, _MARKET, _CLOSE = range(4)
+_REPORT, _SESSION, _MARKET, _CLOSE, _DAY = range(5)
 
 
 # Frames of one connection run per loop turn. A client pipelining thousands of messages in one
@@ -114,6 +114,7 @@ class Exchange:
         self.by_member: dict[str, list[Session]] = {}
         self.subscribers: dict[str, tuple[Session, ...]] = {s: () for s in self.engine.instruments}
         self.released = {m: self.engine.last_seq(m) for m in self.engine.members}
+        self.trading_day = self.engine.trading_day  # the durable one: an EndOfDay counts once released
         self.outbox: deque = deque()  # (journal seq, kind, target, a, frame bytes, receive time or None)
         self.next_sid = 1
         self.draining = False
@@ -225,7 +226,8 @@ class Exchange:
         counts: dict[str, int] = {}
         for group in self.by_member.values():
             for s in group:
-                counts[s.role] = counts.get(s.role, 0) + 1
+                if s.state is State.ACTIVE:  # logged on; not a session being closed
+                    counts[s.role] = counts.get(s.role, 0) + 1
         return counts
 
     # -----------------------------------------------------------------------------------------
@@ -267,7 +269,7 @@ class Exchange:
         next_seq = last + 1
         session.last_tx = now
         session.sink.write(frame(encode(LogonAccepted(member, role, next_seq, logon.heartbeat_s,
-                                                      self.engine.trading_day))))
+                                                      self.trading_day))))
         group.append(session)
         if logon.resume_from is not None:
             session.replay_after = logon.resume_from
@@ -305,6 +307,10 @@ class Exchange:
             after = through
         session.replay_after = None
         session.min_seq = after + 1
+        if session.goodbye:  # the server is shutting down: now that the replay is done
+            self._to_session(session, _LOGOUT_ACCEPTED)
+            self._close_after_flush(session)
+            self.release(self.ledger.durable_seq)
 
     # -----------------------------------------------------------------------------------------
     # Messages of a logged-on session
@@ -365,6 +371,8 @@ class Exchange:
             # The snapshot waits behind the commands already run; events after it follow it.
             self._to_session(session, frame(encode(self.engine.book_snapshot(sym, msg.depth))))
             if sym not in session.subscriptions:
+                # events queued before now (for an earlier subscription) are in the snapshot
+                session.md_since[sym] = self.ledger.last_seq
                 session.subscriptions.add(sym)
                 self.subscribers[sym] = self.subscribers[sym] + (session,)
 
@@ -420,6 +428,8 @@ class Exchange:
             elif t in REPLY_TYPES:
                 if session is not None:
                     out.append((seq, _SESSION, session, None, frame(encode(ev)), None))
+            elif t is E.DayEnded:
+                out.append((seq, _DAY, None, ev.next_trading_day, None, None))
         return events
 
     def _to_session(self, session: Session, data: bytes) -> None:
@@ -445,7 +455,7 @@ class Exchange:
         closed = State.CLOSED
         batches: defaultdict[Session, list[bytes]] = defaultdict(list)
         while out and out[0][0] <= durable:
-            _, kind, target, a, data, t0 = out.popleft()
+            seq, kind, target, a, data, t0 = out.popleft()
             if kind == _REPORT:
                 released[target] = a
                 if t0 is not None:
@@ -457,11 +467,13 @@ class Exchange:
                             batches[s].append(data)
             elif kind == _MARKET:
                 for s in target:
-                    if a in s.subscriptions and s.state is not closed:
+                    if a in s.subscriptions and s.state is not closed and seq > s.md_since[a]:
                         batches[s].append(data)
             elif kind == _SESSION:
                 if target.state is not closed:
                     batches[target].append(data)
+            elif kind == _DAY:
+                self.trading_day = a
             else:  # _CLOSE
                 b = batches.pop(target, None)
                 if b:
@@ -481,10 +493,17 @@ class Exchange:
     def drain(self, now: float) -> None:
         """Stop taking input; end every session (cancel-on-disconnect applies), say goodbye."""
         self.draining = True
+        # Every cancel first, then the goodbyes: a session's LogoutAccepted must come after the
+        # cancels of its member's other sessions (and a subscriber's after their BookUpdates).
+        for s in list(self.sessions):
+            if s.state is State.ACTIVE or (s.state is State.CLOSING and s.member):  # closing ones too
+                self._end_session(s, now)
         for s in list(self.sessions):
             if s.state is State.ACTIVE:
-                self._end_session(s, now)
                 s.cause = "shutdown"
+                if s.replay_after is not None:
+                    s.goodbye = True  # owed the rest of its replay first: replay_more says goodbye
+                    continue
                 self._to_session(s, _LOGOUT_ACCEPTED)
                 self._close_after_flush(s)
             elif s.state is State.AWAIT_LOGON:

@@ -138,6 +138,8 @@ class Connection(asyncio.Protocol):
         if not self.closing:
             self.closing = True
             self.transport.close()
+        # also when the transport began closing by itself (the peer's EOF) and waits to flush
+        if self.close_timer is None and self.transport is not None:
             self.close_timer = asyncio.get_running_loop().call_later(self.server.config.gateway.logon_timeout_s,
                                                                      self._close_timeout)
 
@@ -148,8 +150,10 @@ class Connection(asyncio.Protocol):
             self.transport.abort()
 
     def abort(self) -> None:
-        if not self.closing:
-            self.closing = True
+        # Even when already closing: a close waiting to flush to a peer that does not read (or
+        # the transport closing itself on the peer's EOF) would otherwise never end.
+        self.closing = True
+        if self.transport is not None:
             self.transport.abort()
 
     def replay_later(self) -> None:

@@ -109,7 +109,7 @@ class Session:
     __slots__ = (
         "state", "frames", "sid", "member", "role", "cancel_on_disconnect", "heartbeat_s",
         "bucket", "last_rx", "last_tx", "opened", "subscriptions", "min_seq", "entered_orders",
-        "cause", "sink", "pending", "replay_after",
+        "cause", "sink", "pending", "replay_after", "goodbye", "md_since",
     )
 
     def __init__(self, sid: int, max_frame: int, now: float) -> None:
@@ -125,9 +125,11 @@ class Session:
         self.last_rx = now
         self.last_tx = now
         self.subscriptions: set[str] = set()
+        self.md_since: dict[str, int] = {}  # journal seq at subscribing: older market data is in the snapshot
         self.min_seq = 0          # reports with a lower seq are not sent live (no resume_from)
         self.replay_after: int | None = None  # resuming: reports after this seq still come from the journal
         self.entered_orders = False
+        self.goodbye = False      # shutting down: LogoutAccepted once the resume replay is done
         self.cause = ""           # why the connection ended
         self.sink = None          # the transport side (set by the server)
         self.pending: deque = deque()

@@ -9,7 +9,7 @@ Server frames arrive as plain dicts (MessagePack maps) sorted into three queues:
 (sequenced, with ``seq``), ``market`` (BookSnapshot, BookUpdate, Trade, InstrumentStatus) and
 ``replies`` (everything else: Balances, AdminAck, AdminRejected, Error, LogoutAccepted). The
 client answers the heartbeat rule on its own: it sends ``Heartbeat`` when it has sent nothing
-for ``heartbeat_s``.
+for ``heartbeat_s``, and closes the connection to a server silent for 3 x ``heartbeat_s``.
 """
 
 from __future__ import annotations
@@ -50,6 +50,7 @@ class Client:
         self.heartbeat_s = 10
         self.closed = asyncio.Event()
         self.last_sent = 0.0
+        self.last_received = 0.0
         self._reader_task: asyncio.Task | None = None
         self._hb_task: asyncio.Task | None = None
         self._logon_waiter: asyncio.Future | None = None
@@ -150,6 +151,7 @@ class Client:
             while True:
                 header = await reader.readexactly(HEADER)
                 body = await reader.readexactly(int.from_bytes(header, "big"))
+                self.last_received = asyncio.get_running_loop().time()
                 try:
                     msg = decode_server(body)
                 except Exception:  # not a map with a type: skip it
@@ -183,6 +185,9 @@ class Client:
         try:
             while not self.closed.is_set():
                 await asyncio.sleep(max(self.heartbeat_s / 4, 0.05))
+                if loop.time() - self.last_received > 3 * self.heartbeat_s:
+                    self.writer.transport.abort()  # the server is gone: the read loop ends, closed is set
+                    return
                 if loop.time() - self.last_sent >= self.heartbeat_s * 0.5:
                     self.send_nowait(Heartbeat())
         except (ConnectionError, RuntimeError):
