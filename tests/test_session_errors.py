@@ -168,6 +168,8 @@ def test_second_logon_and_invalid_messages_keep_the_session(server):
     enc({"type": 7}),
     enc({1: "x", "type": "QueryBalances"}),
     (3).to_bytes(4, "big") + b"\x82\xa4t",  # a truncated map inside a whole frame
+    # a string the message defines that is not UTF-8: {"type": "QueryBalances", ...} with a bad type
+    (8).to_bytes(4, "big") + b"\x81\xa4type\xa1\xff",
 ])
 def test_framing_errors_close_only_that_connection(server, garbage):
     other = Raw(server.port)
@@ -181,6 +183,15 @@ def test_framing_errors_close_only_that_connection(server, garbage):
     other.send({"type": "QueryBalances"})
     assert other.recv()["type"] == "Balances"
     other.s.close()
+
+
+def test_invalid_utf8_inside_an_unknown_key_is_skipped_with_the_key(server):
+    r = Raw(server.port)
+    r.logon("M16")
+    body = b"\x82\xa4type\xadQueryBalances\xa5extra\xa2\xff\xfe"  # {"type": ..., "extra": <not UTF-8>}
+    r.send(len(body).to_bytes(4, "big") + body)
+    assert r.recv()["type"] == "Balances"
+    r.s.close()
 
 
 def test_slow_consumer_is_disconnected_and_its_orders_cancelled(server):
