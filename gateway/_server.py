@@ -28,6 +28,10 @@ from ._session import State
 
 __all__ = ["Server", "run", "FlowControl"]
 
+# a resume replay whose last step the peer has not taken yet is looked at again after 1 ms,
+# then 2, 4, ... up to 100 ms while the peer reads nothing
+REPLAY_POLL_MIN = 0.001
+REPLAY_POLL_MAX = 0.1
 GEN2_EVERY = 1_000  # middle-generation collections per full collection (CPython's default: 10)
 
 
@@ -59,7 +63,8 @@ class FlowControl:
 class Connection(asyncio.Protocol):
     """One TCP (or TLS) connection: bytes to the exchange, frames to the socket."""
 
-    __slots__ = ("server", "exchange", "transport", "session", "flow", "closing", "held", "close_timer")
+    __slots__ = ("server", "exchange", "transport", "session", "flow", "closing", "held", "close_timer",
+                 "replay_wait")
 
     def __init__(self, server: "Server") -> None:
         self.server = server
@@ -70,6 +75,7 @@ class Connection(asyncio.Protocol):
         self.closing = False
         self.held = False  # reading paused: frames wait for a later turn (see FRAMES_PER_TURN)
         self.close_timer = None
+        self.replay_wait = REPLAY_POLL_MIN  # seconds until a stalled replay is looked at again
 
     # asyncio.Protocol -----------------------------------------------------------------------
     def connection_made(self, transport) -> None:
@@ -164,8 +170,12 @@ class Connection(asyncio.Protocol):
         if self.closing:
             return
         if self.transport.get_write_buffer_size() > self.flow.limit // 4:
-            asyncio.get_running_loop().call_later(0.001, self._replay_more)
+            # the peer is slow to read: look again later, backing off while it reads nothing
+            # (a peer that heartbeats but never reads would otherwise be polled every ms)
+            asyncio.get_running_loop().call_later(self.replay_wait, self._replay_more)
+            self.replay_wait = min(self.replay_wait * 2, REPLAY_POLL_MAX)
             return
+        self.replay_wait = REPLAY_POLL_MIN
         try:
             self.exchange.replay_more(self.session)
         except Exception as exc:  # noqa: BLE001 - as in data_received: this connection goes, the server stays

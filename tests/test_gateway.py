@@ -280,12 +280,23 @@ def test_sessions_of_one_member_replay_racing_live_reports(server):
     run(main())
 
 
-def test_a_resume_larger_than_the_outbound_bound_arrives_whole_and_others_keep_trading(tmp_path):
+def test_a_resume_larger_than_the_outbound_bound_arrives_whole_and_others_keep_trading(tmp_path, monkeypatch):
     """A member resuming from 0 after a busy day, on a connection that reads slowly (a small
     receive buffer), is sent its reports in steps paced by its reading: the session's outbound
     bound (64 KiB here, about 400 reports) does not cut it off as a slow consumer, and other
     members are served meanwhile. (30,000 reports, about 5.7 MB: more than the kernel's socket
-    buffers take, which cut the connection off when the whole replay was written at once.)"""
+    buffers take, which cut the connection off when the whole replay was written at once.)
+    While the peer reads nothing, the waiting replay is looked at after 1 ms, then 2, 4, ... up
+    to 100 ms, not every millisecond for as long as the peer stays."""
+    from gateway._server import Connection
+
+    polls = []
+    replay_more = Connection._replay_more
+
+    def counted(self):
+        polls.append(time.monotonic())
+        replay_more(self)
+    monkeypatch.setattr(Connection, "_replay_more", counted)
     with ThreadServer(make_config(max_outbound_bytes=65_536, max_msgs_per_s=1_000_000), tmp_path / "d") as server:
         n = 30_000
 
@@ -303,7 +314,11 @@ def test_a_resume_larger_than_the_outbound_bound_arrives_whole_and_others_keep_t
         sock.connect(("127.0.0.1", server.port))
         body = msgspec.msgpack.encode({"type": "Logon", "member": "M05", "token": "M05-token", "resume_from": 0})
         sock.sendall(len(body).to_bytes(4, "big") + body)
-        time.sleep(0.3)  # not reading yet: the kernel's buffers fill, the server must wait for us
+        time.sleep(0.5)  # not reading yet: the kernel's buffers fill, the server must wait for us
+        since = time.monotonic()
+        time.sleep(0.5)
+        stalled = sum(t >= since for t in polls)
+        assert stalled <= 10, stalled  # every 100 ms by now (every 1 ms before: about 500)
 
         async def meanwhile():
             other = await logon(server.port, "M06")
