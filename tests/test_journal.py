@@ -18,7 +18,7 @@ from engine.journal import (
     CorruptJournalError, FileOps, Journal, JournalError, JournalFailedError, JournalLockedError, list_segments,
     read_records, scan_journal,
 )
-from engine.journal._format import FRAME_SIZE, segment_name, unpack_position
+from engine.journal._format import FRAME_SIZE, SEGMENT_HEADER, segment_name, unpack_position
 from engine.journal._index import build_index, index_name
 
 
@@ -332,6 +332,31 @@ def test_half_created_segment_is_dropped(tmp_path):
     assert j.last_seq == 10 and list_segments(tmp_path) == [1]
     j.append(1, b"x")
     j.close()
+
+
+@pytest.mark.parametrize("size", [24, 4096])
+def test_a_newest_segment_of_zeros_is_dropped_like_a_half_created_one(tmp_path, caplog, size):
+    """After a power loss some file systems give back a file that was extended but never
+    written as zeros: a segment created by a roll, synced never. Nothing in it was confirmed."""
+    fill(tmp_path, 10).close()
+    (tmp_path / segment_name(11)).write_bytes(bytes(size))
+    with caplog.at_level(logging.WARNING, logger="kaboni.journal"):
+        j = Journal.open(tmp_path)
+    assert "removing it" in caplog.text
+    assert j.last_seq == 10 and list_segments(tmp_path) == [1]
+    assert j.append(1, b"x") == 11
+    j.close()
+    assert [r.seq for r in read_records(tmp_path)] == list(range(1, 12))
+
+
+def test_a_zeroed_header_before_valid_frames_is_still_an_error(tmp_path):
+    fill(tmp_path, 10).close()
+    path = tmp_path / segment_name(1)
+    data = bytearray(path.read_bytes())
+    data[:SEGMENT_HEADER.size] = bytes(SEGMENT_HEADER.size)  # records follow: damage, not a torn roll
+    path.write_bytes(bytes(data))
+    with pytest.raises(CorruptJournalError, match="segment header"):
+        Journal.open(tmp_path)
 
 
 # ---------------------------------------------------------------------------------------------

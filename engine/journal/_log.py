@@ -171,6 +171,17 @@ def _segment_header(first_seq: int) -> bytes:
     return SEGMENT_HEADER.pack(SEGMENT_MAGIC, FORMAT_VERSION, _HEADER_SIZE, first_seq, crc)
 
 
+def _only_zeros(path: Path) -> bool:
+    """Whether the file holds zero bytes only (read no further than its header otherwise)."""
+    with open(path, "rb") as f:
+        if f.read(_HEADER_SIZE).strip(b"\0"):
+            return False
+        while chunk := f.read(_READ_CHUNK):
+            if chunk.strip(b"\0"):
+                return False
+    return True
+
+
 def _check_header(path: Path, data: bytes, first_seq: int) -> None:
     if len(data) < _HEADER_SIZE:
         raise CorruptJournalError(path, 0, f"segment header is {len(data)} bytes, {_HEADER_SIZE} expected")
@@ -588,10 +599,13 @@ class Journal:
         directory = self.directory
         firsts = list_segments(directory)
         ops = self._ops
-        # A crash while rolling can leave a newest segment without a whole header: drop it.
+        # A crash while rolling (or creating) can leave a newest segment without a whole header,
+        # or with nothing but zeros (a file system that extended the file before writing its
+        # data): nothing in it was ever confirmed, since a confirmation waits for the sync of
+        # everything before it, header included. Drop it.
         while firsts:
             path = directory / segment_name(firsts[-1])
-            if path.stat().st_size >= _HEADER_SIZE:
+            if path.stat().st_size >= _HEADER_SIZE and not _only_zeros(path):
                 break
             log.warning("%s: segment without a whole header (crash while rolling); removing it", path)
             path.unlink()
