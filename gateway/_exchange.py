@@ -167,8 +167,11 @@ class Exchange:
                 elif action == "logout":
                     self._end_session(session, now)
                     session.cause = "logout"
-                    self._to_session(session, _LOGOUT_ACCEPTED)
-                    self._close_after_flush(session)
+                    if session.replay_after is not None:
+                        session.goodbye = True  # owed the rest of its replay first: replay_more says goodbye
+                    else:
+                        self._to_session(session, _LOGOUT_ACCEPTED)
+                        self._close_after_flush(session)
             # frames that arrived with a Logon wait for its decision
             actions = session.receive_data(b"", now, budget) if session.pending and budget > 0 else None
 
@@ -297,14 +300,24 @@ class Exchange:
                 size += len(body)
                 if size >= budget:
                     break
-            session.sink.write(b"".join(step))
             through = after + len(step)
+            held = session.held
+            if held and held[0][0] <= through:  # replies whose earlier reports are in this step
+                n = 0
+                while n < len(held) and held[n][0] <= through:
+                    step.append(held[n][1])
+                    n += 1
+                del held[:n]
+            session.sink.write(b"".join(step))
             if through < released:
                 session.replay_after = through
                 session.min_seq = _NEVER  # live reports wait behind the replay
                 session.sink.replay_later()
                 return
             after = through
+        if session.held:
+            session.sink.write(b"".join([data for _, data in session.held]))
+            session.held.clear()
         session.replay_after = None
         session.min_seq = after + 1
         if session.goodbye:  # the server is shutting down: now that the replay is done
@@ -369,7 +382,7 @@ class Exchange:
             return
         for sym in instruments:
             # The snapshot waits behind the commands already run; events after it follow it.
-            self._to_session(session, frame(encode(self.engine.book_snapshot(sym, msg.depth))))
+            self._to_session(session, frame(encode(self.engine.book_snapshot(sym, msg.depth))), market=True)
             if sym not in session.subscriptions:
                 # events queued before now (for an earlier subscription) are in the snapshot
                 session.md_since[sym] = self.ledger.last_seq
@@ -432,9 +445,10 @@ class Exchange:
                 out.append((seq, _DAY, None, ev.next_trading_day, None, None))
         return events
 
-    def _to_session(self, session: Session, data: bytes) -> None:
-        """Queue a reply behind everything already queued (so it cannot overtake)."""
-        self.outbox.append((self.ledger.last_seq, _SESSION, session, None, data, None))
+    def _to_session(self, session: Session, data: bytes, market: bool = False) -> None:
+        """Queue a reply behind everything already queued (so it cannot overtake). ``market``:
+        a BookSnapshot, which like all market data does not wait for a resume replay."""
+        self.outbox.append((self.ledger.last_seq, _SESSION, session, True if market else None, data, None))
 
     def _close_after_flush(self, session: Session) -> None:
         self.outbox.append((self.ledger.last_seq, _CLOSE, session, None, None, None))
@@ -471,11 +485,19 @@ class Exchange:
                         batches[s].append(data)
             elif kind == _SESSION:
                 if target.state is not closed:
-                    batches[target].append(data)
+                    if target.replay_after is not None and a is None:
+                        # a reply must not overtake the reports of earlier requests, which wait
+                        # behind the resume replay (a BookSnapshot, market data, does not wait)
+                        target.held.append((released.get(target.member, 0), data))
+                    else:
+                        batches[target].append(data)
             elif kind == _DAY:
                 self.trading_day = a
             else:  # _CLOSE
                 b = batches.pop(target, None)
+                if target.held:  # closing mid-replay (a framing error): its replies still go
+                    b = [data for _, data in target.held] + (b or [])
+                    target.held.clear()
                 if b:
                     target.sink.write(b"".join(b))
                 if target.state is not closed:

@@ -64,7 +64,7 @@ class Connection(asyncio.Protocol):
     """One TCP (or TLS) connection: bytes to the exchange, frames to the socket."""
 
     __slots__ = ("server", "exchange", "transport", "session", "flow", "closing", "held", "close_timer",
-                 "replay_wait")
+                 "replay_wait", "replay_stuck")
 
     def __init__(self, server: "Server") -> None:
         self.server = server
@@ -76,6 +76,7 @@ class Connection(asyncio.Protocol):
         self.held = False  # reading paused: frames wait for a later turn (see FRAMES_PER_TURN)
         self.close_timer = None
         self.replay_wait = REPLAY_POLL_MIN  # seconds until a stalled replay is looked at again
+        self.replay_stuck = None  # (since, buffered): a logged-out peer's replay not moving
 
     # asyncio.Protocol -----------------------------------------------------------------------
     def connection_made(self, transport) -> None:
@@ -169,13 +170,25 @@ class Connection(asyncio.Protocol):
         """Next step of a resume replay, once the socket has taken most of the last one."""
         if self.closing:
             return
-        if self.transport.get_write_buffer_size() > self.flow.limit // 4:
+        buffered = self.transport.get_write_buffer_size()
+        if buffered > self.flow.limit // 4:
+            loop = asyncio.get_running_loop()
+            if self.session.goodbye:
+                # logged out (or shutting down) and owed the rest of its replay: a peer that
+                # takes nothing more for logon_timeout_s is cut off, like any closing peer
+                stuck = self.replay_stuck
+                if stuck is None or buffered < stuck[1]:
+                    self.replay_stuck = (loop.time(), buffered)
+                elif loop.time() - stuck[0] > self.server.config.gateway.logon_timeout_s:
+                    self._close_timeout()
+                    return
             # the peer is slow to read: look again later, backing off while it reads nothing
             # (a peer that heartbeats but never reads would otherwise be polled every ms)
-            asyncio.get_running_loop().call_later(self.replay_wait, self._replay_more)
+            loop.call_later(self.replay_wait, self._replay_more)
             self.replay_wait = min(self.replay_wait * 2, REPLAY_POLL_MAX)
             return
         self.replay_wait = REPLAY_POLL_MIN
+        self.replay_stuck = None
         try:
             self.exchange.replay_more(self.session)
         except Exception as exc:  # noqa: BLE001 - as in data_received: this connection goes, the server stays

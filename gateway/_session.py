@@ -109,7 +109,7 @@ class Session:
     __slots__ = (
         "state", "frames", "sid", "member", "role", "cancel_on_disconnect", "heartbeat_s",
         "bucket", "last_rx", "last_tx", "opened", "subscriptions", "min_seq", "entered_orders",
-        "cause", "sink", "pending", "replay_after", "goodbye", "md_since",
+        "cause", "sink", "pending", "replay_after", "goodbye", "md_since", "held",
     )
 
     def __init__(self, sid: int, max_frame: int, now: float) -> None:
@@ -129,7 +129,10 @@ class Session:
         self.min_seq = 0          # reports with a lower seq are not sent live (no resume_from)
         self.replay_after: int | None = None  # resuming: reports after this seq still come from the journal
         self.entered_orders = False
-        self.goodbye = False      # shutting down: LogoutAccepted once the resume replay is done
+        self.goodbye = False      # logged out or shutting down: LogoutAccepted once the resume replay is done
+        # replies released while the resume replay runs, each with the member's last report seq
+        # before it: they go out once the replay has passed that report
+        self.held: list[tuple[int, bytes]] = []
         self.cause = ""           # why the connection ended
         self.sink = None          # the transport side (set by the server)
         self.pending: deque = deque()

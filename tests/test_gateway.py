@@ -344,6 +344,38 @@ def test_a_resume_larger_than_the_outbound_bound_arrives_whole_and_others_keep_t
         assert server.exchange.stats.disconnects["slow_consumer"] == 0
 
 
+def test_a_logged_out_peer_that_stops_reading_its_replay_is_cut_off_after_logon_timeout(tmp_path):
+    """After a Logout the rest of a resume replay is still owed, so the connection stays until
+    it is taken; a peer that takes nothing more for logon_timeout_s is cut off, like any
+    closing peer, instead of holding its session for ever."""
+    with ThreadServer(make_config(max_outbound_bytes=65_536, max_msgs_per_s=1_000_000, logon_timeout_s=0.5),
+                      tmp_path / "d") as server:
+        n = 30_000
+
+        async def trade():
+            a = await logon(server.port, "M05")
+            for i in range(n):
+                a.send_nowait(NewOrder(f"r{i}", "CEA23", "sell", 1, 9000 + i % 50))
+                if i % 500 == 499:
+                    await reports_until(a, 500)
+            await a.close()
+        run(trade())
+        sock = socket.socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        sock.connect(("127.0.0.1", server.port))
+        frames = b""
+        for m in ({"type": "Logon", "member": "M05", "token": "M05-token", "resume_from": 0}, {"type": "Logout"}):
+            body = msgspec.msgpack.encode(m)
+            frames += len(body).to_bytes(4, "big") + body
+        sock.sendall(frames)
+        deadline = time.monotonic() + 10
+        while server.call(lambda: len(server.exchange.sessions)) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert server.call(lambda: len(server.exchange.sessions)) == 0
+        assert time.monotonic() < deadline - 8  # about logon_timeout_s after the replay stopped moving
+        sock.close()
+
+
 def test_subscribe_unknown_instrument_subscribes_nothing(server):
     async def main():
         m = await logon(server.port, "M01")

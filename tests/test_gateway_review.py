@@ -489,3 +489,53 @@ def test_drain_cancels_for_a_session_already_closing_before_the_goodbyes():
     got = [(f["type"], f.get("reason"), f.get("cl_ord_id")) for f in sb.frames()]
     assert got == [("OrderAccepted", None, "b1"), ("OrderCancelled", "disconnect", "a1"),
                    ("LogoutAccepted", None, None)], got
+
+
+def test_logout_during_a_paced_resume_replay_sends_the_rest_before_the_goodbye():
+    """A Logout while the resume replay is still going: the session is owed the rest of it, the
+    live reports waiting behind it and its own cancels, then LogoutAccepted (found by the
+    black-box audit: the close came first, cutting the replay and the session's own reports)."""
+    ex, ledger = make_exchange(max_outbound_bytes=4096)   # replay steps of about 1 KB
+    a, sa = connect(ex, "M01")
+    n = 40
+    ex.data_received(a, b"".join(order(f"o{i}") for i in range(n)), 0.0)
+    durable(ex, ledger)
+    late, sl = connect(ex, "M01", resume_from=0, cancel_on_disconnect=True)
+    assert sl.replays_pending == 1 and late.replay_after < n
+    ex.data_received(late, order("late-1", price=8400) + enc({"type": "Logout"}), 0.0)
+    durable(ex, ledger)
+    while sl.replays_pending:
+        sl.replays_pending -= 1
+        ex.replay_more(late)
+        durable(ex, ledger)
+    frames = sl.frames()
+    seqs = [f["seq"] for f in frames if "seq" in f]
+    assert seqs == list(range(1, n + 3)), seqs[-5:]              # the replay, its order, its cancel
+    assert frames[-3]["type"] == "OrderAccepted" and frames[-3]["cl_ord_id"] == "late-1"
+    assert frames[-2]["type"] == "OrderCancelled" and frames[-2]["reason"] == "disconnect"
+    assert frames[-1]["type"] == "LogoutAccepted" and sl.closed
+
+
+def test_a_reply_during_a_resume_replay_does_not_overtake_the_report_of_an_earlier_request():
+    """Live reports wait behind a resume replay; a Balances or Error reply must wait with them
+    (docs/protocol.md: a reply never overtakes the report of an earlier request). A BookSnapshot
+    is market data and does not wait."""
+    ex, ledger = make_exchange(max_outbound_bytes=4096)
+    a, _ = connect(ex, "M01")
+    n = 40
+    ex.data_received(a, b"".join(order(f"o{i}") for i in range(n)), 0.0)
+    durable(ex, ledger)
+    late, sl = connect(ex, "M01", resume_from=0)
+    assert sl.replays_pending == 1
+    ex.data_received(late, order("late-1", price=8400) + enc({"type": "QueryBalances"})
+                     + enc({"type": "NoSuchMessage"}), 0.0)
+    durable(ex, ledger)
+    while sl.replays_pending:
+        sl.replays_pending -= 1
+        ex.replay_more(late)
+        durable(ex, ledger)
+    frames = sl.frames()
+    types = [f["type"] for f in frames]
+    accepted = next(i for i, f in enumerate(frames) if f.get("cl_ord_id") == "late-1")
+    assert types[accepted:] == ["OrderAccepted", "Balances", "Error"], types[n - 2:]
+    assert [f["seq"] for f in frames if "seq" in f] == list(range(1, n + 2))
