@@ -104,6 +104,7 @@ class Exchange:
         gw = config.gateway
         self.max_frame = gw.max_frame
         self.replay_step_bytes = max(1, gw.max_outbound_bytes // 4)  # a replay step stays well under the bound
+        self.max_outbound = gw.max_outbound_bytes
         self.max_sessions = gw.max_sessions_per_member
         self.rate = gw.max_msgs_per_s
         self.logon_timeout = gw.logon_timeout_s
@@ -306,6 +307,7 @@ class Exchange:
                 n = 0
                 while n < len(held) and held[n][0] <= through:
                     step.append(held[n][1])
+                    session.held_bytes -= len(held[n][1])
                     n += 1
                 del held[:n]
             session.sink.write(b"".join(step))
@@ -318,6 +320,7 @@ class Exchange:
         if session.held:
             session.sink.write(b"".join([data for _, data in session.held]))
             session.held.clear()
+            session.held_bytes = 0
         session.replay_after = None
         session.min_seq = after + 1
         if session.goodbye:  # the server is shutting down: now that the replay is done
@@ -489,6 +492,12 @@ class Exchange:
                         # a reply must not overtake the reports of earlier requests, which wait
                         # behind the resume replay (a BookSnapshot, market data, does not wait)
                         target.held.append((released.get(target.member, 0), data))
+                        held_bytes = target.held_bytes = target.held_bytes + len(data)
+                        if held_bytes > self.max_outbound >= held_bytes - len(data):  # replies it does not read
+                            target.cause = "slow_consumer"
+                            log_event("slow_consumer", member=target.member, session=target.sid,
+                                      buffered=target.held_bytes)
+                            target.sink.abort()
                     else:
                         batches[target].append(data)
             elif kind == _DAY:
@@ -498,6 +507,7 @@ class Exchange:
                 if target.held:  # closing mid-replay (a framing error): its replies still go
                     b = [data for _, data in target.held] + (b or [])
                     target.held.clear()
+                    target.held_bytes = 0
                 if b:
                     target.sink.write(b"".join(b))
                 if target.state is not closed:

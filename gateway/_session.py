@@ -110,6 +110,7 @@ class Session:
         "state", "frames", "sid", "member", "role", "cancel_on_disconnect", "heartbeat_s",
         "bucket", "last_rx", "last_tx", "opened", "subscriptions", "min_seq", "entered_orders",
         "cause", "sink", "pending", "replay_after", "goodbye", "md_since", "held",
+        "held_bytes",
     )
 
     def __init__(self, sid: int, max_frame: int, now: float) -> None:
@@ -133,6 +134,7 @@ class Session:
         # replies released while the resume replay runs, each with the member's last report seq
         # before it: they go out once the replay has passed that report
         self.held: list[tuple[int, bytes]] = []
+        self.held_bytes = 0  # bounded by max_outbound_bytes, like what the transport buffers
         self.cause = ""           # why the connection ended
         self.sink = None          # the transport side (set by the server)
         self.pending: deque = deque()

@@ -539,3 +539,21 @@ def test_a_reply_during_a_resume_replay_does_not_overtake_the_report_of_an_earli
     accepted = next(i for i, f in enumerate(frames) if f.get("cl_ord_id") == "late-1")
     assert types[accepted:] == ["OrderAccepted", "Balances", "Error"], types[n - 2:]
     assert [f["seq"] for f in frames if "seq" in f] == list(range(1, n + 2))
+
+
+def test_replies_held_behind_a_replay_are_bounded_like_the_outbound_buffer():
+    """A resuming peer that reads nothing and sends QueryBalances after QueryBalances: the
+    replies wait behind its replay, outside the transport's buffer, so they count toward
+    max_outbound_bytes too; past it the peer is a slow consumer."""
+    ex, ledger = make_exchange(max_outbound_bytes=4096)
+    a, _ = connect(ex, "M01")
+    ex.data_received(a, b"".join(order(f"o{i}") for i in range(40)), 0.0)
+    durable(ex, ledger)
+    late, sl = connect(ex, "M01", resume_from=0)
+    assert sl.replays_pending == 1 and late.replay_after is not None
+    for _ in range(100):  # a Balances is about 300 bytes: past the 4 KiB bound within 15
+        ex.data_received(late, enc({"type": "QueryBalances"}), 0.0)
+        if sl.closed:
+            break
+    assert sl.closed and late.cause == "slow_consumer"
+    assert late.held_bytes < 2 * 4096  # the bound and the one reply that crossed it
