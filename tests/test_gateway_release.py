@@ -79,6 +79,8 @@ class Rec:
         self.owed = None        # member's last seq when it logged out / was told goodbye
         self.logout = False     # a Logout of ours was processed
         self.drained = False    # logged on when the drain began
+        self.unrun = []         # expectations of the frames sent but not yet run (in order)
+        self.more = False       # frames left for a later turn (data_received said so)
 
 
 def _requests(rnd, n, member, role):
@@ -132,74 +134,103 @@ def _requests(rnd, n, member, role):
 
 def release_day(seed, drain=False, steps=220):
     rnd = random.Random(seed)
-    config = make_config(max_outbound_bytes=rnd.choice([1024, 2048, 4096]))   # replay steps of a few reports
+    config = make_config(max_outbound_bytes=rnd.choice([1024, 2048, 4096]),    # replay steps of a few reports
+                         max_msgs_per_s=rnd.choice([1000, 1000, 20]))
     ledger = CmdLedger(config)
     ex = Exchange(config, ledger, clock_ns=lambda: 42)
     recs: list[Rec] = []
+    clock = [0.0]
 
-    def connect(member, resume, cod, chunk):
+    def accepted(rec):
+        return bool(rec.sink.got) and rec.sink.got[0]["type"] == "LogonAccepted"
+
+    def sync(rec):
+        """Account the frames the exchange has run (those no longer pending) as requests."""
+        if not accepted(rec):
+            rec.unrun.clear()
+            return
+        left = len(rec.s.pending)   # a Logout or bad frame is last: it clears nothing unrun
+        while len(rec.unrun) > left:
+            exp = rec.unrun.pop(0)
+            if exp == "logout":
+                rec.logout = True
+                rec.owed = ledger.engine.last_seq(rec.member)
+            elif exp is not None:
+                rec.requests.append(exp)
+
+    def feed(rec, data):
+        rec.more = ex.data_received(rec.s, data, clock[0])
+        sync(rec)
+
+    def connect(member, resume, cod, chunk, tail=None):
         sink = StreamSink(ledger)
-        s = ex.connect(sink, 0.0)
+        s = ex.connect(sink, clock[0])
         rec = Rec(s, sink, member, resume)
         recs.append(rec)
         logon = {"type": "Logon", "member": member, "token": f"{member}-token", "cancel_on_disconnect": cod}
         if resume is not None:
             logon["resume_from"] = resume
-        send(rec, [(enc(logon), None)] + chunk, logon=True)
+        send(rec, [(enc(logon), None)] + chunk, tail)
         return rec
 
-    def send(rec, chunk, logon=False, tail=None):
-        s = rec.s
-        active = s.state is State.ACTIVE
-        frames = [f for f, _ in chunk] + ([tail] if tail is not None else [])
-        ex.data_received(s, b"".join(frames), 0.0)
-        if logon:
-            active = bool(rec.sink.got) and rec.sink.got[0]["type"] == "LogonAccepted"
-        if active:
-            for _, exp in chunk:
-                if exp is not None:
-                    rec.requests.append(exp)
-            if tail == LOGOUT:
-                rec.logout = True
-                rec.owed = ledger.engine.last_seq(rec.member)
+    def send(rec, chunk, tail=None):
+        if tail is not None:
+            chunk = chunk + [(tail, "logout" if tail == LOGOUT else None)]
+        rec.unrun.extend(exp for _, exp in chunk)
+        feed(rec, b"".join(f for f, _ in chunk))
 
-    ops = connect("ops", None, False, [])
-    n = 0
+    def lose(rec):
+        sync(rec)
+        rec.unrun.clear()
+        rec.sink.lost = True
+        ex.connection_lost(rec.s, "client_close", clock[0])
+
+    ops = connect("ops", rnd.choice([None, 0]), False, [])
     for n in range(steps):
-        live = [r for r in recs if r.s.state is State.ACTIVE and r is not ops]
+        clock[0] += 0.01
+        live = [r for r in recs if r.s.state is State.ACTIVE and r is not ops and not r.more]
         x = rnd.random()
         if x < 0.10 or not live:
             m = rnd.choice(MEMBERS)
-            resume = rnd.randint(0, ex.released.get(m, 0)) if rnd.random() < 0.6 else None
+            last = ex.released.get(m, 0)
+            resume = rnd.randint(0, last) if rnd.random() < 0.6 else None
+            if rnd.random() < 0.03:
+                resume = rnd.choice([-1, last + 1])                     # invalid_resume
             chunk = _requests(rnd, n, m, "member") if rnd.random() < 0.3 else []
-            connect(m, resume, rnd.random() < 0.5, chunk)
-        elif x < 0.45:
+            if rnd.random() < 0.05:
+                chunk += [(enc({"type": "QueryBalances"}), ("reply", "Balances", ""))] * 70   # past one turn
+            tail = rnd.choice([None] * 8 + [LOGOUT, BAD_FRAME])
+            connect(m, resume, rnd.random() < 0.5, chunk, tail)
+        elif x < 0.42:
             rec = rnd.choice(live)
-            tail = None
-            y = rnd.random()
-            if y < 0.06:
-                tail = LOGOUT
-            elif y < 0.09:
-                tail = BAD_FRAME
-            send(rec, _requests(rnd, n, rec.member, "member"), tail=tail)
-        elif x < 0.48:
-            send(rec := rnd.choice(live), [], tail=LOGOUT)
-        elif x < 0.50:
-            send(rnd.choice(live), [], tail=BAD_FRAME)
-        elif x < 0.53:
+            tail = rnd.choice([None] * 14 + [LOGOUT, BAD_FRAME])
+            send(rec, _requests(rnd, n, rec.member, "member"), tail)
+        elif x < 0.45:
+            send(rnd.choice(live), [], LOGOUT)
+        elif x < 0.47:
+            send(rnd.choice(live), [], BAD_FRAME)
+        elif x < 0.52:
             sym = rnd.choice(SYMS)
-            msg = rnd.choice([{"type": "Halt", "instrument": sym}, {"type": "Resume", "instrument": sym},
+            msg = rnd.choice([{"type": "Halt", "instrument": sym, "cancel_orders": rnd.random() < 0.5},
+                              {"type": "Resume", "instrument": sym},
                               {"type": "Deposit", "ref": f"d{n}", "member": rnd.choice(MEMBERS), "asset": "CNY",
-                               "amount": 1}])
+                               "amount": 1},
+                              {"type": "SuspendMember", "member": rnd.choice(MEMBERS)},
+                              {"type": "ReinstateMember", "member": rnd.choice(MEMBERS)},
+                              {"type": "CloseMarket"}, {"type": "EndOfDay"}, {"type": "OpenMarket"}])
             send(ops, [(enc(msg), ("reply", "Admin", ""))])
-        elif x < 0.70:
+        elif x < 0.68:
             ledger.durable_seq = rnd.randint(ledger.durable_seq, ledger.last_seq)
             ex.on_durable(ledger.durable_seq)
-        elif x < 0.85:
+        elif x < 0.82:
             for r in recs:
                 while r.sink.replays_pending and not r.sink.closed and rnd.random() < 0.6:
                     r.sink.replays_pending -= 1
                     ex.replay_more(r.s)
+        elif x < 0.85:
+            for r in recs:                                           # the server's next turn
+                if r.more and not r.sink.closed and rnd.random() < 0.7:
+                    feed(r, b"")
         elif x < 0.87:
             rec = rnd.choice(live)
             sym = rnd.choice(SYMS)
@@ -208,17 +239,16 @@ def release_day(seed, drain=False, steps=220):
             if was:
                 rec.sink.got.append({"type": "(unsubscribed)", "instrument": sym})
         elif x < 0.90:
-            rec = rnd.choice(live)
-            rec.sink.lost = rec.sink.dropped = True
-            ex.connection_lost(rec.s, "client_close", 0.0)
+            rec = rnd.choice([r for r in recs if r.s.state is not State.CLOSED and r is not ops])
+            rec.sink.dropped = not rec.sink.closed
+            lose(rec)
         else:
             for r in recs:   # transports that were closed finish closing
                 if r.sink.closed and not r.sink.lost and rnd.random() < 0.5:
-                    r.sink.lost = True
-                    ex.connection_lost(r.s, "client_close", 0.0)
+                    lose(r)
     if drain:
         at_drain = [r for r in recs if r.s.state is State.ACTIVE]
-        ex.drain(0.0)
+        ex.drain(clock[0])
         for r in at_drain:
             r.drained = True
             r.owed = ledger.engine.last_seq(r.member) if r.member != "ops" else 0
@@ -229,13 +259,15 @@ def release_day(seed, drain=False, steps=220):
             ex.on_durable(ledger.durable_seq)
             busy = True
         for r in recs:
+            if r.more and not r.sink.closed:
+                feed(r, b"")
+                busy = True
             if r.sink.replays_pending and not r.sink.closed:
                 r.sink.replays_pending -= 1
                 ex.replay_more(r.s)
                 busy = True
             if r.sink.closed and not r.sink.lost:
-                r.sink.lost = True
-                ex.connection_lost(r.s, "client_close", 0.0)
+                lose(r)
                 busy = True
         if not busy:
             break
@@ -350,3 +382,4 @@ def test_a_framing_error_mid_replay_is_the_last_frame_before_the_close():
     durable(ex, ledger)
     got = [(f["type"], f.get("reason")) for f in sl.frames()]
     assert got == [("BookUpdate", None), ("Error", "bad_frame")] and sl.closed, got
+
