@@ -383,3 +383,63 @@ def test_a_framing_error_mid_replay_is_the_last_frame_before_the_close():
     got = [(f["type"], f.get("reason")) for f in sl.frames()]
     assert got == [("BookUpdate", None), ("Error", "bad_frame")] and sl.closed, got
 
+
+def test_a_logged_out_peer_that_half_closes_mid_replay_and_stops_reading_is_cut_off(tmp_path):
+    """docs/protocol.md: during a resume replay after a Logout, "a peer that takes nothing more
+    for logon_timeout_s meanwhile is cut off". When the peer also half-closed, the transport
+    began closing by itself; the next replay step found it closing, the Connection stopped
+    stepping the replay, and nobody closed the session: it stayed (logged out, its unread bytes
+    buffered) for as long as the peer kept its socket open."""
+    import socket
+    import time
+
+    from _fakes import ThreadServer
+
+    limit = 256 * 1024                                   # replay steps of 64 KB
+    with ThreadServer(make_config(max_outbound_bytes=limit, max_msgs_per_s=1_000_000, logon_timeout_s=1.0),
+                      tmp_path) as srv:
+        n = 4000
+        with socket.create_connection(("127.0.0.1", srv.port)) as sk:
+            sk.sendall(enc({"type": "Logon", "member": "M05", "token": "M05-token"}) + b"".join(
+                enc({"type": "NewOrder", "cl_ord_id": f"r{i}", "instrument": "CEA23", "side": "sell", "qty": 1,
+                     "price": 9000 + i % 50}) for i in range(n)))
+            deadline = time.monotonic() + 20
+            while srv.call(lambda: srv.exchange.released.get("M05", 0)) < n and time.monotonic() < deadline:
+                time.sleep(0.02)
+        sock = socket.socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        sock.connect(("127.0.0.1", srv.port))
+        try:
+            def mine():
+                return [s for s in srv.exchange.sessions if s.member in ("", "M05")]
+
+            deadline = time.monotonic() + 5
+            while not srv.call(mine) and time.monotonic() < deadline:
+                time.sleep(0.01)
+
+            def small_send_buffer():
+                mine()[0].sink.transport.get_extra_info("socket").setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+            srv.call(small_send_buffer)
+
+            def buffered():
+                got = mine()
+                return got[0].sink.transport.get_write_buffer_size() if got and got[0].sink.transport else None
+
+            sock.sendall(enc({"type": "Logon", "member": "M05", "token": "M05-token", "resume_from": 0}))
+            deadline = time.monotonic() + 5
+            while (buffered() or 0) <= limit // 4 and time.monotonic() < deadline:   # the replay waits for us
+                time.sleep(0.01)
+            sock.sendall(enc({"type": "Logout"}))
+            sock.shutdown(socket.SHUT_WR)
+            deadline = time.monotonic() + 5
+            while not srv.call(lambda: mine()[0].goodbye) and time.monotonic() < deadline:
+                time.sleep(0.01)
+            while (left := buffered()) is not None and left > limit // 4 - 8192:   # take some, then stop
+                sock.recv(4096)
+            assert left, "the scenario needs bytes left unread"
+            t0 = time.monotonic()
+            while srv.call(lambda: len(srv.exchange.sessions)) and time.monotonic() < t0 + 4:
+                time.sleep(0.05)
+            assert srv.call(lambda: len(srv.exchange.sessions)) == 0
+        finally:
+            sock.close()
