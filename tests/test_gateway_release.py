@@ -7,6 +7,7 @@ from __future__ import annotations
 import random
 
 import msgspec
+import pytest
 
 import engine as E
 from gateway._exchange import Exchange
@@ -362,6 +363,7 @@ def test_random_days_keep_the_release_path_promises():
         check_day(seed, ex, ledger, recs, drain)
 
 
+
 def test_a_framing_error_mid_replay_is_the_last_frame_before_the_close():
     """"The server sends one Error (bad_frame) and closes": during a resume replay the Error,
     held like any reply, was written at the close ahead of the market data released with it,
@@ -443,3 +445,210 @@ def test_a_logged_out_peer_that_half_closes_mid_replay_and_stops_reading_is_cut_
             assert srv.call(lambda: len(srv.exchange.sessions)) == 0
         finally:
             sock.close()
+
+
+def _read_frames(data):
+    out = []
+    while len(data) >= 4:
+        n = int.from_bytes(data[:4], "big")
+        if len(data) < 4 + n:
+            break
+        out.append(msgspec.msgpack.decode(data[4:4 + n]))
+        data = data[4 + n:]
+    return out
+
+
+async def _client_requests(crnd, k, rec, w, logon):
+    """One real-socket client's requests (recorded in ``rec``), then how it ends."""
+    import asyncio
+
+    w.write(logon)
+    for i in range(crnd.randint(3, 25)):
+        x = crnd.random()
+        tag = f"{k}.{i}"
+        sym = crnd.choice(("CEA25", "CEA23"))
+        if x < 0.45:
+            msg = {"type": "NewOrder", "cl_ord_id": f"o{tag}", "instrument": sym,
+                   "side": crnd.choice(["buy", "sell"]), "qty": crnd.randint(1, 5),
+                   "price": crnd.choice([9000, 9020, 9040, 9100]), "tif": crnd.choice(["day", "ioc"])}
+            rec["requests"].append(("order", f"o{tag}"))
+        elif x < 0.55:
+            msg = {"type": "MassCancel", "cl_ord_id": f"m{tag}", "instrument": sym}
+            rec["requests"].append(("order", f"m{tag}"))
+        elif x < 0.72:
+            msg = {"type": "QueryBalances"}
+            rec["requests"].append(("reply", "Balances", ""))
+        elif x < 0.82:
+            msg = {"type": f"Bad{tag}"}
+            rec["requests"].append(("reply", "Error", f"Bad{tag}"))
+        elif x < 0.94:
+            msg = {"type": "Subscribe", "instruments": [sym], "depth": 3}
+        else:
+            msg = {"type": "Unsubscribe", "instruments": [sym]}
+        w.write(enc(msg))
+        if crnd.random() < 0.3:
+            await asyncio.sleep(crnd.random() * 0.02)
+    end = crnd.choice(["logout", "logout", "logout", "stay", "stay", "bad_frame", "go"])
+    rec["end"] = end
+    if end == "logout":
+        w.write(enc({"type": "Logout"}))
+    elif end == "bad_frame":
+        w.write(b"\x00\x00\x00\x00")
+    try:
+        await w.drain()
+    except ConnectionError:
+        pass
+
+
+@pytest.mark.parametrize("seed", [7, 11])
+def test_random_clients_on_real_sockets_keep_the_release_path_promises(tmp_path, seed):
+    """Real server, real sockets, small receive buffers (so resume replays are paced and the
+    server backs off): clients of two members log on with and without resume_from, enter
+    orders (cancel-on-disconnect for some), ask for balances, send invalid messages and
+    (un)subscribe, read at their own pace, then log out (often mid-replay), break the framing
+    or just go; the rest are told goodbye by a drain. Every stream: reports once, gap-free
+    from its start; a reply never before the first report of an earlier request of its own;
+    LogoutAccepted last, after the terminal report of every order its session entered when
+    that session asked cancel-on-disconnect; a bad_frame Error last; market data gap-free
+    after each snapshot."""
+    import asyncio
+    import socket
+
+    from _fakes import ThreadServer
+
+    rnd = random.Random(seed)
+    config = make_config(max_outbound_bytes=256 * 1024, max_msgs_per_s=1_000_000, logon_timeout_s=2.0)
+    with ThreadServer(config, tmp_path) as srv:
+        port = srv.port
+
+        def small_send_buffers():                      # of the connections not logged on yet
+            for s in srv.exchange.sessions:
+                if s.state is State.AWAIT_LOGON and s.sink.transport is not None:
+                    s.sink.transport.get_extra_info("socket").setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+
+        async def open_conn(small):
+            sk = socket.socket()
+            if small:
+                sk.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+            sk.setblocking(False)
+            loop = asyncio.get_running_loop()
+            await loop.sock_connect(sk, ("127.0.0.1", port))
+            conn = await asyncio.open_connection(sock=sk)
+            if small:
+                await asyncio.sleep(0.01)                   # the server has taken the connection
+                await loop.run_in_executor(None, srv.call, small_send_buffers)
+            return conn
+
+        async def reader(r, buf, pause):
+            while True:
+                try:
+                    chunk = await r.read(4096)
+                except ConnectionError:                     # our own write found it closed
+                    return
+                if not chunk:
+                    return
+                buf.append(chunk)
+                if pause:
+                    await asyncio.sleep(pause)
+
+        async def seed_reports():                       # M01 has a day behind it: replays take steps
+            r, w = await open_conn(False)
+            w.write(enc({"type": "Logon", "member": "M01", "token": "M01-token"}) + b"".join(
+                enc({"type": "NewOrder", "cl_ord_id": f"pre{i}", "instrument": "CEA21", "side": "sell", "qty": 1,
+                     "price": 9000 + i % 40, "tif": "gtc"}) for i in range(2000)))
+            w.write(enc({"type": "Logout"}))
+            await w.drain()
+            await asyncio.wait_for(r.read(-1), 20)
+            w.close()
+
+        clients = []
+
+        async def client(k, member, start_delay):
+            await asyncio.sleep(start_delay)
+            crnd = random.Random(k * 1000 + seed)
+            r, w = await open_conn(crnd.random() < 0.7)
+            buf = []
+            rd = asyncio.create_task(reader(r, buf, crnd.choice([0, 0.003, 0.01])))
+            resume = crnd.choice([None, 0, 0, crnd.randint(0, 300)]) if member == "M01" else crnd.choice([None, 0])
+            cod = crnd.random() < 0.5
+            logon = {"type": "Logon", "member": member, "token": f"{member}-token", "cancel_on_disconnect": cod}
+            if resume is not None:
+                logon["resume_from"] = resume
+            rec = {"k": k, "member": member, "resume": resume, "cod": cod, "requests": [], "buf": buf,
+                   "end": None}
+            clients.append(rec)
+            try:
+                await _client_requests(crnd, k, rec, w, enc(logon))
+            except (ConnectionError, RuntimeError):     # refused (too many sessions) or cut off
+                rec["end"] = "refused"
+            if rec["end"] == "go":
+                await asyncio.sleep(crnd.random() * 0.05)
+                w.transport.abort()
+                rd.cancel()
+                return
+            rec["reader"] = rd
+            rec["writer"] = w
+
+        async def main():
+            await seed_reports()
+            await asyncio.gather(*(client(k, rnd.choice(("M01", "M01", "M02")), rnd.random() * 0.3)
+                                   for k in range(20)))
+            # a drain while replays still run: each logged-on session gets the rest, then goodbye
+            await asyncio.sleep(0.05)
+            await asyncio.get_running_loop().run_in_executor(None, srv.stop)
+            for c in clients:
+                if "reader" in c:
+                    await asyncio.wait_for(c["reader"], 10)
+                    c["writer"].close()
+
+        asyncio.run(asyncio.wait_for(main(), 60))
+
+    for c in clients:
+        frames = _read_frames(b"".join(c["buf"]))
+        where = (c["k"], c["member"], c["resume"], c["end"])
+        if c["end"] == "go" or not frames or frames[0]["type"] == "LogonRejected":
+            continue
+        assert frames[0]["type"] == "LogonAccepted", (where, frames[0])
+        types = [f["type"] for f in frames]
+        if c["end"] in ("logout", "stay"):
+            assert types[-1] == "LogoutAccepted" and types.count("LogoutAccepted") == 1, (where, types[-5:])
+        if c["end"] == "bad_frame":
+            assert frames[-1]["type"] == "Error" and frames[-1]["reason"] == "bad_frame", (where, frames[-3:])
+        start = c["resume"] + 1 if c["resume"] is not None else frames[0]["next_seq"]
+        seqs = [f["seq"] for f in frames if "seq" in f]
+        assert seqs == list(range(start, start + len(seqs))), (where, seqs[:10])
+        assert all(f["member"] == c["member"] for f in frames if "seq" in f), where
+        first = {}
+        for i, f in enumerate(frames):
+            if "seq" in f and f["cl_ord_id"] not in first:
+                first[f["cl_ord_id"]] = i
+        replies = [(i, f) for i, f in enumerate(frames) if f["type"] in ("Balances", "Error")
+                   and f.get("reason") != "bad_frame"]
+        expected = [(k, q) for k, q in enumerate(c["requests"]) if q[0] == "reply"]
+        if c["end"] in ("logout", "stay"):
+            assert len(replies) == len(expected), (where, len(replies), len(expected))
+        for (i, f), (k, q) in zip(replies, expected):
+            assert f["type"] == q[1] and q[2] in f.get("text", ""), (where, f, q)
+            for q2 in c["requests"][:k]:
+                if q2[0] == "order" and q2[1] in first:
+                    assert first[q2[1]] < i, (where, "reply before an earlier request's report", f, q2)
+            if c["end"] in ("logout", "stay"):
+                for q2 in c["requests"][:k]:
+                    assert q2[0] != "order" or first.get(q2[1], len(frames)) < i, (
+                        where, "reply before an earlier request's report, or without it", q2, f,
+                        [(g["type"], g.get("seq"), g.get("cl_ord_id")) for g in frames[i - 3:first.get(q2[1], i) + 3]])
+        if c["end"] in ("logout", "stay") and c["cod"]:
+            live = set()
+            for f in frames:
+                if f["type"] == "OrderAccepted" and f["cl_ord_id"].startswith(f"o{c['k']}."):
+                    live.add(f["order_id"])
+                elif f["type"] == "OrderCancelled" or f["type"] == "Fill" and f["leaves_qty"] == 0:
+                    live.discard(f["order_id"])
+            assert not live, (where, "orders of a cancel-on-disconnect session left without their cancel", live)
+        md = {}
+        for f in frames:
+            if f["type"] == "BookSnapshot":
+                md[f["instrument"]] = f["md_seq"]
+            elif f["type"] in _MARKET:
+                assert f["md_seq"] == md[f["instrument"]] + 1, (where, f, md)
+                md[f["instrument"]] = f["md_seq"]
