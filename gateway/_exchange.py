@@ -504,8 +504,9 @@ class Exchange:
                 self.trading_day = a
             else:  # _CLOSE
                 b = batches.pop(target, None)
-                if target.held:  # closing mid-replay (a framing error): its replies still go
-                    b = [data for _, data in target.held] + (b or [])
+                if target.held:  # closing mid-replay (a framing error): its replies still go,
+                    # after the market data released with them (the Error is the last frame)
+                    b = (b or []) + [data for _, data in target.held]
                     target.held.clear()
                     target.held_bytes = 0
                 if b:

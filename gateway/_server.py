@@ -169,6 +169,10 @@ class Connection(asyncio.Protocol):
     def _replay_more(self) -> None:
         """Next step of a resume replay, once the socket has taken most of the last one."""
         if self.closing:
+            if self.session is not None and self.session.goodbye:
+                # logged out, and the transport is closing by itself (the peer's EOF): nothing
+                # more of the replay can go, so the peer gets logon_timeout_s to take the rest
+                self.close()
             return
         buffered = self.transport.get_write_buffer_size()
         if buffered > self.flow.limit // 4:
