@@ -163,11 +163,12 @@ class Exchange:
                 elif action == "close":
                     reason, text, _ = value
                     self._to_session(session, _error(reason, text))
-                    session.cause = "framing_error" if reason == "bad_frame" else "client_close"
+                    # (unless the session already ended for a reason of its own: a slow consumer)
+                    session.cause = session.cause or ("framing_error" if reason == "bad_frame" else "client_close")
                     self._close_after_flush(session)
                 elif action == "logout":
                     self._end_session(session, now)
-                    session.cause = "logout"
+                    session.cause = session.cause or "logout"
                     if session.replay_after is not None:
                         session.goodbye = True  # owed the rest of its replay first: replay_more says goodbye
                     else:
@@ -533,7 +534,7 @@ class Exchange:
                 self._end_session(s, now)
         for s in list(self.sessions):
             if s.state is State.ACTIVE:
-                s.cause = "shutdown"
+                s.cause = s.cause or "shutdown"  # a slow consumer cut off just before stays one
                 if s.replay_after is not None:
                     s.goodbye = True  # owed the rest of its replay first: replay_more says goodbye
                     continue

@@ -283,7 +283,9 @@ def check_day(seed, ex, ledger, recs, drain):
     for r in recs:
         got, s, m = r.sink.got, r.s, r.member
         where = (seed, s.sid, m, r.resume)
-        assert not r.sink.aborted, where                         # no internal error cut anyone off
+        # no internal error cut anyone off (replies held behind a replay past max_outbound_bytes
+        # make a slow consumer: with these tiny bounds, a few Balances do)
+        assert not r.sink.aborted or s.cause == "slow_consumer", where
         if not got or got[0]["type"] != "LogonAccepted":
             continue
         # nothing after the goodbye, and the goodbye closes
@@ -307,7 +309,7 @@ def check_day(seed, ex, ledger, recs, drain):
         end = start + len(seqs) - 1                              # last seq it got
         # a logged-out / drained session is owed everything up to then before the goodbye, and
         # gets the goodbye in the end (unless its peer went away first)
-        if (r.logout or r.drained) and not r.sink.dropped:
+        if (r.logout or r.drained) and not r.sink.dropped and not r.sink.aborted:
             assert types[-1] == "LogoutAccepted", (where, types[-5:], r.logout, r.drained)
             if m != "ops":
                 assert end >= r.owed, (where, end, r.owed)
@@ -345,7 +347,7 @@ def check_day(seed, ex, ledger, recs, drain):
     for r in recs:
         if r.sink.closed:
             assert r.s.state is State.CLOSED, (seed, r.s.sid)
-        if (r.logout or r.drained) and not r.sink.dropped:
+        if (r.logout or r.drained) and not r.sink.dropped and not r.sink.aborted:
             assert r.sink.closed and r.s not in ex.sessions, (seed, r.s.sid, r.s.state, r.s.replay_after)
     if drain:
         assert not ex.sessions, (seed, [(s.sid, s.state, s.replay_after) for s in ex.sessions])
