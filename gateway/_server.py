@@ -192,8 +192,8 @@ class Connection(asyncio.Protocol):
         try:
             self.exchange.replay_more(self.session)
         except Exception as exc:  # noqa: BLE001 - as in data_received: this connection goes, the server stays
-            logging.getLogger("kaboni").exception("event=internal_error member=%s session=%d error=%r",
-                                                  self.session.member or "-", self.session.sid, exc)
+            log_event("internal_error", _level=logging.ERROR, _exc_info=True, member=self.session.member or "-",
+                      session=self.session.sid, error=repr(exc))
             self.abort()
 
     def _slow(self) -> None:
@@ -243,7 +243,7 @@ class Server:
 
     def _on_error(self, exc: BaseException) -> None:
         def fail() -> None:
-            logging.getLogger("kaboni").error("event=journal_failed error=%r", exc)
+            log_event("journal_failed", _level=logging.ERROR, error=repr(exc))
             if self.exchange is not None:
                 self.exchange.failed = exc
                 self.exchange.draining = True
@@ -257,8 +257,8 @@ class Server:
 
     def _loop_error(self, loop, context) -> None:
         self.errors.append(context)
-        logging.getLogger("kaboni").error("event=internal_error message=%r exception=%r",
-                                          context.get("message"), context.get("exception"))
+        log_event("internal_error", _level=logging.ERROR, message=context.get("message"),
+                  exception=repr(context.get("exception")))
 
     def _run_in_loop(self, fn):
         """Run ``fn`` on the loop thread and wait (the metrics thread reads engine state so)."""
@@ -376,7 +376,7 @@ class Server:
             try:
                 ledger.close()
             except Exception as exc:  # noqa: BLE001 - a failed final flush must not hide the exit code
-                logging.getLogger("kaboni").error("event=journal_close_failed error=%r", exc)
+                log_event("journal_close_failed", _level=logging.ERROR, error=repr(exc))
                 self.exit_code = 1
             _stop_metrics(metrics_server)
             server.close()
@@ -396,7 +396,7 @@ class Server:
             try:
                 ex.tick(time.monotonic())
             except Exception:  # noqa: BLE001 - a bug here must not stop heartbeats for good
-                logging.getLogger("kaboni").exception("event=internal_error where=tick")
+                log_event("internal_error", _level=logging.ERROR, _exc_info=True, where="tick")
 
 
 def _stop_metrics(metrics_server) -> None:

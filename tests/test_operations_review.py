@@ -27,3 +27,73 @@ def test_market_dates_must_be_written_yyyy_mm_dd(line, key):
     # was written into every FILL record, where `kaboni settle --day` cannot name it.
     with pytest.raises(ConfigError, match=key.replace("[", r"\[").replace("]", r"\]")):
         parse_config("[market]\n" + line + "\n" + BASE)
+
+
+# -- log lines ----------------------------------------------------------------------------------
+
+import json
+import logging
+import re
+import threading
+
+_FIELD = re.compile(r'([a-z_]+)=("(?:[^"\\]|\\.)*"|[^\s"]+)')
+
+
+def _fields(line: str) -> dict[str, str]:
+    """A log line's key=value fields; fails unless the whole line is such fields, as the docs
+    promise (a value that is not a plain token is a JSON string)."""
+    out, pos = {}, 0
+    for m in _FIELD.finditer(line):
+        assert line[pos:m.start()].strip() == "", f"not key=value at {line[pos:]!r}"
+        key, value = m.groups()
+        out[key] = json.loads(value) if value.startswith('"') else value
+        pos = m.end()
+    assert line[pos:].strip() == "", f"not key=value at {line[pos:]!r}"
+    return out
+
+
+class _Lines(logging.Handler):
+    def __init__(self) -> None:
+        from gateway._server import KeyValueFormatter
+
+        super().__init__(logging.INFO)
+        self.setFormatter(KeyValueFormatter())
+        self.lines: list[str] = []
+
+    def emit(self, record) -> None:
+        self.lines.append(self.format(record))
+
+
+def test_journal_failed_line_is_key_value_fields(tmp_path):
+    """docs/operations.md: `journal_failed` (level ERROR), every line one line of key=value
+    fields. The error was written with %r: `error=OSError(28, 'No space left on device')`."""
+    from _fakes import ThreadServer, ledger_factory, make_config
+
+    opened = []
+
+    def factory(*args, **kwargs):
+        ledger = ledger_factory()(*args, **kwargs)
+        opened.append(kwargs["on_error"])
+        return ledger
+
+    handler = _Lines()
+    logger = logging.getLogger("kaboni")
+    old_level = logger.level
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    try:
+        srv = ThreadServer(make_config(), tmp_path / "d", ledger_factory=factory)
+        with srv:
+            threading.Thread(target=opened[0], args=(OSError(28, "No space left on device"),)).start()
+            srv.thread.join(20)
+        assert srv.code == 1
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(old_level)
+    failed = [line for line in handler.lines if "event=journal_failed" in line]
+    assert len(failed) == 1, handler.lines
+    fields = _fields(failed[0])
+    assert fields["level"] == "ERROR"
+    assert "No space left on device" in fields["error"]
+    for line in handler.lines:
+        _fields(line)
