@@ -272,8 +272,19 @@ class Server:
         gw = self.config.gateway
         if not gw.tls_cert:
             return None
+        # name the file in the start_failed line: ssl says only "No such file or directory"
+        # or "[SSL] PEM lib"
+        for key, path in (("tls_cert", gw.tls_cert), ("tls_key", gw.tls_key)):
+            try:
+                open(path, "rb").close()
+            except OSError as exc:
+                raise OSError(f"gateway.{key} {path}: {exc.strerror or exc}") from None
         ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-        ctx.load_cert_chain(gw.tls_cert, gw.tls_key)
+        try:
+            ctx.load_cert_chain(gw.tls_cert, gw.tls_key)
+        except ssl.SSLError as exc:
+            raise OSError(f"gateway.tls_cert {gw.tls_cert} and tls_key {gw.tls_key} are not a PEM certificate "
+                          f"and its private key ({exc.reason or exc})") from None
         return ctx
 
     async def run(self) -> int:

@@ -97,3 +97,39 @@ def test_journal_failed_line_is_key_value_fields(tmp_path):
     assert "No space left on device" in fields["error"]
     for line in handler.lines:
         _fields(line)
+
+
+# -- start-up failures ------------------------------------------------------------------------
+
+import subprocess
+import sys
+
+
+def _serve(args, timeout=30):
+    from _fakes import REPO
+
+    return subprocess.run([sys.executable, "-m", "gateway", "serve", *args], cwd=REPO,
+                          env={"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin", "KABONI_PURE_PYTHON": "1"},
+                          capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.mark.parametrize("cert_exists", [False, True])
+def test_bad_tls_file_is_named_in_the_start_failed_line(tmp_path, cert_exists):
+    """start_failed for a bad TLS file: one line, exit 1, nothing in the data directory; the
+    line said only '[Errno 2] No such file or directory' or '[SSL] PEM lib (_ssl.c:3905)',
+    not which file."""
+    from _fakes import write_config_toml
+
+    cert = tmp_path / "cert.pem"
+    if cert_exists:
+        cert.write_text("not a certificate\n")
+    key = tmp_path / "key.pem"
+    key.write_text("not a key\n")
+    config = write_config_toml(tmp_path / "ex.toml", tls_cert=str(cert), tls_key=str(key))
+    proc = _serve(["--config", str(config), "--data-dir", str(tmp_path / "d"), "--no-metrics"])
+    assert proc.returncode == 1, proc.stderr
+    lines = proc.stderr.splitlines()
+    assert len(lines) == 1 and "event=start_failed" in lines[0], proc.stderr
+    assert str(cert) in lines[0], lines[0]
+    _fields(lines[0])
+    assert not (tmp_path / "d").exists()
