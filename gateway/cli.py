@@ -63,6 +63,16 @@ def _seconds(text: str) -> float:
     return value
 
 
+def _idle(text: str) -> float:
+    """``tail --idle``: seconds >= 0 (0: never); a negative one stopped the tail at once."""
+    try:
+        if float(text) == 0:
+            return 0.0
+    except ValueError:
+        pass
+    return _seconds(text)
+
+
 def _check_cancel(parser: argparse.ArgumentParser, args) -> None:
     """cancel takes an order's cl_ord_id, or --all (with optional --instrument/--side)."""
     if args.all and args.orig_cl_ord_id:
@@ -482,7 +492,7 @@ def _build() -> argparse.ArgumentParser:
     _connection_args(p)
     p.add_argument("--resume-from", type=int, default=None,
                    help="replay the reports after this seq first (0: the whole day; default: only new ones)")
-    p.add_argument("--idle", type=float, default=0,
+    p.add_argument("--idle", type=_idle, default=0,
                    help="stop (exit 0) after this many seconds without a report (default: 0, never)")
     p.set_defaults(func=lambda a: asyncio.run(_tail(a)))
 
