@@ -133,3 +133,31 @@ def test_bad_tls_file_is_named_in_the_start_failed_line(tmp_path, cert_exists):
     assert str(cert) in lines[0], lines[0]
     _fields(lines[0])
     assert not (tmp_path / "d").exists()
+
+
+# -- command-line usage errors exit 2 (docs/operations.md: "2 for usage errors") ----------------
+
+from gateway.cli import main
+
+
+def _closed_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_tail_refuses_a_negative_idle(capsys):
+    # `tail --idle -1` logged on and stopped at once with status 0
+    with pytest.raises(SystemExit) as exc:
+        main(["tail", "--port", str(_closed_port()), "--idle", "-1"])
+    assert exc.value.code == 2 and "--idle" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("option", ["--limit", "--from"])
+def test_journal_dump_refuses_negative_numbers(tmp_path, capsys, option):
+    # `journal dump DIR --limit -1` printed nothing and exited 0
+    with pytest.raises(SystemExit) as exc:
+        main(["journal", "dump", str(tmp_path), option, "-1"])
+    assert exc.value.code == 2 and option in capsys.readouterr().err
