@@ -161,3 +161,19 @@ def test_journal_dump_refuses_negative_numbers(tmp_path, capsys, option):
     with pytest.raises(SystemExit) as exc:
         main(["journal", "dump", str(tmp_path), option, "-1"])
     assert exc.value.code == 2 and option in capsys.readouterr().err
+
+
+def test_demo_restart_hint_names_the_port_it_used(tmp_path):
+    """The demo's closing hint 'restart it ... (then: kaboni admin OpenMarket)' left out the
+    --port of a demo run on other ports, so the admin command went to 7001 (the default)."""
+    from _fakes import REPO, free_port
+
+    port, mport = free_port(), free_port()
+    proc = subprocess.run([sys.executable, "-m", "gateway", "demo", "--seconds", "1", "--rate", "20", "--firms", "1",
+                           "--seed", "1", "--plain", "--port", str(port), "--metrics-port", str(mport),
+                           "--data-dir", str(tmp_path / "d")], cwd=REPO,
+                          env={"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin", "KABONI_PURE_PYTHON": "1"},
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    hint = [line for line in proc.stdout.splitlines() if "kaboni admin OpenMarket" in line]
+    assert len(hint) == 1 and f"kaboni admin OpenMarket --port {port}" in hint[0], proc.stdout
