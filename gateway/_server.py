@@ -299,6 +299,10 @@ class Server:
         collector = KaboniCollector(runner=self._run_in_loop)
         metrics_server = server = None
         try:
+            if self.metrics and self.port == self.metrics_port != 0:
+                # uvloop binds the order port without listening until it serves, so the metrics
+                # endpoint could take the same port and the order port's listen would fail unseen
+                raise OSError(f"port and metrics_port are both {self.port}")
             ssl_ctx = self._ssl_context()
             server = await loop.create_server(
                 lambda: Connection(self), self.host, self.port, ssl=ssl_ctx, backlog=4096, reuse_address=True,

@@ -177,3 +177,20 @@ def test_demo_restart_hint_names_the_port_it_used(tmp_path):
     assert proc.returncode == 0, proc.stderr
     hint = [line for line in proc.stdout.splitlines() if "kaboni admin OpenMarket" in line]
     assert len(hint) == 1 and f"kaboni admin OpenMarket --port {port}" in hint[0], proc.stdout
+
+
+def test_port_equal_to_metrics_port_is_a_start_failure(tmp_path):
+    """--port N --metrics-port N started 'fine' (event=start, exit 0 on SIGTERM) with no
+    order-entry listener: uvloop binds the order port without listening until serving, the
+    metrics endpoint (SO_REUSEADDR) then took the same port, and uvloop's start_serving dropped
+    the failed listen silently. Members got /metrics answers instead of the exchange."""
+    from _fakes import free_port
+
+    port = free_port()
+    proc = _serve(["--demo", "--data-dir", str(tmp_path / "d"), "--port", str(port), "--metrics-port", str(port)],
+                  timeout=20)
+    assert proc.returncode == 1, proc.stderr
+    lines = proc.stderr.splitlines()
+    assert len(lines) == 1 and "event=start_failed" in lines[0], proc.stderr
+    _fields(lines[0])
+    assert not (tmp_path / "d").exists()
