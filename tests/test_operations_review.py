@@ -194,3 +194,21 @@ def test_port_equal_to_metrics_port_is_a_start_failure(tmp_path):
     assert len(lines) == 1 and "event=start_failed" in lines[0], proc.stderr
     _fields(lines[0])
     assert not (tmp_path / "d").exists()
+
+
+def test_admin_keeps_a_numeric_ref_a_string(tmp_path, capsys):
+    """`kaboni admin Deposit ref=20261124001 ...` (a bank's transfer number as the ref) was sent
+    with ref as an integer and answered `Error invalid_message: ref: Expected str, got int`:
+    the CLI turned every value that looks like an integer into one, whatever the field."""
+    from _fakes import ThreadServer, make_config
+
+    with ThreadServer(make_config(), tmp_path / "d") as srv:
+        code = main(["admin", "--port", str(srv.port), "--member", "ops", "--token", "ops-token", "Deposit",
+                     "ref=20261124001", "member=M07", "asset=CNY", "amount=100"])
+        out = capsys.readouterr().out
+        assert code == 0, out
+        reply = json.loads(out.splitlines()[-1])
+        assert reply["type"] == "AdminAck" and reply["ref"] == "20261124001" and reply["amount"] == 100
+        code = main(["admin", "--port", str(srv.port), "--member", "ops", "--token", "ops-token", "SuspendMember",
+                     "member=M07"])
+        assert code == 0, capsys.readouterr().out
