@@ -115,7 +115,7 @@ def _verify(args) -> int:
             print(f"snapshot at seq {seq}: DAMAGED (skipped at restart)", file=sys.stderr)
             status = 1
         elif seq > result.last_seq:
-            print(f"snapshot at seq {seq}: beyond the journal's end (ignored at restart)")
+            print(f"snapshot at seq {seq}: beyond the journal's end (set aside at restart, as .kbs.beyond-end)")
         else:
             print(f"snapshot at seq {seq}: OK (trading day {body.trading_day})")
     return status

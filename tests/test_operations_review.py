@@ -212,3 +212,70 @@ def test_admin_keeps_a_numeric_ref_a_string(tmp_path, capsys):
         code = main(["admin", "--port", str(srv.port), "--member", "ops", "--token", "ops-token", "SuspendMember",
                      "member=M07"])
         assert code == 0, capsys.readouterr().out
+
+
+# -- restoring a copy taken while the exchange ran ----------------------------------------------
+
+import shutil
+import time
+
+
+def _durable(ledger) -> None:
+    deadline = time.monotonic() + 10
+    while ledger.durable_seq < ledger.last_seq and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert ledger.durable_seq == ledger.last_seq
+
+
+def test_a_snapshot_beyond_a_restored_journal_is_never_used_later(tmp_path):
+    """docs/operations.md: a copy of a running exchange's directory is usable, and restoring on
+    another machine is 'copy the directory, verify, start'. A copy (rsync takes journal-* before
+    snapshot-*) can hold snapshots of seqs beyond its journal's end, from the original's later
+    records. Recovery ignored them only while they were beyond the end: once the restored
+    exchange had run that far on different commands, a restart restored the original's state
+    from such a snapshot (its seq and byte position matched an ENTRY), not the journal's."""
+    import engine as E
+    from engine import demo_config
+    from engine.journal import Ledger
+
+    config = demo_config()
+
+    def ledger(path, **kw):
+        return Ledger.open(config, path, durability="none", today="2026-11-24", **kw)
+
+    def orders(led, tag, price):
+        for i in range(100):
+            led.execute(E.NewOrder(f"{tag}{i}", "CEA25", "sell", 1, price), "M02", 1)
+        _durable(led)
+
+    live, copy = tmp_path / "live", tmp_path / "copy"
+    original = ledger(live, snapshot_every=50)
+    _durable(original)
+    copy.mkdir()
+    for seg in live.glob("journal-*.kbj"):  # the copy takes the segments first ...
+        shutil.copy2(seg, copy / seg.name)
+    orders(original, "x", 9300)  # ... the original goes on (and snapshots) ...
+    original.close()
+    for snap in live.glob("snapshot-*.kbs"):  # ... and the copy takes the snapshots after
+        shutil.copy2(snap, copy / snap.name)
+
+    restored = ledger(copy, snapshot_every=1_000_000)
+    orders(restored, "y", 9301)  # the same sizes, other commands: the seqs and positions match
+    crashed = tmp_path / "crashed"  # the restored exchange's files as a crash would leave them
+    crashed.mkdir()
+    for f in copy.iterdir():
+        if f.name != "LOCK":
+            shutil.copy2(f, crashed / f.name)
+    restored.close()
+
+    replay = tmp_path / "replay"  # the truth: its journal alone, replayed in full
+    replay.mkdir()
+    for seg in crashed.glob("journal-*.kbj"):
+        shutil.copy2(seg, replay / seg.name)
+    a, b = ledger(crashed), ledger(replay)
+    try:
+        assert a.last_seq == b.last_seq
+        assert a.engine.state_hash() == b.engine.state_hash()
+    finally:
+        a.close()
+        b.close()
