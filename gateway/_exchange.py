@@ -27,6 +27,7 @@ from typing import Callable
 
 import engine as E
 from engine import hash_token
+from engine.journal import JournalFailedError
 
 from ._metrics import Stats
 from ._session import Event, Session, State, TokenBucket
@@ -138,7 +139,12 @@ class Exchange:
             return False
         try:
             self._data_received(session, data, now)
-        except Exception as exc:  # noqa: BLE001 - a bug or a failed journal: this connection goes, the server stays
+        except JournalFailedError:
+            # the journal failed (its writer thread said so first): the server is stopping with
+            # journal_failed, and this session ends with the others, nothing more sent
+            session.cause = "shutdown"
+            session.sink.abort()
+        except Exception as exc:  # noqa: BLE001 - a bug: this connection goes, the server stays
             log_event("internal_error", _level=logging.ERROR, _exc_info=True, member=session.member or "-",
                       session=session.sid, error=repr(exc))
             session.sink.abort()

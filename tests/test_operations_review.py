@@ -279,3 +279,38 @@ def test_a_snapshot_beyond_a_restored_journal_is_never_used_later(tmp_path):
     finally:
         a.close()
         b.close()
+
+
+def test_an_order_after_the_journal_failed_is_no_internal_error(caplog):
+    """With a full disk the log read: event=journal (the writer), then event=internal_error with
+    a traceback for the order that met the failed journal (whose session was then counted as a
+    client_close), then event=journal_failed. docs/operations.md lists internal errors nowhere:
+    they are bugs. An order meeting the failed journal ends its session as `shutdown`, quietly:
+    the journal_failed line says what happened."""
+    from engine.journal import JournalFailedError
+    from gateway._exchange import Exchange
+    from test_session_core import ManualLedger, connect, enc
+
+    class FailedLedger(ManualLedger):
+        failed = False
+
+        def execute(self, cmd, member, ts, session=0, throttled=False):
+            if self.failed:
+                raise JournalFailedError("journal failed: OSError(28, 'No space left on device')")
+            return super().execute(cmd, member, ts, session, throttled)
+
+    from _fakes import make_config
+
+    config = make_config()
+    ledger = FailedLedger(config)
+    ex = Exchange(config, ledger, clock_ns=lambda: 42)
+    s, sink = connect(ex, "M01")
+    sink.frames()
+    ledger.failed = True
+    order = {"type": "NewOrder", "cl_ord_id": "o1", "instrument": "CEA25", "side": "buy", "qty": 1, "price": 9250}
+    with caplog.at_level(logging.INFO, logger="kaboni"):
+        ex.data_received(s, enc(order), 0.0)
+        assert sink.closed
+        ex.connection_lost(s, "client_close", 0.0)
+    assert not [r for r in caplog.records if "internal_error" in r.getMessage()], caplog.text
+    assert ex.stats.disconnects["shutdown"] == 1 and ex.stats.disconnects["client_close"] == 0
