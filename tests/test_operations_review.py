@@ -4,9 +4,19 @@ Subprocess tests run ``python -m gateway`` from this checkout (PYTHONPATH = the 
 
 from __future__ import annotations
 
+import json
+import logging
+import re
+import shutil
+import subprocess
+import sys
+import threading
+import time
+
 import pytest
 
 from engine import ConfigError, parse_config
+from gateway.cli import main
 
 BASE = """
 [[instruments]]
@@ -31,10 +41,6 @@ def test_market_dates_must_be_written_yyyy_mm_dd(line, key):
 
 # -- log lines ----------------------------------------------------------------------------------
 
-import json
-import logging
-import re
-import threading
 
 _FIELD = re.compile(r'([a-z_]+)=("(?:[^"\\]|\\.)*"|[^\s"]+)')
 
@@ -101,9 +107,6 @@ def test_journal_failed_line_is_key_value_fields(tmp_path):
 
 # -- start-up failures ------------------------------------------------------------------------
 
-import subprocess
-import sys
-
 
 def _serve(args, timeout=30):
     from _fakes import REPO
@@ -136,8 +139,6 @@ def test_bad_tls_file_is_named_in_the_start_failed_line(tmp_path, cert_exists):
 
 
 # -- command-line usage errors exit 2 (docs/operations.md: "2 for usage errors") ----------------
-
-from gateway.cli import main
 
 
 def _closed_port() -> int:
@@ -215,9 +216,6 @@ def test_admin_keeps_a_numeric_ref_a_string(tmp_path, capsys):
 
 
 # -- restoring a copy taken while the exchange ran ----------------------------------------------
-
-import shutil
-import time
 
 
 def _durable(ledger) -> None:
