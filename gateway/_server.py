@@ -314,9 +314,8 @@ class Server:
                 metrics_server = start_metrics_server(collector, self.metrics_port, self.host)
                 self.metrics_port_bound = metrics_server[0].server_port
         except OSError as exc:  # ssl.SSLError is one too
-            logging.getLogger("kaboni").error("event=start_failed host=%s port=%s metrics_port=%s error=%s",
-                                              self.host, self.port, self.metrics_port if self.metrics else "off",
-                                              json.dumps(str(exc)))
+            log_event("start_failed", _level=logging.ERROR, host=self.host, port=self.port,
+                      metrics_port=self.metrics_port if self.metrics else "off", error=str(exc))
             if server is not None:
                 server.close()
             return 1
@@ -326,8 +325,7 @@ class Server:
                 snapshot_every=gw.snapshot_every, on_durable=self._on_durable, on_error=self._on_error,
             )
         except Exception as exc:  # noqa: BLE001 - a journal we cannot open: say so, exit non-zero
-            logging.getLogger("kaboni").error("event=journal_open_failed data_dir=%s error=%s", self.data_dir,
-                                              json.dumps(str(exc)))
+            log_event("journal_open_failed", _level=logging.ERROR, data_dir=self.data_dir, error=str(exc))
             server.close()
             _stop_metrics(metrics_server)
             return 1

@@ -312,3 +312,16 @@ def test_an_order_after_the_journal_failed_is_no_internal_error(caplog):
         ex.connection_lost(s, "client_close", 0.0)
     assert not [r for r in caplog.records if "internal_error" in r.getMessage()], caplog.text
     assert ex.stats.disconnects["shutdown"] == 1 and ex.stats.disconnects["client_close"] == 0
+
+
+def test_journal_open_failed_line_quotes_a_data_dir_with_a_space(tmp_path):
+    """`journal_open_failed data_dir=/srv/kaboni data error=...`: the data directory went in
+    unquoted, so a path with a space split the line into non-fields."""
+    bad = tmp_path / "a file"
+    bad.write_text("not a directory\n")
+    proc = _serve(["--demo", "--data-dir", str(bad), "--no-metrics", "--port", "0"])
+    assert proc.returncode == 1, proc.stderr
+    lines = proc.stderr.splitlines()
+    assert len(lines) == 1 and "event=journal_open_failed" in lines[0], proc.stderr
+    fields = _fields(lines[0])
+    assert fields["data_dir"] == str(bad) and fields["level"] == "ERROR"
