@@ -16,6 +16,7 @@ import gc
 import json
 import logging
 import signal
+import socket
 import ssl
 import time
 from pathlib import Path
@@ -309,7 +310,8 @@ class Server:
                 start_serving=False,
                 # a TLS peer that never finishes its handshake is dropped like one that never logs on
                 **({"ssl_handshake_timeout": gw.logon_timeout_s} if ssl_ctx else {}))
-            self.port = server.sockets[0].getsockname()[1]
+            listener = server.sockets[0]
+            self.port = listener.getsockname()[1]
             if self.metrics:
                 metrics_server = start_metrics_server(collector, self.metrics_port, self.host)
                 self.metrics_port_bound = metrics_server[0].server_port
@@ -339,7 +341,21 @@ class Server:
                 exchange._execute(Restarted(), "", None, time.monotonic())
                 exchange.release(ledger.durable_seq)
             collector.exchange = exchange
-            await server.start_serving()
+            # uvloop listens only now, and drops a listen that fails (another process took the
+            # port while the journal opened) without a word: look whether it really listens
+            error = f"cannot listen on port {self.port}: address already in use"
+            try:
+                await server.start_serving()
+                listening = listener.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN) == 1
+            except ValueError:  # uvloop closed the socket
+                listening = False
+            except OSError as exc:  # asyncio says why
+                listening, error = False, str(exc)
+            if not listening:
+                log_event("start_failed", _level=logging.ERROR, host=self.host, port=self.port,
+                          metrics_port=self.metrics_port if self.metrics else "off", error=error)
+                self.exit_code = 1
+                return 1
             for sig in (signal.SIGTERM, signal.SIGINT):
                 try:
                     loop.add_signal_handler(sig, self.stopping.set)

@@ -325,3 +325,45 @@ def test_journal_open_failed_line_quotes_a_data_dir_with_a_space(tmp_path):
     assert len(lines) == 1 and "event=journal_open_failed" in lines[0], proc.stderr
     fields = _fields(lines[0])
     assert fields["data_dir"] == str(bad) and fields["level"] == "ERROR"
+
+
+def test_order_port_taken_while_the_journal_opens_is_a_start_failure(tmp_path):
+    """uvloop binds the order port at once but listens only when it starts serving, after the
+    journal is open; a listen that fails then (another process took the port meanwhile, as two
+    exchanges started together on one port do) was dropped by uvloop without an error: the
+    server logged event=start and ran with no order entry at all."""
+    import asyncio
+    import socket
+
+    import uvloop
+
+    from _fakes import ledger_factory, make_config
+    from gateway._server import Server
+
+    taken = []
+
+    def factory(*args, **kwargs):
+        other = socket.socket()
+        other.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        other.bind(("127.0.0.1", server.port))
+        other.listen(5)
+        taken.append(other)
+        return ledger_factory()(*args, **kwargs)
+
+    handler = _Lines()
+    logger = logging.getLogger("kaboni")
+    old_level = logger.level
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    server = Server(make_config(), tmp_path / "d", port=0, metrics=False, ledger_factory=factory)
+    try:
+        code = uvloop.run(asyncio.wait_for(server.run(), 20))
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(old_level)
+        for s in taken:
+            s.close()
+    assert code == 1, handler.lines
+    failed = [line for line in handler.lines if "event=start_failed" in line]
+    assert len(failed) == 1, handler.lines
+    assert not [line for line in handler.lines if "event=start " in line], handler.lines
