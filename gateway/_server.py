@@ -284,8 +284,8 @@ class Server:
         try:
             ctx.load_cert_chain(gw.tls_cert, gw.tls_key)
         except ssl.SSLError as exc:
-            raise OSError(f"gateway.tls_cert {gw.tls_cert} and tls_key {gw.tls_key} are not a PEM certificate "
-                          f"and its private key ({exc.reason or exc})") from None
+            # short: log values are cut at 128 characters, and the reason must survive
+            raise OSError(f"gateway.tls_cert {gw.tls_cert}, tls_key {gw.tls_key}: {exc.reason or exc}") from None
         return ctx
 
     async def run(self) -> int:
