@@ -367,3 +367,36 @@ def test_order_port_taken_while_the_journal_opens_is_a_start_failure(tmp_path):
     failed = [line for line in handler.lines if "event=start_failed" in line]
     assert len(failed) == 1, handler.lines
     assert not [line for line in handler.lines if "event=start " in line], handler.lines
+
+
+def test_a_segment_once_followed_by_another_never_changes_again(tmp_path):
+    """docs/operations.md: copy every segment that is no longer the newest, as soon as a newer
+    one exists (rsync --ignore-existing): 'they are immutable'. A crash while the journal moved
+    to a new segment leaves that new file half created; the restart removed it and went on
+    appending to the previous segment, which a continuous copy taken meanwhile (during the
+    downtime) already held, shorter, and never copied again."""
+    import engine as E
+    from engine import demo_config
+    from engine.journal import Ledger, read_records
+    from engine.journal._format import segment_name
+
+    def ledger(**kw):
+        return Ledger.open(demo_config(), tmp_path, durability="none", today="2026-11-24", **kw)
+
+    first = ledger(segment_bytes=8192)
+    for i in range(10):
+        first.execute(E.NewOrder(f"a{i}", "CEA25", "buy", 1, 9250), "M01", 1)
+    first.close()
+    newest = sorted(tmp_path.glob("journal-*.kbj"))[-1]
+    last_seq = first.last_seq
+    (tmp_path / segment_name(last_seq + 1)).write_bytes(b"\0" * 10)  # the crash while rolling
+    sealed = newest.read_bytes()  # what a continuous copy takes now: a newer segment exists
+
+    again = ledger(segment_bytes=1 << 20)
+    for i in range(5):
+        again.execute(E.NewOrder(f"b{i}", "CEA25", "buy", 1, 9250), "M01", 1)
+    again.close()
+    assert newest.read_bytes() == sealed
+    assert (tmp_path / segment_name(last_seq + 1)).exists()
+    seqs = [r.seq for r in read_records(tmp_path)]
+    assert seqs == list(range(1, last_seq + 6))
