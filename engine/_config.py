@@ -175,10 +175,14 @@ def _check(config: ExchangeConfig, source: str) -> ExchangeConfig:
         (f"market.holidays[{i}]", h) for i, h in enumerate(market.holidays)
     ]:
         if value is not None:
+            # exactly YYYY-MM-DD: days are compared and journaled as such strings (fromisoformat
+            # also takes 20261124 and 2026-W48-2)
             try:
-                _dt.date.fromisoformat(value)
+                ok = _dt.date.fromisoformat(value).isoformat() == value
             except ValueError:
-                raise _fail(source, name, f"{value!r} is not a YYYY-MM-DD date") from None
+                ok = False
+            if not ok:
+                raise _fail(source, name, f"{value!r} is not a YYYY-MM-DD date")
     if any(not 0 <= d <= 6 for d in market.weekend) or len(set(market.weekend)) >= 7:
         raise _fail(source, "market.weekend", "must list weekday numbers 0 (Mon) to 6 (Sun), not all of them")
     gw = config.gateway

@@ -568,7 +568,7 @@ def run_demo(args) -> int:
             extra += [f"End of day was refused: {run.eod_error}", ""]
         extra += [f"The exchange drained and stopped (exit code {exit_code}); restart it on the same journal with:",
                   f"  kaboni serve --demo --data-dir {data_dir} --port {port} --metrics-port {metrics_port}"
-                  + ("   (then: kaboni admin OpenMarket)" if run.closed_day else ""),
+                  + (f"   (then: kaboni admin OpenMarket --port {port})" if run.closed_day else ""),
                   f"Verify the journal: kaboni journal verify {data_dir}   settlement: kaboni settle {data_dir} "
                   f"--day {run.closed_day or run.trading_day}",
                   f"Exchange log: {log_path}"]

@@ -27,6 +27,7 @@ from typing import Callable
 
 import engine as E
 from engine import hash_token
+from engine.journal import JournalFailedError
 
 from ._metrics import Stats
 from ._session import Event, Session, State, TokenBucket
@@ -72,18 +73,18 @@ _PLAIN = re.compile(r"[A-Za-z0-9_.:/@+,-]+")  # a log value written as it is; an
 MAX_LOG_VALUE = 128  # characters of a value in a log line; longer ones end in "..."
 
 
-def log_event(event: str, **fields) -> None:
+def log_event(event: str, *, _level: int = logging.INFO, _exc_info: bool = False, **fields) -> None:
     """One structured line: ``event=<name> key=value ...``. A value that is not a plain token is
     written as a JSON string, so quotes, newlines and control characters are escaped: a value
     from the peer (a member id in a Logon, before any authentication) can never end the line or
-    forge another field or line."""
+    forge another field or line. ``_level`` and ``_exc_info`` as for ``Logger.log``."""
     parts = [f"event={event}"]
     for k, v in fields.items():
         v = str(v)
         if len(v) > MAX_LOG_VALUE:
             v = v[:MAX_LOG_VALUE] + "..."
         parts.append(f"{k}={v}" if _PLAIN.fullmatch(v) else f"{k}={json.dumps(v)}")
-    log.info(" ".join(parts))
+    log.log(_level, " ".join(parts), exc_info=_exc_info)
 
 
 def _error(reason: str, text: str) -> bytes:
@@ -139,8 +140,14 @@ class Exchange:
             return False
         try:
             self._data_received(session, data, now)
-        except Exception as exc:  # noqa: BLE001 - a bug or a failed journal: this connection goes, the server stays
-            log.exception("event=internal_error member=%s session=%d error=%r", session.member or "-", session.sid, exc)
+        except JournalFailedError:
+            # the journal failed (its writer thread said so first): the server is stopping with
+            # journal_failed, and this session ends with the others, nothing more sent
+            session.cause = "shutdown"
+            session.sink.abort()
+        except Exception as exc:  # noqa: BLE001 - a bug: this connection goes, the server stays
+            log_event("internal_error", _level=logging.ERROR, _exc_info=True, member=session.member or "-",
+                      session=session.sid, error=repr(exc))
             session.sink.abort()
         self.release(self.ledger.durable_seq)
         return bool(session.pending) and session.state is State.ACTIVE

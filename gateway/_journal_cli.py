@@ -39,9 +39,9 @@ def add_journal_commands(subparsers) -> None:
     p.set_defaults(func=_verify)
     p = jsub.add_parser("dump", help="print records as JSON lines")
     p.add_argument("dir", type=Path)
-    p.add_argument("--from", dest="from_seq", type=int, default=1, help="first seq (default 1)")
+    p.add_argument("--from", dest="from_seq", type=_count, default=1, help="first seq (default 1)")
     p.add_argument("--kind", choices=["START", "FILL", "ENTRY"], help="only records of this kind")
-    p.add_argument("--limit", type=int, default=None, help="at most this many records")
+    p.add_argument("--limit", type=_count, default=None, help="at most this many records")
     p.set_defaults(func=_dump)
     p = jsub.add_parser("stats", help="counts of records, fills, bytes, segments and snapshots")
     p.add_argument("dir", type=Path)
@@ -51,6 +51,17 @@ def add_journal_commands(subparsers) -> None:
     s.add_argument("--day", required=True, type=_day, help="trading day, YYYY-MM-DD")
     s.add_argument("--format", choices=["csv", "json"], default="csv")
     s.set_defaults(func=_settle)
+
+
+def _count(text: str) -> int:
+    """A whole number >= 0 for argparse (a negative --limit printed nothing and exited 0)."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"not a whole number >= 0: {text!r}")
+    return value
 
 
 def _day(text: str) -> str:
@@ -104,7 +115,7 @@ def _verify(args) -> int:
             print(f"snapshot at seq {seq}: DAMAGED (skipped at restart)", file=sys.stderr)
             status = 1
         elif seq > result.last_seq:
-            print(f"snapshot at seq {seq}: beyond the journal's end (ignored at restart)")
+            print(f"snapshot at seq {seq}: beyond the journal's end (set aside at restart, as .kbs.beyond-end)")
         else:
             print(f"snapshot at seq {seq}: OK (trading day {body.trading_day})")
     return status

@@ -16,6 +16,7 @@ import gc
 import json
 import logging
 import signal
+import socket
 import ssl
 import time
 from pathlib import Path
@@ -196,8 +197,8 @@ class Connection(asyncio.Protocol):
         try:
             self.exchange.replay_more(self.session)
         except Exception as exc:  # noqa: BLE001 - as in data_received: this connection goes, the server stays
-            logging.getLogger("kaboni").exception("event=internal_error member=%s session=%d error=%r",
-                                                  self.session.member or "-", self.session.sid, exc)
+            log_event("internal_error", _level=logging.ERROR, _exc_info=True, member=self.session.member or "-",
+                      session=self.session.sid, error=repr(exc))
             self.abort()
 
     def _slow(self) -> None:
@@ -247,7 +248,7 @@ class Server:
 
     def _on_error(self, exc: BaseException) -> None:
         def fail() -> None:
-            logging.getLogger("kaboni").error("event=journal_failed error=%r", exc)
+            log_event("journal_failed", _level=logging.ERROR, error=repr(exc))
             if self.exchange is not None:
                 self.exchange.failed = exc
                 self.exchange.draining = True
@@ -261,8 +262,8 @@ class Server:
 
     def _loop_error(self, loop, context) -> None:
         self.errors.append(context)
-        logging.getLogger("kaboni").error("event=internal_error message=%r exception=%r",
-                                          context.get("message"), context.get("exception"))
+        log_event("internal_error", _level=logging.ERROR, message=context.get("message"),
+                  exception=repr(context.get("exception")))
 
     def _run_in_loop(self, fn):
         """Run ``fn`` on the loop thread and wait (the metrics thread reads engine state so)."""
@@ -276,8 +277,19 @@ class Server:
         gw = self.config.gateway
         if not gw.tls_cert:
             return None
+        # name the file in the start_failed line: ssl says only "No such file or directory"
+        # or "[SSL] PEM lib"
+        for key, path in (("tls_cert", gw.tls_cert), ("tls_key", gw.tls_key)):
+            try:
+                open(path, "rb").close()
+            except OSError as exc:
+                raise OSError(f"gateway.{key} {path}: {exc.strerror or exc}") from None
         ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-        ctx.load_cert_chain(gw.tls_cert, gw.tls_key)
+        try:
+            ctx.load_cert_chain(gw.tls_cert, gw.tls_key)
+        except ssl.SSLError as exc:
+            # short: log values are cut at 128 characters, and the reason must survive
+            raise OSError(f"gateway.tls_cert {gw.tls_cert}, tls_key {gw.tls_key}: {exc.reason or exc}") from None
         return ctx
 
     async def run(self) -> int:
@@ -292,20 +304,24 @@ class Server:
         collector = KaboniCollector(runner=self._run_in_loop)
         metrics_server = server = None
         try:
+            if self.metrics and self.port == self.metrics_port != 0:
+                # uvloop binds the order port without listening until it serves, so the metrics
+                # endpoint could take the same port and the order port's listen would fail unseen
+                raise OSError(f"port and metrics_port are both {self.port}")
             ssl_ctx = self._ssl_context()
             server = await loop.create_server(
                 lambda: Connection(self), self.host, self.port, ssl=ssl_ctx, backlog=4096, reuse_address=True,
                 start_serving=False,
                 # a TLS peer that never finishes its handshake is dropped like one that never logs on
                 **({"ssl_handshake_timeout": gw.logon_timeout_s} if ssl_ctx else {}))
-            self.port = server.sockets[0].getsockname()[1]
+            listener = server.sockets[0]
+            self.port = listener.getsockname()[1]
             if self.metrics:
                 metrics_server = start_metrics_server(collector, self.metrics_port, self.host)
                 self.metrics_port_bound = metrics_server[0].server_port
         except OSError as exc:  # ssl.SSLError is one too
-            logging.getLogger("kaboni").error("event=start_failed host=%s port=%s metrics_port=%s error=%s",
-                                              self.host, self.port, self.metrics_port if self.metrics else "off",
-                                              json.dumps(str(exc)))
+            log_event("start_failed", _level=logging.ERROR, host=self.host, port=self.port,
+                      metrics_port=self.metrics_port if self.metrics else "off", error=str(exc))
             if server is not None:
                 server.close()
             return 1
@@ -315,8 +331,7 @@ class Server:
                 snapshot_every=gw.snapshot_every, on_durable=self._on_durable, on_error=self._on_error,
             )
         except Exception as exc:  # noqa: BLE001 - a journal we cannot open: say so, exit non-zero
-            logging.getLogger("kaboni").error("event=journal_open_failed data_dir=%s error=%s", self.data_dir,
-                                              json.dumps(str(exc)))
+            log_event("journal_open_failed", _level=logging.ERROR, data_dir=self.data_dir, error=str(exc))
             server.close()
             _stop_metrics(metrics_server)
             return 1
@@ -330,7 +345,21 @@ class Server:
                 exchange._execute(Restarted(), "", None, time.monotonic())
                 exchange.release(ledger.durable_seq)
             collector.exchange = exchange
-            await server.start_serving()
+            # uvloop listens only now, and drops a listen that fails (another process took the
+            # port while the journal opened) without a word: look whether it really listens
+            error = f"cannot listen on port {self.port}: address already in use"
+            try:
+                await server.start_serving()
+                listening = listener.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN) == 1
+            except ValueError:  # uvloop closed the socket
+                listening = False
+            except OSError as exc:  # asyncio says why
+                listening, error = False, str(exc)
+            if not listening:
+                log_event("start_failed", _level=logging.ERROR, host=self.host, port=self.port,
+                          metrics_port=self.metrics_port if self.metrics else "off", error=error)
+                self.exit_code = 1
+                return 1
             for sig in (signal.SIGTERM, signal.SIGINT):
                 try:
                     loop.add_signal_handler(sig, self.stopping.set)
@@ -380,7 +409,7 @@ class Server:
             try:
                 ledger.close()
             except Exception as exc:  # noqa: BLE001 - a failed final flush must not hide the exit code
-                logging.getLogger("kaboni").error("event=journal_close_failed error=%r", exc)
+                log_event("journal_close_failed", _level=logging.ERROR, error=repr(exc))
                 self.exit_code = 1
             _stop_metrics(metrics_server)
             server.close()
@@ -400,7 +429,7 @@ class Server:
             try:
                 ex.tick(time.monotonic())
             except Exception:  # noqa: BLE001 - a bug here must not stop heartbeats for good
-                logging.getLogger("kaboni").exception("event=internal_error where=tick")
+                log_event("internal_error", _level=logging.ERROR, _exc_info=True, where="tick")
 
 
 def _stop_metrics(metrics_server) -> None:

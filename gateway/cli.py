@@ -63,6 +63,16 @@ def _seconds(text: str) -> float:
     return value
 
 
+def _idle(text: str) -> float:
+    """``tail --idle``: seconds >= 0 (0: never); a negative one stopped the tail at once."""
+    try:
+        if float(text) == 0:
+            return 0.0
+    except ValueError:
+        pass
+    return _seconds(text)
+
+
 def _check_cancel(parser: argparse.ArgumentParser, args) -> None:
     """cancel takes an order's cl_ord_id, or --all (with optional --instrument/--side)."""
     if args.all and args.orig_cl_ord_id:
@@ -343,11 +353,32 @@ def _parse_value(v: str):
         return v
 
 
+def _text_fields(request: str) -> set[str]:
+    """The fields of operator message ``request`` that are strings: their values are sent as
+    written (a Deposit's ref may be all digits)."""
+    import typing
+
+    import msgspec
+
+    from engine import OPERATOR_COMMANDS
+
+    for cls in OPERATOR_COMMANDS:
+        if cls.__name__ == request:
+            out = set()
+            for f in msgspec.structs.fields(cls):
+                t = typing.get_args(f.type)[0] if typing.get_origin(f.type) is typing.Annotated else f.type
+                if t is str:
+                    out.add(f.name)
+            return out
+    return set()
+
+
 async def _admin(args) -> int:
     msg = {"type": args.request}
+    text = _text_fields(args.request)
     for kv in args.fields:
         k, _, v = kv.partition("=")
-        msg[k] = _parse_value(v)
+        msg[k] = v if k in text else _parse_value(v)
 
     async def body(client) -> int:
         reply = await client.request(msg, args.timeout)
@@ -482,7 +513,7 @@ def _build() -> argparse.ArgumentParser:
     _connection_args(p)
     p.add_argument("--resume-from", type=int, default=None,
                    help="replay the reports after this seq first (0: the whole day; default: only new ones)")
-    p.add_argument("--idle", type=float, default=0,
+    p.add_argument("--idle", type=_idle, default=0,
                    help="stop (exit 0) after this many seconds without a report (default: 0, never)")
     p.set_defaults(func=lambda a: asyncio.run(_tail(a)))
 
@@ -493,7 +524,8 @@ def _build() -> argparse.ArgumentParser:
     p.add_argument("request", help="Halt, Resume, OpenMarket, CloseMarket, EndOfDay, SuspendMember, "
                                    "ReinstateMember, Deposit, Withdraw")
     p.add_argument("fields", nargs="*", help="the message's fields as key=value (integers and true/false "
-                                             "are converted), e.g. instrument=CEA25")
+                                             "are converted, except in text fields such as ref), e.g. "
+                                             "instrument=CEA25")
     p.set_defaults(func=lambda a: asyncio.run(_admin(a)))
 
     for module, hook in (("gateway._journal_cli", "add_journal_commands"), ("gateway._demo", "add_demo_command")):

@@ -13,6 +13,7 @@ import functools
 import hashlib
 import logging
 import mmap
+import os
 import queue
 import threading
 import typing
@@ -39,6 +40,8 @@ from ._snapshot import SnapshotBody, list_snapshots, prune_snapshots, read_snaps
 __all__ = ["Ledger", "config_digest", "INDEX_STEP"]
 
 log = logging.getLogger("kaboni.journal")
+
+BEYOND_END = ".beyond-end"  # suffix of a snapshot set aside at open: of seqs this journal does not hold
 
 _REPORT_TYPES = frozenset(REPORTS)  # a set: the type test runs for every event of every command
 INDEX_STEP = 32  # a member's report index has an entry at least every INDEX_STEP reports
@@ -276,7 +279,17 @@ class Ledger:
         last = self.journal.last_seq
         for seq in list_snapshots(self.directory):
             if seq > last:
-                log.warning("snapshot at seq %d is beyond the journal's end (%d); ignored", seq, last)
+                # Another journal's future (a copy that took the segments before the original wrote
+                # this snapshot): once this journal's own records reach that seq, its seq and
+                # position could pass for theirs and restore the other state, and it would count
+                # among the newest two snapshots kept. Set it aside under a name nothing reads.
+                name = snapshot_name(seq)
+                try:
+                    os.replace(self.directory / name, self.directory / (name + BEYOND_END))
+                    what = f"set aside as {name + BEYOND_END}"
+                except OSError as exc:
+                    raise JournalError(f"cannot set aside {name}, beyond the journal's end ({last}): {exc}") from exc
+                log.warning("snapshot at seq %d is beyond the journal's end (%d); %s", seq, last, what)
                 continue
             body = read_snapshot(self.directory / snapshot_name(seq))
             if body is not None:

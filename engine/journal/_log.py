@@ -603,6 +603,10 @@ class Journal:
         # or with nothing but zeros (a file system that extended the file before writing its
         # data): nothing in it was ever confirmed, since a confirmation waits for the sync of
         # everything before it, header included. Drop it.
+        # The segment before it was sealed (synced before the new file was created) and may
+        # have been copied as such (docs/operations.md, Back up): the first append rolls to a
+        # new segment again instead of appending to it.
+        self._reroll = False
         while firsts:
             path = directory / segment_name(firsts[-1])
             if path.stat().st_size >= _HEADER_SIZE and not _only_zeros(path):
@@ -610,6 +614,7 @@ class Journal:
             log.warning("%s: segment without a whole header (crash while rolling); removing it", path)
             path.unlink()
             firsts.pop()
+            self._reroll = bool(firsts)
             if self._sync:
                 ops.sync_dir(str(directory))
         # the newest segment as the recovery scan left it: first seq, bytes, and the kind and
@@ -693,7 +698,8 @@ class Journal:
             self.recovered = True
         self._recovered_position = last_position
         self._last_off = -1
-        self._limit = self._segment_bytes  # appends take the fast path while seg_size < limit
+        # appends take the fast path while seg_size < limit (-1: none does, see _reroll)
+        self._limit = -1 if self._reroll else self._segment_bytes
         self.durable_seq = self._next_seq - 1
         self._durable_pos = pack_position(self._seg, self._file_size)
         self._chunks: list[list] = [[self._seg, bytearray()]]
@@ -830,7 +836,9 @@ class Journal:
             raise JournalFailedError(f"journal failed: {self._error!r}") from self._error
         if self._closing:
             raise JournalError("journal is closed")
-        if self._seg_size >= self._segment_bytes:
+        if self._seg_size >= self._segment_bytes or self._reroll:
+            self._reroll = False
+            self._limit = self._segment_bytes
             self._roll()
 
     def _roll(self) -> None:
