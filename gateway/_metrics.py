@@ -16,9 +16,11 @@ from collections import defaultdict
 from engine._histogram import FixedHistogram
 from engine.journal._log import FSYNC_BOUNDS
 
+from ._version import installed_version
+
 __all__ = ["Stats", "KaboniCollector", "start_metrics_server", "VERSION", "ORDER_LATENCY_BOUNDS"]
 
-VERSION = "0.1.0"
+VERSION = installed_version()  # one version for kaboni_build_info and kaboni --version
 # The journal's fsync buckets (fine between 0.1 and 10 ms, where an order's report lands: one or
 # two fsyncs), so the order-to-report p99 and the fsync p99 are read off the same bounds.
 ORDER_LATENCY_BOUNDS = FSYNC_BOUNDS

@@ -422,14 +422,10 @@ _HELP_FALLBACK = {
 }
 
 
-def _version() -> str:
-    """The installed distribution's version; 'unknown' when running from a bare checkout."""
-    from importlib.metadata import PackageNotFoundError, version
+def _installed_version() -> str:
+    from ._version import installed_version
 
-    try:
-        return version("kaboni")
-    except PackageNotFoundError:
-        return "unknown (not installed)"
+    return installed_version()
 
 
 def _subparsers(parser: argparse.ArgumentParser, path: tuple[str, ...] = ()):
@@ -444,7 +440,7 @@ def _subparsers(parser: argparse.ArgumentParser, path: tuple[str, ...] = ()):
 def _build() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="kaboni", description="Kaboni carbon allowance exchange",
                                      epilog=_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--version", action="version", version=f"kaboni {_version()}")
+    parser.add_argument("--version", action="version", version=f"kaboni {_installed_version()}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("serve", help="run the exchange (gateway, engine and journal)",

@@ -234,6 +234,8 @@ def test_prometheus_scrapes_what_the_exchange_did(exchange, prometheus):
     assert info["metric"]["trading_day"] == today and info["value"][1] == "1"
     [build] = query(base, 'kaboni_build_info{job="kaboni"}')
     assert build["metric"]["python"] == ".".join(map(str, sys.version_info[:3]))
+    from gateway._version import installed_version
+    assert build["metric"]["version"] == installed_version()  # the one kaboni --version prints
     assert abs(value(base, 'kaboni_start_time_seconds{job="kaboni"}') - time.time()) < 120
     # every family of the contract is exported, and nothing else under kaboni_
     names = {r["metric"]["__name__"] for r in query(base, '{job="kaboni", __name__=~"kaboni_.+"}')}
