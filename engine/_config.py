@@ -113,6 +113,10 @@ def price_band(reference: int, band_bp: int, tick: int) -> tuple[int, int]:
     return lower, upper
 
 
+MIN_FRAME = 512  # bytes: every client message of the protocol fits with room to spare
+MIN_OUTBOUND = 1024  # bytes: a Balances or a BookSnapshot of depth 10 is a few hundred
+
+
 def _fail(source: str, key: str, what: str) -> ConfigError:
     return ConfigError(f"{source}: {key}: {what}")
 
@@ -154,6 +158,9 @@ def _check(config: ExchangeConfig, source: str) -> ExchangeConfig:
         if upper > MAX_PRICE:
             raise _fail(source, f"{key}.reference_price", f"its band reaches {upper}, above {MAX_PRICE}")
     currencies = set(config.currencies)
+    fee_account = config.market.fee_account
+    if not fee_account or not fee_account.isprintable() or len(fee_account) > 32:
+        raise _fail(source, "market.fee_account", f"{fee_account!r} is not a valid account name")
     ids: set[str] = set()
     for i, m in enumerate(config.members):
         key = f"members[{i}]"
@@ -188,8 +195,13 @@ def _check(config: ExchangeConfig, source: str) -> ExchangeConfig:
     gw = config.gateway
     if gw.durability not in ("fsync", "none"):
         raise _fail(source, "gateway.durability", f"must be 'fsync' or 'none', got {gw.durability!r}")
-    if not 1 <= gw.max_frame <= 2**32 - 1:
-        raise _fail(source, "gateway.max_frame", f"out of range: {gw.max_frame}")
+    # below these no Logon fits, or a single reply makes a slow consumer
+    if not MIN_FRAME <= gw.max_frame <= 2**32 - 1:
+        raise _fail(source, "gateway.max_frame", f"must be in {MIN_FRAME}..{2**32 - 1}, got {gw.max_frame}")
+    if gw.max_outbound_bytes < MIN_OUTBOUND:
+        raise _fail(source, "gateway.max_outbound_bytes", f"must be at least {MIN_OUTBOUND}, got {gw.max_outbound_bytes}")
+    if not gw.host:
+        raise _fail(source, "gateway.host", "must name an address to listen on")
     for name in ("max_sessions_per_member", "max_msgs_per_s", "max_outbound_bytes", "snapshot_every"):
         if getattr(gw, name) <= 0:
             raise _fail(source, f"gateway.{name}", f"must be positive, got {getattr(gw, name)}")
