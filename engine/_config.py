@@ -113,8 +113,10 @@ def price_band(reference: int, band_bp: int, tick: int) -> tuple[int, int]:
     return lower, upper
 
 
-MIN_FRAME = 512  # bytes: every client message of the protocol fits with room to spare
-MIN_OUTBOUND = 1024  # bytes: a Balances or a BookSnapshot of depth 10 is a few hundred
+# Bounds that only refuse the absurd (a frame of 1 byte, a send buffer of 1 byte): tests of the
+# limits themselves may set them low
+MIN_FRAME = 64  # bytes: below this not even a short Logon fits
+MIN_OUTBOUND = 256  # bytes: below this a single Balances reply is a slow consumer
 
 
 def _fail(source: str, key: str, what: str) -> ConfigError:
@@ -195,7 +197,6 @@ def _check(config: ExchangeConfig, source: str) -> ExchangeConfig:
     gw = config.gateway
     if gw.durability not in ("fsync", "none"):
         raise _fail(source, "gateway.durability", f"must be 'fsync' or 'none', got {gw.durability!r}")
-    # below these no Logon fits, or a single reply makes a slow consumer
     if not MIN_FRAME <= gw.max_frame <= 2**32 - 1:
         raise _fail(source, "gateway.max_frame", f"must be in {MIN_FRAME}..{2**32 - 1}, got {gw.max_frame}")
     if gw.max_outbound_bytes < MIN_OUTBOUND:
