@@ -9,40 +9,7 @@ import engine as E
 from engine import Engine
 from gateway._exchange import TICK_PARTS, Exchange
 
-from _fakes import make_config
-
-_REPORTS = (E.OrderAccepted, E.OrderRejected, E.Fill, E.OrderCancelled, E.OrderReplaced, E.CancelRejected,
-            E.MassCancelDone)
-
-
-class ManualLedger:
-    """The Ledger API with durability advanced by hand."""
-
-    def __init__(self, config):
-        self.engine = Engine(config, "2026-11-24")
-        self.last_seq = 0
-        self.durable_seq = 0
-        self.bodies = {}
-        self.recovered = False
-        for m in self.engine.members:
-            self.execute(E.Deposit(f"c-{m}", m, "CNY", 10**9), "", 0)
-            self.execute(E.Deposit(f"q-{m}", m, "CEA25", 10**6), "", 0)
-        self.execute(E.OpenMarket(), "", 0)
-        self.durable_seq = self.last_seq
-
-    def execute(self, cmd, member, ts, session=0, throttled=False):
-        events = self.engine.execute(cmd, member, ts, session, throttled)
-        if type(cmd) is E.QueryBalances:
-            return self.last_seq, events, []
-        self.last_seq += 1
-        reports = [(e.member, msgspec.msgpack.encode(e)) for e in events if isinstance(e, _REPORTS)]
-        for m, b in reports:
-            self.bodies.setdefault(m, []).append(b)
-        return self.last_seq, events, reports
-
-    def reports(self, member, after, through):
-        return iter(self.bodies.get(member, [])[after:through])
-
+from _fakes import _REPORTS, ManualLedger, make_config
 
 class Sink:
     def __init__(self):
