@@ -290,6 +290,9 @@ def test_deposit_and_withdraw_are_idempotent_by_ref():
     assert kinds(m.run(OPS, Withdraw("w1", "M1", "CEA", 10))) == ["AdminAck"]
     assert m.run(OPS, Withdraw("w1", "M1", "CEA", 10))[0].duplicate is True
     assert m.holding("M1").settled == 20
+    # the quantity step binds orders, not holdings (docs/protocol.md): EUA's step is 100
+    assert kinds(m.run(OPS, Deposit("a2", "M1", "EUA", 150))) == ["AdminAck"]
+    assert m.holding("M1", "EUA").settled == 150
     m.e.check()
 
 

@@ -231,6 +231,14 @@ def test_suspend_member(server):
         assert c["type"] == "OrderCancelled" and c["reason"] == "suspended"
         await m.send(NewOrder("r2", "CEA21", "buy", 3, 8800))
         assert (await m.next_report())["reason"] == "member_suspended"
+        # suspended, it may still log on, query balances and mass cancel (docs/protocol.md)
+        again = await logon(server.port, "M07")
+        assert (await again.request(QueryBalances()))["type"] == "Balances"
+        await again.send({"type": "MassCancel", "cl_ord_id": "mc1"})
+        done = await again.next_report()
+        assert done["type"] == "MassCancelDone", done
+        await again.logout()
+        assert (await m.next_report()) == done  # every session of the member gets every report
         assert (await ops.request({"type": "ReinstateMember", "member": "M07"}))["type"] == "AdminAck"
         await m.send(NewOrder("r3", "CEA21", "buy", 3, 8800))
         assert (await m.next_report())["type"] == "OrderAccepted"

@@ -96,6 +96,25 @@ def test_fifth_session_rejected_only_it_closes(server):
         c.s.close()
 
 
+def test_logon_checks_run_credentials_then_the_session_limit_then_resume(server):
+    """docs/protocol.md: bad_credentials, already_logged_on, invalid_resume, in that order;
+    operators' sessions count toward the limit like members'."""
+    for member, token in (("M12", "M12-token"), ("ops", "ops-token")):
+        conns = [Raw(server.port) for _ in range(4)]
+        for c in conns:
+            c.logon(member) if member != "ops" else c.send({"type": "Logon", "member": "ops", "token": token})
+            if member == "ops":
+                assert c.recv()["type"] == "LogonAccepted"
+        for logon, reason in (({"token": "wrong", "resume_from": 10**6}, "bad_credentials"),
+                              ({"token": token, "resume_from": 10**6}, "already_logged_on")):
+            fifth = Raw(server.port)
+            fifth.send({"type": "Logon", "member": member, **logon})
+            assert fifth.recv()["reason"] == reason, (member, logon)
+            assert fifth.closed()
+        for c in conns:
+            c.s.close()
+
+
 def test_invalid_resume(server):
     for k in (-1, 10**6):
         r = Raw(server.port)
