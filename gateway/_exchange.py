@@ -310,14 +310,8 @@ class Exchange:
                 if size >= budget:
                     break
             through = after + len(step)
-            held = session.held
-            if held and held[0][0] <= through:  # replies whose earlier reports are in this step
-                n = 0
-                while n < len(held) and held[n][0] <= through:
-                    step.append(held[n][1])
-                    session.held_bytes -= len(held[n][1])
-                    n += 1
-                del held[:n]
+            if session.held:  # replies whose earlier reports are in this step go right after it
+                step += session.take_held(through)
             session.sink.write(b"".join(step))
             if through < released:
                 session.replay_after = through
@@ -326,12 +320,10 @@ class Exchange:
                 return
             after = through
         if session.held:
-            session.sink.write(b"".join([data for _, data in session.held]))
-            session.held.clear()
-            session.held_bytes = 0
+            session.sink.write(b"".join(session.take_held()))
         session.replay_after = None
         session.min_seq = after + 1
-        if session.goodbye:  # the server is shutting down: now that the replay is done
+        if session.goodbye:  # logged out or shutting down: now that the replay is done
             self._to_session(session, _LOGOUT_ACCEPTED)
             self._close_after_flush(session)
             self.release(self.ledger.durable_seq)
@@ -499,8 +491,7 @@ class Exchange:
                     if target.replay_after is not None and a is None:
                         # a reply must not overtake the reports of earlier requests, which wait
                         # behind the resume replay (a BookSnapshot, market data, does not wait)
-                        target.held.append((released.get(target.member, 0), data))
-                        held_bytes = target.held_bytes = target.held_bytes + len(data)
+                        held_bytes = target.hold(released.get(target.member, 0), data)
                         if held_bytes > self.max_outbound >= held_bytes - len(data):  # replies it does not read
                             target.cause = "slow_consumer"
                             log_event("slow_consumer", member=target.member, session=target.sid,
@@ -514,9 +505,7 @@ class Exchange:
                 b = batches.pop(target, None)
                 if target.held:  # closing mid-replay (a framing error): its replies still go,
                     # after the market data released with them (the Error is the last frame)
-                    b = (b or []) + [data for _, data in target.held]
-                    target.held.clear()
-                    target.held_bytes = 0
+                    b = (b or []) + target.take_held()
                 if b:
                     target.sink.write(b"".join(b))
                 if target.state is not closed:

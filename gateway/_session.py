@@ -139,6 +139,22 @@ class Session:
         self.sink = None          # the transport side (set by the server)
         self.pending: deque = deque()
 
+    def hold(self, after_seq: int, data: bytes) -> int:
+        """Keep a reply until the resume replay has sent the member's report ``after_seq`` (the
+        last one before the reply); returns the bytes now held."""
+        self.held.append((after_seq, data))
+        self.held_bytes += len(data)
+        return self.held_bytes
+
+    def take_held(self, through: int | None = None) -> list[bytes]:
+        """The held replies whose earlier reports are out by seq ``through`` (all if None)."""
+        held = self.held
+        n = len(held) if through is None else next((i for i, (s, _) in enumerate(held) if s > through), len(held))
+        taken = [data for _, data in held[:n]]
+        del held[:n]
+        self.held_bytes -= sum(map(len, taken))
+        return taken
+
     def handle(self, event: Event) -> tuple[str, str | None]:
         if event is E.MESSAGE and self.state is S.ACTIVE:  # the hot path, same table entry
             return _ACTIVE_MESSAGE
