@@ -623,6 +623,8 @@ def render_summary(stats: DemoStats, reference: dict[str, int], elapsed: float, 
               f"Journal and snapshots: {data_dir}",
               f"Metrics (while the exchange runs): {metrics_url}",
               "Watch it in Prometheus: prometheus --config.file=deploy/prometheus/prometheus.yml"
-              " (alerts in deploy/prometheus/alerts.yml), dashboard: deploy/grafana/kaboni.json.",
+              " (alerts in deploy/prometheus/alerts.yml), dashboard: deploy/grafana/kaboni.json."
+              + ("" if ":9101/" in metrics_url else
+                 f" That file scrapes port 9101: point its target at {metrics_url} first."),
               "Operations guide: docs/operations.md."]
     return lines

@@ -200,6 +200,9 @@ def test_summary_says_what_happened_and_where_to_look():
     assert "Rejected: none." in text
     assert "http://127.0.0.1:9101/metrics" in text and "/tmp/kaboni-demo-x" in text
     assert "deploy/prometheus/prometheus.yml" in text and "deploy/grafana/kaboni.json" in text
+    assert "point its target" not in text  # the shipped scrape config fits port 9101
+    other = "\n".join(render_summary(stats, ref, 2.0, "http://127.0.0.1:19101/metrics", "/tmp/kaboni-demo-x"))
+    assert "That file scrapes port 9101: point its target at http://127.0.0.1:19101/metrics first." in other
     for sym in SYMBOLS:
         vwap = (2 * stats.instruments[sym].value + stats.instruments[sym].volume) // (2 * stats.instruments[sym].volume)
         assert f"{vwap / 100:,.2f}" in text
