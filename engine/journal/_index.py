@@ -93,7 +93,8 @@ def write_index(directory: Path, first_seq: int, index: bytes, sync: bool) -> No
 
 def load_index(directory: Path, first_seq: int, data) -> tuple[bytes, list[int]]:
     """The (kinds, payload lengths) of the segment ``data``'s frames, from its index, after
-    checking the index and that the segment's bytes are the ones it was built from."""
+    checking the index, that the segment's bytes are the ones it was built from, and that its
+    frames cover them end to end."""
     path = directory / index_name(first_seq)
     try:
         raw = path.read_bytes()
@@ -116,4 +117,6 @@ def load_index(directory: Path, first_seq: int, data) -> tuple[bytes, list[int]]
     lengths.frombytes(body[frames:])
     if sys.byteorder == "big":
         lengths.byteswap()
+    if _SEGMENT_HEADER_SIZE + 17 * frames + sum(lengths) != seg_len:
+        raise IndexUnusable(f"{path}: its frames do not cover the segment")
     return bytes(body[:frames]), lengths.tolist()

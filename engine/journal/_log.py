@@ -393,24 +393,30 @@ def scan_journal(directory: str | Path) -> ScanResult:
     return result
 
 
+def _usable_index(directory: Path, first: int, data) -> tuple[bytes, list[int]] | None:
+    """A sealed segment's frame kinds and lengths from its index, or None (with a warning if
+    there is an index but it does not fit): the caller walks the frames instead."""
+    try:
+        return load_index(directory, first, data)
+    except IndexUnusable as exc:
+        if (directory / index_name(first)).exists():
+            log.warning("%s; walking the segment's frames instead", exc)
+        return None
+
+
 def _load_indexed(directory: Path, path: Path, first: int) -> tuple[mmap.mmap, bytes, list[int]] | None:
-    """A sealed segment mapped, with its frames' kinds and lengths from its index (checked
-    against the segment's bytes); None if it has no usable index."""
+    """A sealed segment mapped, with its frames' kinds and lengths from a usable index; None
+    if it has none."""
     try:
         with open(path, "rb") as f:
             data = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
     except (OSError, ValueError):
         return None  # the frame walk reports what is wrong with the file
-    try:
-        kinds, lengths = load_index(directory, first, data)
-        if _HEADER_SIZE + FRAME_SIZE * len(lengths) + sum(lengths) != len(data):
-            raise IndexUnusable(f"{index_name(first)}: the index does not cover the segment")
-    except IndexUnusable as exc:
+    index = _usable_index(directory, first, data)
+    if index is None:
         data.close()
-        if (directory / index_name(first)).exists():
-            log.warning("%s; walking the segment's frames instead", exc)
         return None
-    return data, kinds, lengths
+    return data, *index
 
 
 def _iter_indexed(first: int, from_seq: int, data: mmap.mmap, kinds: bytes, lengths: list[int]) -> Iterator[Record]:
@@ -1150,16 +1156,12 @@ class Journal:
     def _indexed_spans(self, seg: int, data, start: int, kind: int) -> tuple[list[int], int] | None:
         """``payload_spans``' work for a sealed segment, from its index, and its frame count;
         None if it has no usable index (the frames are walked instead)."""
-        try:
-            kinds, lengths = load_index(self.directory, seg, data)
-        except IndexUnusable as exc:
-            if (self.directory / index_name(seg)).exists():
-                log.warning("%s; walking the segment's frames instead", exc)
+        index = _usable_index(self.directory, seg, data)
+        if index is None:
             return None
+        kinds, lengths = index
         spans: list[int] = []
-        if index_spans(kinds, lengths, _HEADER_SIZE, start, kind, spans) != len(data):
-            log.warning("%s: the index does not cover the segment; walking its frames instead", index_name(seg))
-            return None
+        index_spans(kinds, lengths, _HEADER_SIZE, start, kind, spans)
         return spans, len(lengths)
 
     def _index(self, work: int | tuple) -> None:
