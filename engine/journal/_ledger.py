@@ -172,7 +172,6 @@ class Ledger:
         self._snap_queue: queue.Queue = queue.Queue()
         self._snap_thread: threading.Thread | None = None
         self._closed = False
-        self._failed: BaseException | None = None
         self.journal = Journal.open(self.directory, durability=durability, segment_bytes=segment_bytes,
                                     on_durable=on_durable, on_error=on_error, file_ops=file_ops,
                                     switch_interval=switch_interval)
@@ -365,7 +364,7 @@ class Ledger:
         """Run the command through the engine and append it to the journal. Returns (journal
         seq of the entry, events, [(member, report body)]); QueryBalances and commands with no
         events at all are not journaled and return seq = last_seq."""
-        failed = self._failed or self.journal.failed
+        failed = self.journal.failed
         if failed is not None:  # the engine may be ahead of its journal: run nothing more
             raise JournalFailedError(f"journal failed: {failed!r}") from failed
         engine = self.engine
@@ -386,7 +385,6 @@ class Ledger:
         """The engine has run a command that is not (wholly) journaled: stop, as on a failed
         write. Nothing more runs or is reported durable, ``on_error`` tells the gateway, and a
         restart recovers the state from what the journal holds."""
-        self._failed = exc
         if self.journal.failed is None:
             self.journal._fail(exc)
 
