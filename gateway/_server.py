@@ -292,6 +292,10 @@ class Server:
             raise OSError(f"gateway.tls_cert {gw.tls_cert}, tls_key {gw.tls_key}: {exc.reason or exc}") from None
         return ctx
 
+    def _start_failed(self, error: str) -> None:
+        log_event("start_failed", _level=logging.ERROR, host=self.host, port=self.port,
+                  metrics_port=self.metrics_port if self.metrics else "off", error=error)
+
     async def run(self) -> int:
         self.loop = loop = asyncio.get_running_loop()
         self.stopping = asyncio.Event()
@@ -320,8 +324,7 @@ class Server:
                 metrics_server = start_metrics_server(collector, self.metrics_port, self.host)
                 self.metrics_port_bound = metrics_server[0].server_port
         except OSError as exc:  # ssl.SSLError is one too
-            log_event("start_failed", _level=logging.ERROR, host=self.host, port=self.port,
-                      metrics_port=self.metrics_port if self.metrics else "off", error=str(exc))
+            self._start_failed(str(exc))
             if server is not None:
                 server.close()
             return 1
@@ -356,8 +359,7 @@ class Server:
             except OSError as exc:  # asyncio says why
                 listening, error = False, str(exc)
             if not listening:
-                log_event("start_failed", _level=logging.ERROR, host=self.host, port=self.port,
-                          metrics_port=self.metrics_port if self.metrics else "off", error=error)
+                self._start_failed(error)
                 self.exit_code = 1
                 return 1
             for sig in (signal.SIGTERM, signal.SIGINT):
