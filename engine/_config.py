@@ -119,6 +119,15 @@ MIN_FRAME = 64  # bytes: below this not even a short Logon fits
 MIN_OUTBOUND = 256  # bytes: below this a single Balances reply is a slow consumer
 
 
+def is_day(text: str) -> bool:
+    """Whether ``text`` is a date written exactly YYYY-MM-DD: days are compared and journaled as
+    such strings (``date.fromisoformat`` also takes 20261124 and 2026-W48-2)."""
+    try:
+        return _dt.date.fromisoformat(text).isoformat() == text
+    except ValueError:
+        return False
+
+
 def _fail(source: str, key: str, what: str) -> ConfigError:
     return ConfigError(f"{source}: {key}: {what}")
 
@@ -184,13 +193,7 @@ def _check(config: ExchangeConfig, source: str) -> ExchangeConfig:
         (f"market.holidays[{i}]", h) for i, h in enumerate(market.holidays)
     ]:
         if value is not None:
-            # exactly YYYY-MM-DD: days are compared and journaled as such strings (fromisoformat
-            # also takes 20261124 and 2026-W48-2)
-            try:
-                ok = _dt.date.fromisoformat(value).isoformat() == value
-            except ValueError:
-                ok = False
-            if not ok:
+            if not is_day(value):
                 raise _fail(source, name, f"{value!r} is not a YYYY-MM-DD date")
     if any(not 0 <= d <= 6 for d in market.weekend) or len(set(market.weekend)) >= 7:
         raise _fail(source, "market.weekend", "must list weekday numbers 0 (Mon) to 6 (Sun), not all of them")

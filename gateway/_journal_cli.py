@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import datetime as _dt
 import json
 import sys
 from pathlib import Path
@@ -16,6 +15,7 @@ from pathlib import Path
 import msgspec
 
 from engine import SettlementLine
+from engine._config import is_day
 from engine.journal import (
     KIND_ENTRY, KIND_FILL, KIND_START, CorruptJournalError, EntryRecord, FillRecord, JournalError, StartRecord,
     list_segments, read_records, scan_journal,
@@ -65,12 +65,7 @@ def _count(text: str) -> int:
 
 
 def _day(text: str) -> str:
-    try:
-        # exactly YYYY-MM-DD, as FILL records carry it (fromisoformat also takes 20261124 and 2026-W48-2)
-        ok = _dt.date.fromisoformat(text).isoformat() == text
-    except ValueError:
-        ok = False
-    if not ok:
+    if not is_day(text):  # exactly YYYY-MM-DD, as FILL records carry it
         raise argparse.ArgumentTypeError(f"{text!r} is not a YYYY-MM-DD date")
     return text
 
@@ -125,7 +120,7 @@ def _plain(obj):
     """Report bodies inside ENTRY records are msgpack too: decode them for reading."""
     if isinstance(obj, bytes):
         try:
-            return msgspec.msgpack.decode(obj)
+            return _plain(msgspec.msgpack.decode(obj))
         except msgspec.DecodeError:
             return obj.hex()
     if isinstance(obj, list):
@@ -154,7 +149,7 @@ def _dump(args) -> int:
             n += 1
             fields = _FIELDS.get(rec.kind)
             if fields is None:  # a kind of a later build: its payload decoded (or in hex), as it is
-                body = {"payload": _plain(_plain(rec.payload))}
+                body = {"payload": _plain(rec.payload)}
             else:
                 body = dict(zip(fields, _plain(msgspec.msgpack.decode(rec.payload))))
             if rec.kind == KIND_ENTRY:
