@@ -7,11 +7,11 @@ receives there is the one the server sends, in that connection's order, with the
 
 import json
 import re
-import socket
 
 import msgspec
 
 from _fakes import REPO, ThreadServer, make_config
+from test_session_errors import Raw  # a bare socket speaking frames
 
 EXAMPLE = (REPO / "docs" / "protocol.md").read_text().split("## Worked example", 1)[1]
 FENCES = re.findall(r"```\n(.*?)```", EXAMPLE, re.S)
@@ -45,28 +45,6 @@ def _leading_hex(tokens):
         yield t
 
 
-class Peer:
-    def __init__(self, port):
-        self.sock = socket.create_connection(("127.0.0.1", port), timeout=10)
-        self.buf = b""
-
-    def send(self, message):
-        body = msgspec.msgpack.encode(message)
-        self.sock.sendall(len(body).to_bytes(4, "big") + body)
-
-    def receive(self):
-        while True:
-            if len(self.buf) >= 4:
-                n = int.from_bytes(self.buf[:4], "big")
-                if len(self.buf) >= 4 + n:
-                    body, self.buf = self.buf[4:4 + n], self.buf[4 + n:]
-                    return msgspec.msgpack.decode(body)
-            chunk = self.sock.recv(65536)
-            if not chunk:
-                return None
-            self.buf += chunk
-
-
 def test_the_worked_example_runs_as_written(tmp_path):
     messages = _messages()
     assert len(messages) > 20
@@ -76,21 +54,21 @@ def test_the_worked_example_runs_as_written(tmp_path):
         for member, direction, message in messages:
             if direction == "→":
                 if member not in peers:
-                    peers[member] = Peer(server.port)
+                    peers[member] = Raw(server.port)
                 peers[member].send(message)
                 continue
-            got = peers[member].receive()
+            got = peers[member].recv()
             assert got is not None, f"{member} expected {message}, the connection closed"
             if "ts" in message:
                 assert isinstance(got.get("ts"), int)
                 assert stamps.setdefault(message["ts"], got["ts"]) == got["ts"], (message, got)
                 got = dict(got, ts=message["ts"])
             assert got == message
-        assert peers["M01"].receive() is None  # after LogoutAccepted the server closes
+        assert peers["M01"].recv() is None  # after LogoutAccepted the server closes
         # the page's stamps are distinct where the server's are, and equal where they are equal
         assert len(set(stamps.values())) == len(stamps)
         for peer in peers.values():
-            peer.sock.close()
+            peer.s.close()
 
 
 def test_the_resume_note_after_the_example_holds(tmp_path):
@@ -106,20 +84,20 @@ def test_the_resume_note_after_the_example_holds(tmp_path):
             if message["type"] == "CancelOrder":
                 break  # M01 "disconnected before the cancel"
             if direction == "→":
-                peers.setdefault(member, Peer(server.port)).send(message)
+                peers.setdefault(member, Raw(server.port)).send(message)
             else:
-                received = peers[member].receive()
+                received = peers[member].recv()
                 if message["type"] == "Fill" and member == "M01":
                     first_fill = received
-        peers["M01"].sock.close()
-        again = Peer(server.port)
+        peers["M01"].s.close()
+        again = Raw(server.port)
         again.send({"type": "Logon", "member": "M01", "token": "M01-token", "resume_from": 1})
-        accepted = again.receive()
+        accepted = again.recv()
         assert accepted["type"] == "LogonAccepted" and accepted["next_seq"] == 3
-        replayed = again.receive()
+        replayed = again.recv()
         assert replayed == first_fill and dict(replayed, ts=fill["ts"]) == fill
         again.send({"type": "CancelOrder", "cl_ord_id": "a-2", "orig_cl_ord_id": "a-1"})
-        live = again.receive()
+        live = again.recv()
         assert live["type"] == "OrderCancelled" and live["seq"] == 3
         for peer in (again, peers["M02"]):
-            peer.sock.close()
+            peer.s.close()
