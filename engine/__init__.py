@@ -5,7 +5,7 @@ No sockets, no asyncio, no wall clock: commands go in with their time, events co
 
 from ._config import (
     DEMO_TOML, MAX_AMOUNT, MAX_PRICE, ConfigError, ExchangeConfig, GatewayConfig, InstrumentConfig, MarketConfig, MemberConfig,
-    demo_config, hash_token, load_config, parse_config, price_band,
+    ScheduleConfig, demo_config, hash_token, load_config, parse_config, price_band,
 )
 from ._engine import SNAPSHOT_VERSION, Engine, InvariantError
 from ._messages import *  # noqa: F403
@@ -14,6 +14,6 @@ from ._messages import __all__ as _message_names
 __all__ = [
     "Engine", "InvariantError", "SNAPSHOT_VERSION",
     "ConfigError", "ExchangeConfig", "GatewayConfig", "InstrumentConfig", "MarketConfig", "MemberConfig",
-    "demo_config", "hash_token", "load_config", "parse_config", "price_band", "DEMO_TOML",
+    "ScheduleConfig", "demo_config", "hash_token", "load_config", "parse_config", "price_band", "DEMO_TOML",
     "MAX_AMOUNT", "MAX_PRICE", *_message_names,
 ]

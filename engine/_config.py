@@ -1,4 +1,4 @@
-"""Market configuration: instruments, members and the trading calendar, loaded from TOML.
+"""Market configuration: instruments, members, the trading calendar and schedule, loaded from TOML.
 
 msgspec decodes the file into typed Structs; semantic checks follow. Any problem raises
 ``ConfigError`` naming the file, the key and what is wrong, so a bad file fails at load and
@@ -9,14 +9,16 @@ from __future__ import annotations
 
 import datetime as _dt
 import hashlib
+import re
 import tomllib
+import zoneinfo
 from pathlib import Path
 
 import msgspec
 
 __all__ = [
     "ConfigError", "InstrumentConfig", "MemberConfig", "MarketConfig", "GatewayConfig",
-    "ExchangeConfig", "load_config", "parse_config", "demo_config", "hash_token",
+    "ScheduleConfig", "ExchangeConfig", "time_of_day", "load_config", "parse_config", "demo_config", "hash_token",
     "price_band", "DEMO_TOML", "MAX_AMOUNT", "MAX_PRICE",
 ]
 
@@ -67,11 +69,26 @@ class GatewayConfig(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     tls_key: str | None = None
 
 
+class ScheduleConfig(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
+    """When the gateway itself opens and closes the market and ends the day: local times on
+    each trading day, "HH:MM" or "HH:MM:SS". Nothing set: operators do all of it by hand. Not
+    part of the engine's configuration digest: the journal records the commands themselves."""
+
+    timezone: str = "UTC"  # an IANA zone name, e.g. "Asia/Shanghai"
+    sessions: list[str] = []  # continuous trading windows, "09:30-11:30", in order
+    end_of_day: str | None = None  # EndOfDay (after a CloseMarket if anything is open)
+
+    @property
+    def active(self) -> bool:
+        return bool(self.sessions) or self.end_of_day is not None
+
+
 class ExchangeConfig(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     instruments: list[InstrumentConfig]
     members: list[MemberConfig] = []
     market: MarketConfig = MarketConfig()
     gateway: GatewayConfig = GatewayConfig()
+    schedule: ScheduleConfig = ScheduleConfig()
     # Funding applied once, when a journal is created (demo and test set-ups).
     initial_cash: int = 0
     initial_allowances: int = 0
@@ -126,6 +143,44 @@ def is_day(text: str) -> bool:
         return _dt.date.fromisoformat(text).isoformat() == text
     except ValueError:
         return False
+
+
+_TIME_OF_DAY = re.compile(r"([01][0-9]|2[0-3]):([0-5][0-9])(?::([0-5][0-9]))?")
+
+
+def time_of_day(text: str) -> int | None:
+    """Seconds after midnight of "HH:MM" or "HH:MM:SS" (00:00 to 23:59:59); None if malformed."""
+    m = _TIME_OF_DAY.fullmatch(text)
+    if m is None:
+        return None
+    return int(m[1]) * 3600 + int(m[2]) * 60 + int(m[3] or 0)
+
+
+def _check_schedule(schedule: ScheduleConfig, source: str) -> None:
+    try:
+        zoneinfo.ZoneInfo(schedule.timezone)
+    except (zoneinfo.ZoneInfoNotFoundError, ValueError):
+        raise _fail(source, "schedule.timezone", f"{schedule.timezone!r} is not a known time zone "
+                                                 "(an IANA name such as 'Asia/Shanghai')") from None
+    last_end = -1
+    for i, window in enumerate(schedule.sessions):
+        start_text, dash, end_text = window.partition("-")
+        start, end = time_of_day(start_text.strip()), time_of_day(end_text.strip())
+        if not dash or start is None or end is None:
+            raise _fail(source, f"schedule.sessions[{i}]", f"{window!r} is not 'HH:MM-HH:MM'")
+        if start >= end:
+            raise _fail(source, f"schedule.sessions[{i}]", f"{window!r} ends before it starts (sessions "
+                                                             "cannot span midnight)")
+        if start <= last_end:
+            raise _fail(source, f"schedule.sessions[{i}]", f"{window!r} does not start after the "
+                                                             "previous session ends")
+        last_end = end
+    if schedule.end_of_day is not None:
+        eod = time_of_day(schedule.end_of_day)
+        if eod is None:
+            raise _fail(source, "schedule.end_of_day", f"{schedule.end_of_day!r} is not 'HH:MM'")
+        if eod < last_end:
+            raise _fail(source, "schedule.end_of_day", f"{schedule.end_of_day!r} is before the last session ends")
 
 
 def _fail(source: str, key: str, what: str) -> ConfigError:
@@ -197,6 +252,7 @@ def _check(config: ExchangeConfig, source: str) -> ExchangeConfig:
                 raise _fail(source, name, f"{value!r} is not a YYYY-MM-DD date")
     if any(not 0 <= d <= 6 for d in market.weekend) or len(set(market.weekend)) >= 7:
         raise _fail(source, "market.weekend", "must list weekday numbers 0 (Mon) to 6 (Sun), not all of them")
+    _check_schedule(config.schedule, source)
     gw = config.gateway
     if gw.durability not in ("fsync", "none"):
         raise _fail(source, "gateway.durability", f"must be 'fsync' or 'none', got {gw.durability!r}")

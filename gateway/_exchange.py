@@ -16,6 +16,7 @@ the loop nor overruns the session's outbound bound; live reports wait until it h
 
 from __future__ import annotations
 
+import datetime as _dt
 import hmac
 import json
 import logging
@@ -30,6 +31,7 @@ from engine import hash_token
 from engine.journal import JournalFailedError
 
 from ._metrics import Stats
+from ._schedule import END_OF_DAY, OPEN, Schedule
 from ._session import Event, Session, State, TokenBucket
 from ._wire import (
     Error, Heartbeat, LogonAccepted, LogonRejected, LogoutAccepted, Subscribe, Unsubscribe,
@@ -121,6 +123,9 @@ class Exchange:
         self.next_sid = 1
         self.draining = False
         self.failed: BaseException | None = None
+        # the trading schedule; its edges missed while the exchange was down count from the
+        # last command journaled before this start (read before Restarted is journaled)
+        self.schedule = Schedule(config.schedule, ledger.last_entry_ts()) if config.schedule.active else None
 
     # -----------------------------------------------------------------------------------------
     # Connections
@@ -349,7 +354,7 @@ class Exchange:
             if session.role != "operator":
                 self._to_session(session, _error("not_authorized", f"{cls.__name__} is for operators only"))
                 return
-            self._operator(session, msg, now)
+            self._operator(msg, session.member, session, now)
         elif cls is E.QueryBalances:
             if session.role != "member":
                 self._to_session(session, _error("not_authorized", "operators have no accounts"))
@@ -392,21 +397,59 @@ class Exchange:
                 session.subscriptions.add(sym)
                 self.subscribers[sym] = self.subscribers[sym] + (session,)
 
-    def _operator(self, session: Session, msg, now: float) -> None:
-        events = self._execute(msg, session.member, session, now)
+    def _operator(self, msg, operator: str, session: Session | None, now: float) -> None:
+        """Run an operator command (``session`` None: the trading schedule's, journaled with no
+        member and logged as ``operator=schedule``) and log what it did."""
+        events = self._execute(msg, operator, session, now)
         cls = type(msg)
         fields = {f: getattr(msg, f) for f in msg.__struct_fields__}
+        who = operator or "schedule"
         for ev in events:
             t = type(ev)
             if t is E.DayEnded:
                 log_event("end_of_day", trading_day=ev.trading_day, next_trading_day=ev.next_trading_day,
-                          operator=session.member)
+                          operator=who)
             elif t is E.AdminAck and cls is not E.EndOfDay:  # end of day is logged from DayEnded
                 if ev.duplicate is True:
                     fields["duplicate"] = True
-                log_event(cls.__name__.lower(), operator=session.member, **fields)
+                log_event(cls.__name__.lower(), operator=who, **fields)
             elif t is E.AdminRejected:
-                log_event("admin_rejected", operator=session.member, request=ev.request, reason=ev.reason, **fields)
+                log_event("admin_rejected", operator=who, request=ev.request, reason=ev.reason, **fields)
+
+    def run_schedule(self, now_ns: int, now: float) -> bool:
+        """Carry out what the trading schedule asks for at wall-clock time ``now_ns``: open the
+        market if any instrument is closed; close it if any is not; end the day (closing first).
+        Nothing while draining or without a schedule. True if an edge was due."""
+        schedule = self.schedule
+        if schedule is None or self.draining or self.failed is not None:
+            return False
+        engine = self.engine
+        edge = schedule.due(engine.trading_day, now_ns)
+        if edge is None:
+            return False
+        statuses = [engine.status(sym) for sym in engine.instruments]
+        if edge == OPEN:
+            if "closed" in statuses:
+                self._operator(E.OpenMarket(), "", None, now)
+        else:
+            if any(status != "closed" for status in statuses):
+                self._operator(E.CloseMarket(), "", None, now)
+            if edge == END_OF_DAY:
+                self._operator(E.EndOfDay(), "", None, now)
+        self.log_schedule(now_ns)
+        self.release(self.ledger.durable_seq)
+        return True
+
+    def log_schedule(self, now_ns: int) -> None:
+        """Log the trading schedule's next edge on the current trading day, if any."""
+        schedule = self.schedule
+        if schedule is None:
+            return
+        day = self.engine.trading_day
+        nxt = schedule.next_edge(day, now_ns)
+        if nxt is not None:
+            log_event("schedule_next", trading_day=day, edge=nxt[1],
+                      at=_dt.datetime.fromtimestamp(nxt[0] // 1_000_000_000, schedule.zone).isoformat())
 
     # -----------------------------------------------------------------------------------------
     # Running commands and the outbox

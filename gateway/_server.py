@@ -347,6 +347,10 @@ class Server:
                 # Every connection ended with the old process: cancel-on-disconnect orders go now.
                 exchange._execute(Restarted(), "", None, time.monotonic())
                 exchange.release(ledger.durable_seq)
+            # what the trading schedule asked for while the exchange was down, before anyone trades
+            now_ns = time.time_ns()
+            if not exchange.run_schedule(now_ns, time.monotonic()):
+                exchange.log_schedule(now_ns)  # what comes next (run_schedule logs it after an edge)
             collector.exchange = exchange
             # uvloop listens only now, and drops a listen that fails (another process took the
             # port while the journal opened) without a word: look whether it really listens
@@ -423,13 +427,19 @@ class Server:
         self.loop.call_soon_threadsafe(self.stopping.set)
 
     async def _ticker(self) -> None:
-        """Every session is looked at every 0.25 s, a slice at a time (see ``Exchange.tick``)."""
+        """Every session is looked at every 0.25 s, a slice at a time (see ``Exchange.tick``),
+        and the trading schedule as often."""
         ex = self.exchange
         interval = 0.25 / TICK_PARTS
+        part = 0
         while True:
             await asyncio.sleep(interval)
             try:
-                ex.tick(time.monotonic())
+                now = time.monotonic()
+                ex.tick(now)
+                part = (part + 1) % TICK_PARTS
+                if part == 0:  # the trading schedule, every 0.25 s too
+                    ex.run_schedule(time.time_ns(), now)
             except Exception:  # noqa: BLE001 - a bug here must not stop heartbeats for good
                 log_event("internal_error", _level=logging.ERROR, _exc_info=True, where="tick")
 

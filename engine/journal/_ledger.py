@@ -29,7 +29,7 @@ from .._engine import Engine
 from .._messages import REPORTS, Command, DayEnded, Deposit, Fill, NewOrder, OpenMarket, QueryBalances
 from .._replay import run_entries
 from ._format import (
-    FORMAT_VERSION, KIND_ENTRY, KIND_FILL, KIND_START, EntryRecord, StartRecord, segment_name,
+    FORMAT_VERSION, KIND_ENTRY, KIND_FILL, KIND_MASK, KIND_START, EntryRecord, StartRecord, segment_name,
 )
 from ._log import (
     SWITCH_INTERVAL, CorruptJournalError, FileOps, Journal, JournalError, JournalFailedError, JournalStats,
@@ -122,6 +122,15 @@ def _replay_types(instruments: tuple[str, ...], members: tuple[str, ...]) -> _Re
 _entry_decoder = msgspec.msgpack.Decoder(_entry_tuple(str, _REPLAY_CLASS))
 _entry_reports_decoder = msgspec.msgpack.Decoder(_EntryReports)
 _start_decoder = msgspec.msgpack.Decoder(StartRecord)
+
+
+class _EntryTime(msgspec.Struct, array_like=True, gc=False):
+    """An ENTRY's first field only (array-like decoding ignores the rest)."""
+
+    ts: int
+
+
+_entry_time_decoder = msgspec.msgpack.Decoder(_EntryTime)
 
 
 def _skip_first(batches: Iterator[tuple[mmap.mmap | bytes, list[int]]]) -> Iterator[tuple[mmap.mmap | bytes, list[int]]]:
@@ -380,6 +389,17 @@ class Ledger:
         if end_of_day or seq - self._snap_seq >= self.snapshot_every:
             self.snapshot()
         return seq, events, reports
+
+    def last_entry_ts(self) -> int | None:
+        """The ``ts`` of the newest journaled command: when the exchange last did something
+        (the trading schedule takes it as the moment it stopped). None for a journal holding
+        only its set-up."""
+        journal = self.journal
+        last = next(iter(journal.read_at(journal.last_position)), None) if journal.last_position else None
+        if last is None or last.kind & KIND_MASK != KIND_ENTRY:
+            return None
+        ts = _entry_time_decoder.decode(last.payload).ts
+        return ts or None  # the set-up entries of a new journal have no time
 
     def _fail(self, exc: BaseException) -> None:
         """The engine has run a command that is not (wholly) journaled: stop, as on a failed

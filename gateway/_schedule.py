@@ -1,0 +1,94 @@
+"""The trading schedule: when the gateway opens and closes the market and ends the day by itself.
+
+The market rules let a schedule drive the market states (CEA: 09:30-11:30 and 13:00-15:00
+Beijing time on trading days) while operators can still open and close by hand. So the schedule
+acts on its edges, not on a state it would keep imposing: at a session's start the market
+opens, at its end it closes, at the end-of-day time it closes (if anything is open) and the day
+ends. Between edges an operator's OpenMarket, CloseMarket or Halt stands.
+
+The edges are local times (``[schedule] timezone``) on the engine's trading day, so a day that
+ends early by hand (the trading day already advanced) waits for the next trading day's edges,
+and a weekend or holiday has none. Edges missed while the exchange was down count once it is up
+again, measured from its last journaled command: a restart after the lunch break's start closes
+a market that a crash left open; one after the end-of-day time ends that day (and, if the outage
+spanned more, each trading day after it, one per check). The first check on a new journal takes
+the latest edge before it: a journal created mid-session opens.
+
+Pure logic: the caller passes the wall-clock time; ``Exchange.run_schedule`` runs the commands.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import zoneinfo
+
+from engine import ScheduleConfig
+from engine._config import time_of_day
+
+__all__ = ["Schedule", "OPEN", "CLOSE", "END_OF_DAY"]
+
+OPEN = "open"
+CLOSE = "close"
+END_OF_DAY = "end_of_day"
+
+
+class Schedule:
+    """A configuration's edges by trading day, and how far they have been carried out."""
+
+    def __init__(self, config: ScheduleConfig, applied_ns: int | None) -> None:
+        self.zone = zoneinfo.ZoneInfo(config.timezone)
+        self.times: list[tuple[int, str]] = []  # (seconds after local midnight, edge), in order
+        for window in config.sessions:
+            start, _, end = window.partition("-")
+            self.times.append((_seconds(start), OPEN))
+            self.times.append((_seconds(end), CLOSE))
+        if config.end_of_day is not None:
+            self.times.append((_seconds(config.end_of_day), END_OF_DAY))  # after a close at the same time
+        self.times.sort(key=lambda t: t[0])  # stable
+        # edges at or before this time (ns since the epoch) have been carried out; None: none yet
+        self.applied_ns = applied_ns
+        self._day = ""
+        self._edges: list[tuple[int, str]] = []
+
+    def edges(self, day: str) -> list[tuple[int, str]]:
+        """(ns since the epoch, edge) of trading day ``day`` (YYYY-MM-DD), in order."""
+        if day != self._day:
+            date = _dt.date.fromisoformat(day)
+            self._edges = [(self._ns(date, seconds), edge) for seconds, edge in self.times]
+            self._day = day
+        return self._edges
+
+    def _ns(self, date: _dt.date, seconds: int) -> int:
+        local = _dt.datetime(date.year, date.month, date.day, seconds // 3600, seconds // 60 % 60, seconds % 60,
+                             tzinfo=self.zone)
+        return int(local.timestamp()) * 1_000_000_000  # whole seconds: exact
+
+    def due(self, day: str, now_ns: int) -> str | None:
+        """What trading day ``day``'s edges ask for at ``now_ns``, once: ``END_OF_DAY`` if its
+        time has come, else the latest ``OPEN`` or ``CLOSE`` not yet carried out; None if
+        nothing. Taken as carried out on return."""
+        applied = self.applied_ns
+        latest = None
+        for at, edge in self.edges(day):
+            if at > now_ns:
+                break
+            if applied is not None and at <= applied:
+                continue
+            if edge == END_OF_DAY:
+                self.applied_ns = at  # the next trading day's edges come after it
+                return END_OF_DAY
+            latest = edge
+        if latest is not None:
+            self.applied_ns = now_ns
+        return latest
+
+    def next_edge(self, day: str, now_ns: int) -> tuple[int, str] | None:
+        """The first edge of ``day`` after ``now_ns``, for the log."""
+        return next(((at, edge) for at, edge in self.edges(day) if at > now_ns), None)
+
+
+def _seconds(text: str) -> int:
+    seconds = time_of_day(text.strip())
+    if seconds is None:  # the configuration was checked at load
+        raise ValueError(f"not a time of day: {text!r}")
+    return seconds
