@@ -340,7 +340,7 @@ class Exchange:
         cls = type(msg)
         if cls in ORDER_TYPES:
             if session.role != "member":
-                self._to_session(session, _error("not_authorized", "operators cannot enter orders"))
+                self._refuse(session, cls, "operators cannot enter orders")
                 return
             throttled = not session.bucket.take(now)
             if throttled:
@@ -352,12 +352,12 @@ class Exchange:
             pass
         elif cls in OPERATOR_TYPES:
             if session.role != "operator":
-                self._to_session(session, _error("not_authorized", f"{cls.__name__} is for operators only"))
+                self._refuse(session, cls, f"{cls.__name__} is for operators only")
                 return
             self._operator(msg, session.member, session, now)
         elif cls is E.QueryBalances:
             if session.role != "member":
-                self._to_session(session, _error("not_authorized", "operators have no accounts"))
+                self._refuse(session, cls, "operators have no accounts")
                 return
             self._to_session(session, frame(encode(self.engine.balances(session.member))))
         elif cls is Subscribe:
@@ -372,6 +372,17 @@ class Exchange:
                     self.subscribers[sym] = tuple(s for s in self.subscribers[sym] if s is not session)
         else:  # pragma: no cover - the decoder's union and this dispatch must agree
             raise AssertionError(f"no handler for {cls.__name__}")
+
+    def _refuse(self, session: Session, cls: type, text: str) -> None:
+        """Answer ``not_authorized``. A member trying operator messages is worth an operator's
+        attention: logged (level WARNING) at the session's 1st, 10th, 100th... refusal, so a
+        client repeating it cannot flood the log."""
+        self._to_session(session, _error("not_authorized", text))
+        session.refused += 1
+        n = session.refused
+        if n == 10 ** (len(str(n)) - 1):
+            log_event("not_authorized", _level=logging.WARNING, member=session.member, role=session.role,
+                      session=session.sid, request=cls.__name__, refused=n)
 
     def _instruments(self, session: Session, instruments: list[str]) -> list[str] | None:
         """A (Un)Subscribe's instruments once each, in order; None (and an Error sent) if one

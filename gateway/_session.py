@@ -110,7 +110,7 @@ class Session:
         "state", "frames", "sid", "member", "role", "cancel_on_disconnect", "heartbeat_s",
         "bucket", "last_rx", "last_tx", "opened", "subscriptions", "min_seq", "entered_orders",
         "cause", "sink", "pending", "replay_after", "goodbye", "md_since", "held",
-        "held_bytes",
+        "held_bytes", "refused",
     )
 
     def __init__(self, sid: int, max_frame: int, now: float) -> None:
@@ -130,6 +130,7 @@ class Session:
         self.min_seq = 0          # reports with a lower seq are not sent live (no resume_from)
         self.replay_after: int | None = None  # resuming: reports after this seq still come from the journal
         self.entered_orders = False
+        self.refused = 0  # requests answered not_authorized (logged at 1, 10, 100, ...)
         self.goodbye = False      # logged out or shutting down: LogoutAccepted once the resume replay is done
         # replies released while the resume replay runs, each with the member's last report seq
         # before it: they go out once the replay has passed that report

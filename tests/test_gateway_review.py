@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import msgspec
 
 import engine as E
@@ -524,3 +525,19 @@ def test_replies_held_behind_a_replay_are_bounded_like_the_outbound_buffer():
             break
     assert sl.closed and late.cause == "slow_consumer"
     assert late.held_bytes < 2 * 4096  # the bound and the one reply that crossed it
+
+
+def test_a_member_trying_operator_messages_is_logged_without_flooding_the_log(caplog):
+    ex, ledger = make_exchange()
+    s, sink = connect(ex, "M01")
+    caplog.set_level(logging.INFO, logger="kaboni")
+    for _ in range(120):
+        ex.data_received(s, enc({"type": "Halt", "instrument": "CEA25"}), 1.0)
+    durable(ex, ledger)
+    errors = [f for f in sink.frames() if f["type"] == "Error"]
+    assert len(errors) == 120 and {e["reason"] for e in errors} == {"not_authorized"}
+    lines = [r.getMessage() for r in caplog.records if "event=not_authorized" in r.getMessage()]
+    assert len(lines) == 3  # the 1st, 10th and 100th
+    assert lines[0].endswith("member=M01 role=member session=1 request=Halt refused=1")
+    assert [r.levelno for r in caplog.records if "event=not_authorized" in r.getMessage()] == [logging.WARNING] * 3
+    assert ex.engine.status("CEA25") == "open"

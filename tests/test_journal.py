@@ -756,3 +756,45 @@ def test_a_failed_roll_leaves_no_stale_descriptor_for_close(tmp_path):
         os.fstat(other)
     finally:
         os.close(other)
+
+
+def test_concurrent_closes_close_the_file_once_and_all_return_after_it(tmp_path):
+    closed = []
+
+    class Ops(FileOps):
+        def close(self, fd):
+            closed.append(fd)
+            time.sleep(0.01)  # a slow close: the other closers must wait for it, not repeat it
+            super().close(fd)
+
+    j = Journal.open(tmp_path, file_ops=Ops())
+    j.append(1, payload(1))
+    seen = []
+
+    def close():
+        j.close()
+        seen.append(len(closed))  # each caller returns only once the one close is done
+
+    threads = [threading.Thread(target=close) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(closed) == 1 and seen == [1, 1, 1, 1]
+    Journal.open(tmp_path, durability="none").close()  # and the directory's lock was let go
+
+
+@pytest.mark.parametrize("kind", [0, 128, 200, -1])
+def test_a_kind_outside_1_to_127_is_refused_and_appends_nothing(tmp_path, kind):
+    j = Journal.open(tmp_path, durability="none")
+    try:
+        with pytest.raises(ValueError, match="kinds are 1..127"):
+            j.append(kind, b"x")
+        with pytest.raises(ValueError, match="kinds are 1..127"):
+            j.append_group([(1, b"a"), (kind, b"b")])
+        with pytest.raises(ValueError, match="kinds are 1..127"):
+            j.append_many(kind, [b"a", b"b"])
+        assert j.last_seq == 0
+        assert j.append(127, b"ok") == 1
+    finally:
+        j.close()

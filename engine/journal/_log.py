@@ -31,7 +31,7 @@ from .._replay import FRAME as _replay_frame
 from .._replay import FRAME_SIZE as _REPLAY_FRAME_SIZE
 from .._replay import index_spans, scan_groups
 from ._format import (
-    FORMAT_VERSION, FRAME, FRAME_SIZE, GROUP_END, MAX_PAYLOAD, SEGMENT_HEADER,
+    FORMAT_VERSION, FRAME, FRAME_SIZE, GROUP_END, KIND_MASK, MAX_PAYLOAD, SEGMENT_HEADER,
     SEGMENT_MAGIC, Record, pack_position, parse_segment_name, segment_name, unpack_position,
 )
 from ._index import IndexUnusable, build_index, index_from_notes, index_name, load_index, write_index
@@ -69,6 +69,10 @@ _FRAME_PROBLEMS = {  # scan_groups' problems, as errors
 _unpack_frame = FRAME.unpack_from
 if FRAME.format != _replay_frame.format or FRAME_SIZE != _REPLAY_FRAME_SIZE:  # the compiled replay keeps its own copy
     raise ImportError("engine/_replay.py's frame layout differs from the journal format's")
+
+
+def _bad_kind(kind) -> ValueError:
+    return ValueError(f"record kind {kind!r}: kinds are 1..{KIND_MASK} (the top bit marks a group's end)")
 
 
 def _too_large(size: int) -> ValueError:
@@ -743,6 +747,9 @@ class Journal:
         largest = max(len(payload) for _, payload in items)
         if largest > MAX_PAYLOAD:  # refused whole, before any of the group is framed
             raise _too_large(largest)
+        for kind, _ in items:
+            if not 0 < kind <= KIND_MASK:
+                raise _bad_kind(kind)
         with self._lock:
             self._ready_for_group()
             buf = self._buf
@@ -780,6 +787,8 @@ class Journal:
         packers, one CRC call, and one comparison for "failed, closing or segment full"."""
         if len(payload) > _max:
             raise _too_large(len(payload))
+        if not 0 < kind <= KIND_MASK:
+            raise _bad_kind(kind)
         with self._lock:
             pos = self._seg_size
             if pos < self._limit:
@@ -815,6 +824,8 @@ class Journal:
         largest = max(map(len, payloads))
         if largest > MAX_PAYLOAD:
             raise _too_large(largest)
+        if not 0 < kind <= KIND_MASK:
+            raise _bad_kind(kind)
         kind |= GROUP_END
         first = self._next_seq
         frames, last_len = _frame_many(first, kind, payloads)
@@ -893,28 +904,35 @@ class Journal:
         return self._error
 
     def close(self) -> None:
-        """Flush and sync what is pending, stop the writer thread, close the file."""
+        """Flush and sync what is pending, stop the writer thread, close the file. A second
+        caller (another thread) waits for the first to finish: the descriptors are closed once,
+        never a number that may already belong to a file opened since."""
         with self._cond:
-            if self._closed:
+            if self._closing:
+                while not self._closed:
+                    self._cond.wait()
                 return
             self._closing = True
             self._limit = -1
             self._scanned = None
             self._cond.notify_all()
             self._wake.notify()
-        self._thread.join()
-        if self._indexer is not None:
-            self._index_queue.put(None)
-            self._indexer.join()
-        with self._cond:
-            self._closed = True
-            self._cond.notify_all()
         try:
-            if self._fd >= 0:
-                self._ops.close(self._fd)
-        except OSError:
-            pass
-        self._unlock()
+            self._thread.join()
+            if self._indexer is not None:
+                self._index_queue.put(None)
+                self._indexer.join()
+            fd, self._fd = self._fd, -1
+            try:
+                if fd >= 0:
+                    self._ops.close(fd)
+            except OSError:
+                pass
+            self._unlock()
+        finally:
+            with self._cond:
+                self._closed = True
+                self._cond.notify_all()
 
     def __enter__(self) -> "Journal":
         return self
