@@ -124,8 +124,8 @@ class Exchange:
         self.draining = False
         self.failed: BaseException | None = None
         # the trading schedule; its edges missed while the exchange was down count from the
-        # last command journaled before this start (read before Restarted is journaled)
-        self.schedule = Schedule(config.schedule, ledger.last_entry_ts()) if config.schedule.active else None
+        # last command a member or operator sent before this start
+        self.schedule = Schedule(config.schedule, ledger.last_sent_ts()) if config.schedule.active else None
 
     # -----------------------------------------------------------------------------------------
     # Connections

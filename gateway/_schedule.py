@@ -9,7 +9,8 @@ ends. Between edges an operator's OpenMarket, CloseMarket or Halt stands.
 The edges are local times (``[schedule] timezone``) on the engine's trading day, so a day that
 ends early by hand (the trading day already advanced) waits for the next trading day's edges,
 and a weekend or holiday has none. Edges missed while the exchange was down count once it is up
-again, measured from its last journaled command: a restart after the lunch break's start closes
+again, measured from the last command a member or operator sent (``Ledger.last_sent_ts``: an
+edge carried out before changes nothing when run again): a restart after the lunch break's start closes
 a market that a crash left open; one after the end-of-day time ends that day (and, if the outage
 spanned more, each trading day after it, one per check). The first check on a new journal takes
 the latest edge before it: a journal created mid-session opens.

@@ -228,11 +228,18 @@ def test_a_restart_carries_out_what_was_missed_while_down(tmp_path):
     ex.data_received(s, enc({"type": "NewOrder", "cl_ord_id": "a", "instrument": "CEA25", "side": "buy",
                              "qty": 1, "price": 9000}), 0.0)  # journaled at 10:00, market open
     ledger.close()
-    # down from 10:00 until the next morning at 10:00: the day ends, then the new one is mid-session
+    # down from 10:00 until the next morning at 10:00, and down again right after journaling the
+    # restart's Restarted: the gateway's own commands do not count as the exchange having run
+    clock.ns = at("2026-11-25", "09:59")
+    ledger = Ledger.open(ex.config, tmp_path / "data", durability="none")
+    Exchange(ex.config, ledger, clock_ns=clock)._execute(E.Restarted(), "", None, 0.0)
+    ledger.close()
     clock.ns = at("2026-11-25", "10:00")
     ledger = Ledger.open(ex.config, tmp_path / "data", durability="none")
     try:
         ex = Exchange(ex.config, ledger, clock_ns=clock)
+        assert ex.schedule.applied_ns == at(day, "10:00")  # M01's order, the last command sent
+        # the day ends, then the new one is mid-session
         ex.run_schedule(clock.ns, 0.0)
         assert ex.engine.trading_day == "2026-11-25" and statuses(ex) == {"closed"}
         ex.run_schedule(clock.ns, 0.0)  # one step per check

@@ -29,7 +29,7 @@ from .._engine import Engine
 from .._messages import REPORTS, Command, DayEnded, Deposit, Fill, NewOrder, OpenMarket, QueryBalances
 from .._replay import run_entries
 from ._format import (
-    FORMAT_VERSION, KIND_ENTRY, KIND_FILL, KIND_MASK, KIND_START, EntryRecord, StartRecord, segment_name,
+    FORMAT_VERSION, KIND_ENTRY, KIND_FILL, KIND_START, EntryRecord, StartRecord, segment_name,
 )
 from ._log import (
     SWITCH_INTERVAL, CorruptJournalError, FileOps, Journal, JournalError, JournalFailedError, JournalStats,
@@ -124,13 +124,14 @@ _entry_reports_decoder = msgspec.msgpack.Decoder(_EntryReports)
 _start_decoder = msgspec.msgpack.Decoder(StartRecord)
 
 
-class _EntryTime(msgspec.Struct, array_like=True, gc=False):
-    """An ENTRY's first field only (array-like decoding ignores the rest)."""
+class _EntryOrigin(msgspec.Struct, array_like=True, gc=False):
+    """An ENTRY's first two fields (array-like decoding ignores the rest)."""
 
     ts: int
+    member: str
 
 
-_entry_time_decoder = msgspec.msgpack.Decoder(_EntryTime)
+_entry_origin_decoder = msgspec.msgpack.Decoder(_EntryOrigin)
 
 
 def _skip_first(batches: Iterator[tuple[mmap.mmap | bytes, list[int]]]) -> Iterator[tuple[mmap.mmap | bytes, list[int]]]:
@@ -390,16 +391,20 @@ class Ledger:
             self.snapshot()
         return seq, events, reports
 
-    def last_entry_ts(self) -> int | None:
-        """The ``ts`` of the newest journaled command: when the exchange last did something
-        (the trading schedule takes it as the moment it stopped). None for a journal holding
-        only its set-up."""
+    def last_sent_ts(self, window: int = 1_000) -> int | None:
+        """The ``ts`` of the newest journaled command a member or an operator sent, among the
+        last ``window`` records: the trading schedule counts the edges it missed from there.
+        The gateway's own commands (``Restarted``, the schedule's) have no member and are
+        skipped, so a crash between a restart's ``Restarted`` and the schedule's catching up
+        loses nothing; re-running an edge the schedule had carried out changes nothing. None
+        if there is none (a new journal's set-up has no member either)."""
         journal = self.journal
-        last = next(iter(journal.read_at(journal.last_position)), None) if journal.last_position else None
-        if last is None or last.kind & KIND_MASK != KIND_ENTRY:
-            return None
-        ts = _entry_time_decoder.decode(last.payload).ts
-        return ts or None  # the set-up entries of a new journal have no time
+        ts = None
+        for record in journal.records(max(1, journal.last_seq - window + 1), kind=KIND_ENTRY):
+            origin = _entry_origin_decoder.decode(record.payload)
+            if origin.member:
+                ts = origin.ts
+        return ts
 
     def _fail(self, exc: BaseException) -> None:
         """The engine has run a command that is not (wholly) journaled: stop, as on a failed
