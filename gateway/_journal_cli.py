@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 
 import msgspec
+from crc32c import crc32c
 
 from engine import SettlementLine
 from engine._config import is_day
@@ -80,6 +81,12 @@ def _check_dir(path: Path) -> bool:
     return True
 
 
+def _snapshot_fits(directory: Path, body) -> bool:
+    """Whether the journal's ENTRY at the snapshot's seq is the one it was taken after."""
+    record = next(read_records(directory, body.seq), None)
+    return record is not None and record.seq == body.seq and crc32c(record.payload) == body.entry_crc
+
+
 def _verify(args) -> int:
     if not _check_dir(args.dir):
         return 2
@@ -111,6 +118,10 @@ def _verify(args) -> int:
             status = 1
         elif seq > result.last_seq:
             print(f"snapshot at seq {seq}: beyond the journal's end (set aside at restart, as .kbs.beyond-end)")
+        elif body.entry_crc >= 0 and not _snapshot_fits(args.dir, body):
+            print(f"snapshot at seq {seq}: NOT OF THIS JOURNAL (its entry differs; skipped at restart)",
+                  file=sys.stderr)
+            status = 1
         else:
             print(f"snapshot at seq {seq}: OK (trading day {body.trading_day})")
     return status

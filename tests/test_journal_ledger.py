@@ -507,3 +507,26 @@ def test_full_replay_with_names_the_configuration_does_not_list(tmp_path):
         # the rejected order's id was used up in the replay too
         _, events, _ = replayed.execute(NewOrder("u1", "CEA25", "buy", 1, 9250), "M01", 9)
         assert events[0].reason == "duplicate_cl_ord_id"
+
+
+def test_a_snapshot_of_another_journal_is_refused_and_verify_says_so(tmp_path, caplog, capsys):
+    """Two exchanges' journals can hold an ENTRY at the same seq and position; a snapshot copied
+    from one into the other (a backup restored into the wrong directory) must not restore the
+    other's state: it is tied to the payload of its entry."""
+    from gateway.cli import main
+
+    hashes = {}
+    for name, seed in (("a", 1), ("b", 2)):
+        with Ledger.open(demo_config(), tmp_path / name, today=DAY, durability="none", snapshot_every=10**9) as ledger:
+            for i in range(40):  # the same shape (one entry per command, no fills): the same positions
+                ledger.execute(NewOrder(f"o{i}", "CEA25", "buy", 1 + (i * seed) % 7, 9000), "M01", 1_000 + i * seed)
+            hashes[name] = ledger.engine.state_hash()
+    snap_a = list_snapshots(tmp_path / "a")[0]
+    assert list_snapshots(tmp_path / "b")[0] == snap_a  # the close-time snapshots: same seq
+    (tmp_path / "b" / snapshot_name(snap_a)).write_bytes((tmp_path / "a" / snapshot_name(snap_a)).read_bytes())
+    assert main(["journal", "verify", str(tmp_path / "b")]) == 1
+    assert f"snapshot at seq {snap_a}: NOT OF THIS JOURNAL" in capsys.readouterr().err
+    assert main(["journal", "verify", str(tmp_path / "a")]) == 0
+    with Ledger.open(demo_config(), tmp_path / "b", durability="none") as ledger:
+        assert ledger.engine.state_hash() == hashes["b"]  # replayed in full, not a's state
+    assert any("is not the one it was taken after" in r.getMessage() for r in caplog.records)

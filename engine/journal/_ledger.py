@@ -23,6 +23,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import msgspec
+from crc32c import crc32c
 
 from .._config import ExchangeConfig
 from .._engine import Engine
@@ -250,6 +251,9 @@ class Ledger:
                 at = next(iter(journal.read_at(body.position)), None)
                 if at is None or at.seq != body.seq or at.kind != KIND_ENTRY:
                     raise ValueError(f"no ENTRY with seq {body.seq} at its position")
+                if body.entry_crc >= 0 and crc32c(at.payload) != body.entry_crc:
+                    raise ValueError(f"the ENTRY with seq {body.seq} is not the one it was taken after "
+                                     "(a snapshot of another journal)")
                 engine = Engine.restore(config, body.engine)
             except (JournalError, ValueError, KeyError, TypeError, msgspec.MsgspecError) as exc:
                 log.warning("snapshot at seq %d is unusable (%s); trying an older one", body.seq, exc)
@@ -541,6 +545,11 @@ class Ledger:
                 if not self.journal.wait_durable(body.seq):
                     log.warning("snapshot at seq %d dropped: the journal did not make it durable", body.seq)
                     continue
+                at = next(iter(self.journal.read_at(body.position)), None)
+                if at is None or at.seq != body.seq:  # cannot happen: the entry was just made durable
+                    log.warning("snapshot at seq %d dropped: its entry is not at its position", body.seq)
+                    continue
+                body.entry_crc = crc32c(at.payload)
                 try:
                     write_snapshot(self.directory, body, self._sync)
                     prune_snapshots(self.directory)

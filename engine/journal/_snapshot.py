@@ -36,6 +36,10 @@ class SnapshotBody(msgspec.Struct, array_like=True, gc=False):
     # member -> (report seqs, entry positions) as little-endian int64 and uint64 arrays: the
     # sparse per-member report index (see Ledger.reports)
     index: dict[str, tuple[bytes, bytes]]
+    # CRC32C of the payload of the ENTRY at ``seq``: ties the snapshot to this journal, not just
+    # to a seq and a position another journal's copy can have too (-1: written before it was
+    # kept; not checked)
+    entry_crc: int = -1
 
 
 _encode = msgspec.msgpack.Encoder().encode
