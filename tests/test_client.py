@@ -2,6 +2,7 @@
 
 import asyncio
 import json
+import logging
 import ssl
 import subprocess
 import urllib.request
@@ -260,3 +261,33 @@ def test_cli_order_and_cancel_follow_only_their_own_cl_ord_id(capsys):
     ex = ScriptedExchange({"NewOrder": [{"type": "Error", "reason": "invalid_message", "text": "qty: ..."}]})
     code, out = ex.cli(capsys, "order", "--member", "M01", "CEA25", "buy", "1", "9300")
     assert code == 1 and out == [{"type": "Error", "reason": "invalid_message", "text": "qty: ..."}]
+
+
+def test_failed_tls_handshakes_are_logged_and_counted_and_harm_no_one(tmp_path, caplog):
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes",
+                    "-keyout", str(key), "-out", str(cert), "-days", "1", "-subj", "/CN=localhost",
+                    "-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1"], check=True, capture_output=True)
+    caplog.set_level(logging.INFO, logger="kaboni")
+    config = make_config(tls_cert=str(cert), tls_key=str(key), logon_timeout_s=0.5)
+    with ThreadServer(config, tmp_path / "d") as server:
+        async def main_():
+            ctx = ssl.create_default_context(cafile=str(cert))
+            member = await Client.connect("127.0.0.1", server.port, ssl=ctx, server_hostname="localhost")
+            await member.logon("M01", "M01-token")
+            # plain bytes where a ClientHello belongs; then a peer that never says anything
+            r, w = await asyncio.open_connection("127.0.0.1", server.port)
+            w.write(b"\x00\x00\x00\x10not a tls hello!")
+            assert await asyncio.wait_for(r.read(), 5) == b""  # cut off
+            w.close()
+            r2, w2 = await asyncio.open_connection("127.0.0.1", server.port)
+            assert await asyncio.wait_for(r2.read(), 5) == b""  # cut off after logon_timeout_s
+            w2.close()
+            # the logged-on member never noticed
+            await member.send(NewOrder("t1", "CEA25", "buy", 1, 9250))
+            assert (await member.next_report())["type"] == "OrderAccepted"
+            await member.logout()
+        run(main_())
+        assert server.exchange.stats.disconnects["tls_handshake_failed"] == 2
+    lines = [r.getMessage() for r in caplog.records if "event=tls_handshake_failed" in r.getMessage()]
+    assert len(lines) == 2 and all("peer=127.0.0.1:" in line for line in lines), lines
