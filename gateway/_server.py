@@ -19,6 +19,7 @@ import signal
 import socket
 import ssl
 import time
+from typing import Callable
 from pathlib import Path
 
 from engine import Restarted
@@ -81,38 +82,9 @@ class Connection(asyncio.Protocol):
 
     # asyncio.Protocol -----------------------------------------------------------------------
     def connection_made(self, transport) -> None:
-        server = self.server
-        if server.ssl_context is not None:
-            # TLS is started here rather than by the listener so that a failed handshake is seen
-            # (asyncio and uvloop drop it silently): the session begins once it is done
-            self.transport = transport
-            asyncio.get_running_loop().create_task(self._start_tls(transport))
-            return
-        self._start(transport)
-
-    def _start(self, transport) -> None:
         self.transport = transport
         self.flow = FlowControl(transport, self.server.config.gateway.max_outbound_bytes, self._slow)
         self.session = self.exchange.connect(self, time.monotonic())
-
-    async def _start_tls(self, transport) -> None:
-        server = self.server
-        try:
-            tls = await asyncio.get_running_loop().start_tls(
-                transport, self, server.ssl_context, server_side=True,
-                # a peer that never finishes its handshake is dropped like one that never logs on
-                ssl_handshake_timeout=server.config.gateway.logon_timeout_s)
-        except (OSError, EOFError, asyncio.TimeoutError) as exc:  # ssl.SSLError is an OSError
-            peer = transport.get_extra_info("peername")
-            log_event("tls_handshake_failed", peer=f"{peer[0]}:{peer[1]}" if peer else "-",
-                      error=str(exc) or type(exc).__name__)
-            self.exchange.stats.disconnects["tls_handshake_failed"] += 1
-            transport.abort()
-            return
-        if self.exchange.draining:  # shut down while the handshake ran
-            tls.abort()
-            return
-        self._start(tls)
 
     def data_received(self, data: bytes) -> None:
         if not self.closing and self.exchange.data_received(self.session, data, time.monotonic()):
@@ -140,9 +112,6 @@ class Connection(asyncio.Protocol):
 
     def connection_lost(self, exc) -> None:
         self.closing = True
-        if self.session is None:  # a TLS handshake that did not finish (logged by _start_tls)
-            self.transport = None
-            return
         if self.close_timer is not None:
             self.close_timer.cancel()
         self.exchange.connection_lost(self.session, "client_close", time.monotonic())
@@ -241,6 +210,28 @@ class Connection(asyncio.Protocol):
         self.abort()
 
 
+def _watched_handshakes(on_failure: Callable[[ssl.SSLError], None]) -> type[ssl.SSLObject]:
+    """An ``SSLObject`` class (``SSLContext.sslobject_class``) that reports failed handshakes.
+
+    asyncio and uvloop drop a handshake that fails with an ``SSLError`` without a word (it goes
+    to the debug log only), so a member whose client speaks plain TCP, or does not trust the
+    certificate, would leave no trace. The handshake itself is still the event loop's. Not seen
+    here: a peer that goes silent or away mid-handshake (no error is raised: it is dropped
+    after ``logon_timeout_s``), and the peer's address (an ``SSLObject`` has no socket)."""
+
+    class WatchedSSLObject(ssl.SSLObject):
+        def do_handshake(self) -> None:
+            try:
+                super().do_handshake()
+            except (ssl.SSLWantReadError, ssl.SSLWantWriteError):
+                raise  # more bytes to come: not a failure
+            except ssl.SSLError as exc:
+                on_failure(exc)
+                raise
+
+    return WatchedSSLObject
+
+
 class Server:
     """Owns the ledger, the exchange core, the listening socket and the metrics endpoint."""
 
@@ -266,7 +257,6 @@ class Server:
         self.started = None  # threading.Event set once listening (for in-process tests)
         self.metrics_port_bound = None
         self.errors: list[dict] = []  # exceptions that reached the loop (a bug; logged)
-        self.ssl_context = None  # with [gateway] tls_cert and tls_key
 
     # -----------------------------------------------------------------------------------------
     def _on_durable(self, seq: int) -> None:
@@ -306,6 +296,11 @@ class Server:
     async def _call(self, fn):
         return fn()
 
+    def _tls_failed(self, exc: ssl.SSLError) -> None:
+        log_event("tls_handshake_failed", error=exc.reason or str(exc))
+        if self.exchange is not None:
+            self.exchange.stats.disconnects["tls_handshake_failed"] += 1
+
     def _ssl_context(self):
         gw = self.config.gateway
         if not gw.tls_cert:
@@ -323,6 +318,7 @@ class Server:
         except ssl.SSLError as exc:
             # short: log values are cut at 128 characters, and the reason must survive
             raise OSError(f"gateway.tls_cert {gw.tls_cert}, tls_key {gw.tls_key}: {exc.reason or exc}") from None
+        ctx.sslobject_class = _watched_handshakes(self._tls_failed)
         return ctx
 
     def _start_failed(self, error: str) -> None:
@@ -345,10 +341,12 @@ class Server:
                 # uvloop binds the order port without listening until it serves, so the metrics
                 # endpoint could take the same port and the order port's listen would fail unseen
                 raise OSError(f"port and metrics_port are both {self.port}")
-            self.ssl_context = self._ssl_context()  # the connections start TLS themselves
+            ssl_ctx = self._ssl_context()
             server = await loop.create_server(
-                lambda: Connection(self), self.host, self.port, backlog=4096, reuse_address=True,
-                start_serving=False)
+                lambda: Connection(self), self.host, self.port, ssl=ssl_ctx, backlog=4096, reuse_address=True,
+                start_serving=False,
+                # a TLS peer that never finishes its handshake is dropped like one that never logs on
+                **({"ssl_handshake_timeout": gw.logon_timeout_s} if ssl_ctx else {}))
             listener = server.sockets[0]
             self.port = listener.getsockname()[1]
             if self.metrics:

@@ -263,11 +263,18 @@ def test_cli_order_and_cancel_follow_only_their_own_cl_ord_id(capsys):
     assert code == 1 and out == [{"type": "Error", "reason": "invalid_message", "text": "qty: ..."}]
 
 
-def test_failed_tls_handshakes_are_logged_and_counted_and_harm_no_one(tmp_path, caplog):
-    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+def _self_signed(directory):
+    directory.mkdir()
+    cert, key = directory / "cert.pem", directory / "key.pem"
     subprocess.run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes",
                     "-keyout", str(key), "-out", str(cert), "-days", "1", "-subj", "/CN=localhost",
                     "-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1"], check=True, capture_output=True)
+    return cert, key
+
+
+def test_failed_tls_handshakes_are_logged_and_counted_and_harm_no_one(tmp_path, caplog):
+    cert, key = _self_signed(tmp_path / "server")
+    other, _ = _self_signed(tmp_path / "other")  # what a misconfigured client trusts instead
     caplog.set_level(logging.INFO, logger="kaboni")
     config = make_config(tls_cert=str(cert), tls_key=str(key), logon_timeout_s=0.5)
     with ThreadServer(config, tmp_path / "d") as server:
@@ -275,19 +282,27 @@ def test_failed_tls_handshakes_are_logged_and_counted_and_harm_no_one(tmp_path, 
             ctx = ssl.create_default_context(cafile=str(cert))
             member = await Client.connect("127.0.0.1", server.port, ssl=ctx, server_hostname="localhost")
             await member.logon("M01", "M01-token")
-            # plain bytes where a ClientHello belongs; then a peer that never says anything
+            # plain bytes where a ClientHello belongs
             r, w = await asyncio.open_connection("127.0.0.1", server.port)
             w.write(b"\x00\x00\x00\x10not a tls hello!")
             assert await asyncio.wait_for(r.read(), 5) == b""  # cut off
             w.close()
+            # a client that does not trust the server's certificate (and says so, as OpenSSL's does)
+            proc = await asyncio.create_subprocess_exec(
+                "openssl", "s_client", "-connect", f"127.0.0.1:{server.port}", "-verify_return_error",
+                "-CAfile", str(other), stdin=asyncio.subprocess.DEVNULL,
+                stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL)
+            assert await asyncio.wait_for(proc.wait(), 10) != 0
+            # a peer that never says anything is cut off after logon_timeout_s (not an SSL error)
             r2, w2 = await asyncio.open_connection("127.0.0.1", server.port)
-            assert await asyncio.wait_for(r2.read(), 5) == b""  # cut off after logon_timeout_s
+            assert await asyncio.wait_for(r2.read(), 5) == b""
             w2.close()
             # the logged-on member never noticed
             await member.send(NewOrder("t1", "CEA25", "buy", 1, 9250))
             assert (await member.next_report())["type"] == "OrderAccepted"
             await member.logout()
         run(main_())
-        assert server.exchange.stats.disconnects["tls_handshake_failed"] == 2
+        counted = server.exchange.stats.disconnects["tls_handshake_failed"]
     lines = [r.getMessage() for r in caplog.records if "event=tls_handshake_failed" in r.getMessage()]
-    assert len(lines) == 2 and all("peer=127.0.0.1:" in line for line in lines), lines
+    assert counted == 2 and len(lines) == 2, lines
+    assert "WRONG_VERSION_NUMBER" in lines[0] and "ALERT" in lines[1], lines
