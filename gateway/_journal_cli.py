@@ -18,7 +18,7 @@ from crc32c import crc32c
 from engine import SettlementLine
 from engine._config import is_day
 from engine.journal import (
-    KIND_ENTRY, KIND_FILL, KIND_START, CorruptJournalError, EntryRecord, FillRecord, JournalError, StartRecord,
+    KIND_ENTRY, KIND_FILL, KIND_REPORTS, KIND_START, CorruptJournalError, EntryRecord, FillRecord, JournalError, StartRecord,
     list_segments, read_records, scan_journal,
 )
 from engine.journal._format import KIND_NAMES, segment_name
@@ -41,7 +41,7 @@ def add_journal_commands(subparsers) -> None:
     p = jsub.add_parser("dump", help="print records as JSON lines")
     p.add_argument("dir", type=Path)
     p.add_argument("--from", dest="from_seq", type=_count, default=1, help="first seq (default 1)")
-    p.add_argument("--kind", choices=["START", "FILL", "ENTRY"], help="only records of this kind")
+    p.add_argument("--kind", choices=["START", "FILL", "ENTRY", "REPORTS"], help="only records of this kind")
     p.add_argument("--limit", type=_count, default=None, help="at most this many records")
     p.set_defaults(func=_dump)
     p = jsub.add_parser("stats", help="counts of records, fills, bytes, segments and snapshots")
@@ -159,11 +159,13 @@ def _dump(args) -> int:
                 break
             n += 1
             fields = _FIELDS.get(rec.kind)
-            if fields is None:  # a kind of a later build: its payload decoded (or in hex), as it is
+            if rec.kind == KIND_REPORTS:  # more of the next ENTRY's reports
+                body = {"reports": _plain(msgspec.msgpack.decode(rec.payload))}
+            elif fields is None:  # a kind of a later build: its payload decoded (or in hex), as it is
                 body = {"payload": _plain(rec.payload)}
             else:
                 body = dict(zip(fields, _plain(msgspec.msgpack.decode(rec.payload))))
-            if rec.kind == KIND_ENTRY:
+            if rec.kind in (KIND_ENTRY, KIND_REPORTS):
                 body["reports"] = [{"member": m, "seq": s, "body": b} for m, s, b in body["reports"]]
             line = {"seq": rec.seq, "kind": KIND_NAMES.get(rec.kind, rec.kind), **body}
             out.write(json.dumps(line, separators=(",", ":")) + "\n")

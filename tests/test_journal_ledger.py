@@ -3,6 +3,7 @@ index, restarts with and without snapshots, and (hypothesis) snapshot + replay =
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import tempfile
@@ -417,28 +418,42 @@ def build(ops):
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(command_strategy, st.data())
 def test_snapshot_plus_replay_equals_full_replay(ops, data):
+    import engine.journal._ledger as ledger_module
+
     commands = build(ops)
     cut = data.draw(st.integers(0, len(commands)), label="snapshot after")
-    with tempfile.TemporaryDirectory() as tmp:
-        d = Path(tmp)
-        with Ledger.open(demo_config(), d, today=DAY, durability="none", snapshot_every=10**9) as ledger:
-            setup = [(Deposit(f"i-{x}-{a}", x, a, 10**7), "ops") for x in MEMBERS[:4] for a in ("CNY", "CEA24", "CEA25")]
-            for k, (cmd, m) in enumerate(setup + commands):
-                ledger.execute(cmd, m, k)
-                if k == len(setup) + cut - 1:
-                    ledger.snapshot()
-            live = ledger.engine.state_hash()
-            ledger.journal.sync()
-        # keep only the snapshot taken at the cut (close() wrote one at the end)
-        kept = sorted(list_snapshots(d))
-        for s in kept[1:] if len(kept) > 1 else []:
-            os.unlink(d / snapshot_name(s))
-        with Ledger.open(demo_config(), d, durability="none") as restored:
-            snap_hash = restored.engine.state_hash()
-        for s in list_snapshots(d):
-            os.unlink(d / snapshot_name(s))
-        with Ledger.open(demo_config(), d, durability="none") as replayed:
-            full_hash = replayed.engine.state_hash()
+    # 2: most commands' reports spread over REPORTS records too
+    per_record = data.draw(st.sampled_from([ledger_module.REPORTS_PER_RECORD, 2]), label="reports per record")
+    saved = ledger_module.REPORTS_PER_RECORD
+    ledger_module.REPORTS_PER_RECORD = per_record
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            d = Path(tmp)
+            with Ledger.open(demo_config(), d, today=DAY, durability="none", snapshot_every=10**9) as ledger:
+                setup = [(Deposit(f"i-{x}-{a}", x, a, 10**7), "ops") for x in MEMBERS[:4]
+                         for a in ("CNY", "CEA24", "CEA25")]
+                for k, (cmd, m) in enumerate(setup + commands):
+                    ledger.execute(cmd, m, k)
+                    if k == len(setup) + cut - 1:
+                        ledger.snapshot()
+                live = ledger.engine.state_hash()
+                ledger.journal.sync()
+                sent = {m: list(ledger.reports(m, 0, ledger.engine.last_seq(m))) for m in MEMBERS}
+                assert all(len(sent[m]) == ledger.engine.last_seq(m) for m in MEMBERS)  # gap-free, all found
+            # keep only the snapshot taken at the cut (close() wrote one at the end)
+            kept = sorted(list_snapshots(d))
+            for s in kept[1:] if len(kept) > 1 else []:
+                os.unlink(d / snapshot_name(s))
+            with Ledger.open(demo_config(), d, durability="none") as restored:
+                snap_hash = restored.engine.state_hash()
+                assert {m: list(restored.reports(m, 0, restored.engine.last_seq(m))) for m in MEMBERS} == sent
+            for s in list_snapshots(d):
+                os.unlink(d / snapshot_name(s))
+            with Ledger.open(demo_config(), d, durability="none") as replayed:
+                full_hash = replayed.engine.state_hash()
+                assert {m: list(replayed.reports(m, 0, replayed.engine.last_seq(m))) for m in MEMBERS} == sent
+    finally:
+        ledger_module.REPORTS_PER_RECORD = saved
     assert snap_hash == full_hash == live
 
 
@@ -530,3 +545,63 @@ def test_a_snapshot_of_another_journal_is_refused_and_verify_says_so(tmp_path, c
     with Ledger.open(demo_config(), tmp_path / "b", durability="none") as ledger:
         assert ledger.engine.state_hash() == hashes["b"]  # replayed in full, not a's state
     assert any("is not the one it was taken after" in r.getMessage() for r in caplog.records)
+
+
+def test_a_command_with_more_reports_than_one_record_holds_spreads_them_over_reports_records(tmp_path, monkeypatch,
+                                                                                           capsys):
+    """An end of day expiring a million DAY orders has more reports than MAX_PAYLOAD holds: the
+    ones beyond REPORTS_PER_RECORD go into REPORTS records before the ENTRY, in the same group.
+    Replays to members, the lazy index after a restart and the state all see them as one."""
+    import engine.journal._ledger as ledger_module
+    from engine.journal import KIND_REPORTS
+    from gateway.cli import main
+
+    monkeypatch.setattr(ledger_module, "REPORTS_PER_RECORD", 7)
+    sent: dict[str, list[bytes]] = {}
+    with Ledger.open(demo_config(), tmp_path, today=DAY, durability="none", snapshot_every=10**9) as ledger:
+        for i in range(30):
+            for m in ("M01", "M02"):
+                _, _, reports = ledger.execute(NewOrder(f"{m}-{i}", "CEA25", "buy", 1, 9000 - i), m, 1_000 + i)
+                sent.setdefault(m, []).extend(body for _, body in reports)
+        ledger.execute(CloseMarket(), "ops", 2_000)
+        _, events, reports = ledger.execute(EndOfDay(), "ops", 2_001)  # 60 expiries: 8 REPORTS records + ENTRY
+        for m, body in reports:
+            sent[m].append(body)
+        ledger.execute(OpenMarket(), "ops", 2_002)
+        _, _, reports = ledger.execute(NewOrder("after", "CEA25", "buy", 1, 9000), "M01", 2_003)
+        sent["M01"].extend(body for _, body in reports)
+        ledger.journal.sync()
+        for m in ("M01", "M02"):
+            assert list(ledger.reports(m, 0, len(sent[m]))) == sent[m]
+            assert list(ledger.reports(m, 25, 40)) == sent[m][25:40]  # from inside the chunks
+        live_hash = ledger.engine.state_hash()
+    records = list(read_records(tmp_path))
+    chunks = [r for r in records if r.kind == KIND_REPORTS]
+    assert len(chunks) == 8 and not any(r.group_end for r in chunks)
+    entry = next(r for r in records if r.seq == chunks[-1].seq + 1)
+    assert entry.kind == KIND_ENTRY and entry.group_end
+    # after a restart: replayed (without a snapshot of the day's end, see snapshot_every) and
+    # indexed lazily from the records themselves
+    for name in list_snapshots(tmp_path):
+        (tmp_path / snapshot_name(name)).unlink()
+    with Ledger.open(demo_config(), tmp_path, durability="none") as ledger:
+        assert ledger.engine.state_hash() == live_hash
+        for m in ("M01", "M02"):
+            assert list(ledger.reports(m, 0, len(sent[m]))) == sent[m]
+            assert list(ledger.reports(m, 29, 35)) == sent[m][29:35]
+    assert main(["journal", "dump", str(tmp_path), "--kind", "REPORTS", "--limit", "1"]) == 0
+    line = json.loads(capsys.readouterr().out)
+    assert line["kind"] == "REPORTS" and len(line["reports"]) == 7
+    assert line["reports"][0]["body"]["type"] == "OrderCancelled" and line["reports"][0]["body"]["reason"] == "expired"
+
+
+def test_a_million_report_end_of_day_fits_the_journal(tmp_path):
+    """The real sizes: REPORTS_PER_RECORD expiries make one record well under MAX_PAYLOAD."""
+    from engine import OrderCancelled
+    from engine.journal._format import MAX_PAYLOAD
+    from engine.journal._ledger import REPORTS_PER_RECORD
+
+    body = msgspec.msgpack.encode(OrderCancelled(2**62, 2**62, "M" * 32, "x" * 32, 2**62, "x" * 32, 2**62, 0,
+                                                 "mass_cancel"))
+    rows = [("M" * 32, 2**62, body)] * REPORTS_PER_RECORD
+    assert len(msgspec.msgpack.encode(rows)) < MAX_PAYLOAD // 4

@@ -2,7 +2,9 @@
 fill, snapshots of the engine, and the ``Ledger`` that puts the engine and its journal together.
 """
 
-from ._format import FORMAT_VERSION, KIND_ENTRY, KIND_FILL, KIND_START, EntryRecord, FillRecord, Record, StartRecord
+from ._format import (
+    FORMAT_VERSION, KIND_ENTRY, KIND_FILL, KIND_REPORTS, KIND_START, EntryRecord, FillRecord, Record, StartRecord,
+)
 from ._ledger import INDEX_STEP, Ledger, config_digest
 from ._settle import settlement_report
 from ._log import (
@@ -15,5 +17,5 @@ __all__ = [
     "Ledger", "INDEX_STEP", "config_digest", "settlement_report", "Journal", "JournalStats", "JournalError", "CorruptJournalError", "JournalFailedError",
     "JournalLockedError", "FileOps",
     "DURABILITY_MODES", "Record", "ScanResult", "list_segments", "read_records", "scan_journal",
-    "FORMAT_VERSION", "KIND_START", "KIND_FILL", "KIND_ENTRY", "StartRecord", "FillRecord", "EntryRecord",
+    "FORMAT_VERSION", "KIND_START", "KIND_FILL", "KIND_ENTRY", "KIND_REPORTS", "StartRecord", "FillRecord", "EntryRecord",
 ]

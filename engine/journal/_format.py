@@ -17,7 +17,7 @@ from .._messages import Command
 
 __all__ = [
     "FORMAT_VERSION", "SEGMENT_MAGIC", "SEGMENT_HEADER", "FRAME", "FRAME_SIZE", "GROUP_END",
-    "KIND_MASK", "MAX_PAYLOAD", "KIND_START", "KIND_FILL", "KIND_ENTRY", "KIND_NAMES",
+    "KIND_MASK", "MAX_PAYLOAD", "KIND_START", "KIND_FILL", "KIND_ENTRY", "KIND_REPORTS", "KIND_NAMES",
     "Record", "StartRecord", "FillRecord", "EntryRecord", "segment_name", "parse_segment_name",
     "pack_position", "unpack_position",
 ]
@@ -36,7 +36,10 @@ MAX_PAYLOAD = 64 << 20  # a sanity bound used by recovery to reject garbage leng
 KIND_START = 1  # first record of a journal: format, first trading day, config digest
 KIND_FILL = 2  # one settlement record per fill, usable without the engine
 KIND_ENTRY = 3  # one journaled command with its time, origin and member reports
-KIND_NAMES = {KIND_START: "START", KIND_FILL: "FILL", KIND_ENTRY: "ENTRY"}
+# more of a command's reports, before its ENTRY in the same group, when it has so many that
+# one record would pass MAX_PAYLOAD (an end of day expiring a million DAY orders)
+KIND_REPORTS = 4
+KIND_NAMES = {KIND_START: "START", KIND_FILL: "FILL", KIND_ENTRY: "ENTRY", KIND_REPORTS: "REPORTS"}
 
 
 class Record(NamedTuple):

@@ -30,7 +30,7 @@ from .._engine import Engine
 from .._messages import REPORTS, Command, DayEnded, Deposit, Fill, NewOrder, OpenMarket, QueryBalances
 from .._replay import run_entries
 from ._format import (
-    FORMAT_VERSION, KIND_ENTRY, KIND_FILL, KIND_START, EntryRecord, StartRecord, segment_name,
+    FORMAT_VERSION, KIND_ENTRY, KIND_FILL, KIND_REPORTS, KIND_START, EntryRecord, StartRecord, segment_name,
 )
 from ._log import (
     SWITCH_INTERVAL, CorruptJournalError, FileOps, Journal, JournalError, JournalFailedError, JournalStats,
@@ -46,6 +46,10 @@ BEYOND_END = ".beyond-end"  # suffix of a snapshot set aside at open: of seqs th
 
 _REPORT_TYPES = frozenset(REPORTS)  # a set: the type test runs for every event of every command
 INDEX_STEP = 32  # a member's report index has an entry at least every INDEX_STEP reports
+# A command's reports beyond this many go into REPORTS records before its ENTRY (same group): a
+# report is at most a few hundred bytes here (cancels and expiries), so each record stays far
+# below MAX_PAYLOAD however many orders an end of day, a restart or a mass cancel touches
+REPORTS_PER_RECORD = 20_000
 
 
 class _EntryReports(msgspec.Struct, array_like=True, gc=False):
@@ -122,6 +126,17 @@ def _replay_types(instruments: tuple[str, ...], members: tuple[str, ...]) -> _Re
 
 _entry_decoder = msgspec.msgpack.Decoder(_entry_tuple(str, _REPLAY_CLASS))
 _entry_reports_decoder = msgspec.msgpack.Decoder(_EntryReports)
+_report_rows_decoder = msgspec.msgpack.Decoder(list[tuple[str, int, bytes]])
+
+
+def _report_rows(record) -> list[tuple[str, int, bytes]]:
+    """The (member, seq, body) rows of an ENTRY or a REPORTS record; none for the others."""
+    kind = record.kind
+    if kind == KIND_ENTRY:
+        return _entry_reports_decoder.decode(record.payload).reports
+    if kind == KIND_REPORTS:
+        return _report_rows_decoder.decode(record.payload)
+    return []
 _start_decoder = msgspec.msgpack.Decoder(StartRecord)
 
 
@@ -343,12 +358,11 @@ class Ledger:
             cut = bisect_right(positions, start)
             self._idx_seq[m].extend(seqs[:cut])
             self._idx_pos[m].extend(positions[:cut])
-        decode = _entry_reports_decoder.decode
-        for rec in self.journal.read_at(start, KIND_ENTRY):
+        for rec in self.journal.read_at(start):
             if rec.seq > through:
                 break
             if rec.position > start:  # the snapshot's own entry is indexed already
-                rows = decode(rec.payload).reports
+                rows = _report_rows(rec)
                 if rows:
                     self._index(rows, rec.position)
         for m in live_seq:
@@ -444,16 +458,26 @@ class Ledger:
                         taker = None
             elif t is DayEnded:
                 end_of_day = True
-        # an EntryRecord's fields in order (array_like)
-        entry = encode((ts, member, session, throttled, command, rows))
         reports = [(m, body) for m, _, body in rows]
         journal = self.journal
+        chunked = len(rows) > REPORTS_PER_RECORD
+        if chunked:  # the rest of the reports go before the entry, in order
+            last = (len(rows) - 1) // REPORTS_PER_RECORD * REPORTS_PER_RECORD
+            for i in range(0, last, REPORTS_PER_RECORD):
+                records.append((KIND_REPORTS, encode(rows[i:i + REPORTS_PER_RECORD])))
+            entry_rows = rows[last:]
+        else:
+            entry_rows = rows
+        # an EntryRecord's fields in order (array_like)
+        entry = encode((ts, member, session, throttled, command, entry_rows))
         if records:
             records.append((KIND_ENTRY, entry))
             seq = journal.append_group(records)
         else:
             seq = journal.append(KIND_ENTRY, entry)  # no fills: a group of one, the fast path
-        if rows:
+        if chunked:  # reports reads on from the group's first record
+            self._index(rows, journal.last_group_position)
+        elif rows:
             member0, seq0, _ = rows[0]
             seqs = self._idx_seq.get(member0)
             # the common case: one member's reports, not yet a new index step (see _index)
@@ -490,9 +514,8 @@ class Ledger:
         i = bisect_right(seqs, after_seq + 1) - 1
         if i < 0:
             i = 0
-        decode = _entry_reports_decoder.decode
-        for rec in self.journal.read_at(self._idx_pos[member][i], KIND_ENTRY):
-            for m, seq, body in decode(rec.payload).reports:
+        for rec in self.journal.read_at(self._idx_pos[member][i]):
+            for m, seq, body in _report_rows(rec):
                 if m == member and seq > after_seq:
                     if seq > through_seq:
                         return

@@ -708,6 +708,7 @@ class Journal:
             self.recovered = True
         self._recovered_position = last_position
         self._last_off = -1
+        self._group_off = -1
         # appends take the fast path while seg_size < limit (-1: none does, see _reroll)
         self._limit = -1 if self._reroll else self._segment_bytes
         self.durable_seq = self._next_seq - 1
@@ -726,6 +727,11 @@ class Journal:
     def last_seq(self) -> int:
         """Seq of the last appended record."""
         return self._next_seq - 1
+
+    @property
+    def last_group_position(self) -> int:
+        """Position of the first record of the last group ``append_group`` appended."""
+        return (self._seg << 32) | self._group_off
 
     @property
     def last_position(self) -> int:
@@ -776,6 +782,7 @@ class Journal:
             self._next_seq = seq
             self._seg_size = offset + len(buf) - start
             self._last_off = pos
+            self._group_off = offset
             if self._t0 is None:
                 self._t0 = time.monotonic()
                 self._wake.notify()
