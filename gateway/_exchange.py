@@ -50,6 +50,7 @@ _hdr = struct.Struct(">I").pack
 ORDER_TYPES = frozenset(E.ORDER_COMMANDS)
 ORDER_NAMES = frozenset(c.__name__ for c in E.ORDER_COMMANDS)
 OPERATOR_TYPES = frozenset(E.OPERATOR_COMMANDS)
+OPERATOR_NAMES = frozenset(c.__name__ for c in E.OPERATOR_COMMANDS)
 REPLAY_CHUNK = 1024  # reports per step of a resume replay at most (about 200 KB; and a quarter of the bound)
 _NEVER = 1 << 62  # a min_seq no report reaches
 _HEARTBEAT = frame(encode(Heartbeat()))
@@ -169,6 +170,10 @@ class Exchange:
                     self._logon(session, value, now)
                 elif action == "error":
                     reason, text, msg_type = value
+                    refused = self._refusal(session, msg_type)
+                    if refused:  # the role decides first: malformed or not, it is not theirs to send
+                        self._refuse(session, msg_type, refused)
+                        continue
                     self._to_session(session, _error(reason, text))
                     if msg_type in ORDER_NAMES and self.stats.enabled:
                         self.stats.invalid[msg_type] += 1
@@ -340,7 +345,7 @@ class Exchange:
         cls = type(msg)
         if cls in ORDER_TYPES:
             if session.role != "member":
-                self._refuse(session, cls, "operators cannot enter orders")
+                self._refuse(session, cls.__name__, "operators cannot enter orders")
                 return
             throttled = not session.bucket.take(now)
             if throttled:
@@ -352,12 +357,12 @@ class Exchange:
             pass
         elif cls in OPERATOR_TYPES:
             if session.role != "operator":
-                self._refuse(session, cls, f"{cls.__name__} is for operators only")
+                self._refuse(session, cls.__name__, f"{cls.__name__} is for operators only")
                 return
             self._operator(msg, session.member, session, now)
         elif cls is E.QueryBalances:
             if session.role != "member":
-                self._refuse(session, cls, "operators have no accounts")
+                self._refuse(session, cls.__name__, "operators have no accounts")
                 return
             self._to_session(session, frame(encode(self.engine.balances(session.member))))
         elif cls is Subscribe:
@@ -373,7 +378,21 @@ class Exchange:
         else:  # pragma: no cover - the decoder's union and this dispatch must agree
             raise AssertionError(f"no handler for {cls.__name__}")
 
-    def _refuse(self, session: Session, cls: type, text: str) -> None:
+    @staticmethod
+    def _refusal(session: Session, msg_type: str) -> str:
+        """Why a message of this type is not for this session's role ("" if it is)."""
+        if session.state is not State.ACTIVE:
+            return ""
+        if session.role == "member" and msg_type in OPERATOR_NAMES:
+            return f"{msg_type} is for operators only"
+        if session.role == "operator":
+            if msg_type in ORDER_NAMES:
+                return "operators cannot enter orders"
+            if msg_type == "QueryBalances":
+                return "operators have no accounts"
+        return ""
+
+    def _refuse(self, session: Session, request: str, text: str) -> None:
         """Answer ``not_authorized``. A member trying operator messages is worth an operator's
         attention: logged (level WARNING) at the session's 1st, 10th, 100th... refusal, so a
         client repeating it cannot flood the log."""
@@ -382,7 +401,7 @@ class Exchange:
         n = session.refused
         if n == 10 ** (len(str(n)) - 1):
             log_event("not_authorized", _level=logging.WARNING, member=session.member, role=session.role,
-                      session=session.sid, request=cls.__name__, refused=n)
+                      session=session.sid, request=request, refused=n)
 
     def _instruments(self, session: Session, instruments: list[str]) -> list[str] | None:
         """A (Un)Subscribe's instruments once each, in order; None (and an Error sent) if one

@@ -541,3 +541,26 @@ def test_a_member_trying_operator_messages_is_logged_without_flooding_the_log(ca
     assert lines[0].endswith("member=M01 role=member session=1 request=Halt refused=1")
     assert [r.levelno for r in caplog.records if "event=not_authorized" in r.getMessage()] == [logging.WARNING] * 3
     assert ex.engine.status("CEA25") == "open"
+
+
+def test_the_role_decides_before_the_fields_a_malformed_message_of_another_role_is_not_authorized():
+    """A member's Halt without its instrument is not invalid_message: it is not the member's to
+    send at all (and an operator's malformed NewOrder likewise)."""
+    ex, ledger = make_exchange()
+    m, msink = connect(ex, "M01")
+    o, osink = connect(ex, "ops")
+    ex.data_received(m, enc({"type": "Halt"}), 1.0)
+    ex.data_received(m, enc({"type": "Deposit", "ref": 1}), 1.0)
+    ex.data_received(m, enc({"type": "NewOrder", "cl_ord_id": "x"}), 1.0)  # its own: invalid_message
+    ex.data_received(o, enc({"type": "NewOrder"}), 1.0)
+    ex.data_received(o, enc({"type": "QueryBalances", "extra": 1}), 1.0)
+    ex.data_received(o, enc({"type": "Halt"}), 1.0)  # its own: invalid_message
+    durable(ex, ledger)
+    got = [(f["reason"], f["text"]) for f in msink.frames() if f["type"] == "Error"]
+    assert got == [("not_authorized", "Halt is for operators only"),
+                   ("not_authorized", "Deposit is for operators only"),
+                   ("invalid_message", got[2][1])]
+    got = [(f["reason"], f["text"]) for f in osink.frames() if f["type"] == "Error"]
+    assert got == [("not_authorized", "operators cannot enter orders"),
+                   ("not_authorized", "operators have no accounts"),
+                   ("invalid_message", "instrument: missing required field")]

@@ -605,3 +605,40 @@ def test_a_million_report_end_of_day_fits_the_journal(tmp_path):
                                                  "mass_cancel"))
     rows = [("M" * 32, 2**62, body)] * REPORTS_PER_RECORD
     assert len(msgspec.msgpack.encode(rows)) < MAX_PAYLOAD // 4
+
+
+def _without(config, symbol=None, member=None):
+    return msgspec.structs.replace(
+        config, instruments=[i for i in config.instruments if i.symbol != symbol],
+        members=[m for m in config.members if m.id != member])
+
+
+def test_a_configuration_that_leaves_out_an_instrument_or_member_with_history_is_refused(tmp_path):
+    """Replaying under such a file would drop that instrument's or member's orders, trades and
+    balances from the state without a word (the commands naming them are rejected)."""
+    from engine.journal import JournalError
+
+    full = demo_config()
+    with Ledger.open(full, tmp_path, today=DAY, durability="none") as ledger:
+        ledger.execute(NewOrder("a", "CEA21", "buy", 1, 9000), "M01", 1)
+    for key, name in (("symbol", "CEA21"), ("member", "M07")):  # listed in START, funded
+        with pytest.raises(JournalError, match=f"leaves out {name}, which it was started with"):
+            Ledger.open(_without(full, **{key: name}), tmp_path, durability="none")
+    with Ledger.open(full, tmp_path, durability="none") as ledger:  # nothing was changed by the refusals
+        assert [o.cl_ord_id for o in ledger.engine.live_orders("M01")] == ["a"]
+
+
+def test_one_added_after_the_start_is_caught_by_the_snapshot_and_an_unused_one_may_go(tmp_path):
+    from engine.journal import JournalError
+
+    full = demo_config()
+    small = _without(_without(full, symbol="EUA"), member="M20")
+    with Ledger.open(small, tmp_path, today=DAY, durability="none") as ledger:  # START lists neither
+        ledger.execute(NewOrder("a", "CEA25", "buy", 1, 9000), "M01", 1)
+    with Ledger.open(full, tmp_path, durability="none") as ledger:  # both added
+        ledger.execute(Deposit("d1", "M20", "CNY", 10**6), "ops", 2)
+    with pytest.raises(JournalError, match=r"leaves out M20, which the snapshot at seq \d+ holds"):
+        Ledger.open(small, tmp_path, durability="none")
+    # EUA was added but never opened nor held: leaving it out again loses nothing
+    with Ledger.open(_without(full, symbol="EUA"), tmp_path, durability="none") as ledger:
+        assert ledger.engine.balances("M20").cash["CNY"].total == 10**6

@@ -57,6 +57,10 @@ class StartRecord(msgspec.Struct, array_like=True, gc=False):
     trading_day: str  # the first trading day: a full replay starts the engine on it
     config_sha256: str
     fee_account: str
+    # the configuration's instrument symbols and member ids when the journal was created (None
+    # in journals from before they were kept): a restart refuses a configuration without them
+    instruments: list[str] | None = None
+    members: list[str] | None = None
 
 
 class FillRecord(msgspec.Struct, array_like=True, gc=False):

@@ -160,6 +160,49 @@ def _skip_first(batches: Iterator[tuple[mmap.mmap | bytes, list[int]]]) -> Itera
         yield data, spans
 
 
+class _SnapshotHead(msgspec.Struct, array_like=True, gc=False):
+    """An engine snapshot's instruments and accounts, the rest left undecoded (Engine._state)."""
+
+    version: int
+    trading_day: str
+    next_order_id: int
+    next_trade_id: int
+    refs: msgspec.Raw
+    instruments: list[tuple[str, str, int, int, int | None, int, int]]
+    accounts: list[tuple[str, bool, int, list[list[typing.Any]], list[list[typing.Any]], msgspec.Raw]]
+
+
+_snapshot_head_decoder = msgspec.msgpack.Decoder(_SnapshotHead)
+
+
+def _with_history(engine_state: bytes) -> tuple[list[str], list[str]]:
+    """The instruments and members an engine snapshot has a history for: an instrument with
+    market data or held by anyone, a member with reports or any balance."""
+    try:
+        head = _snapshot_head_decoder.decode(engine_state)
+    except msgspec.MsgspecError:
+        return [], []  # a snapshot of another version: Engine.restore says why it cannot use it
+    held = set()
+    members = []
+    for member, _, seq, cash, holdings, _ in head.accounts:
+        busy = [symbol for symbol, *amounts in holdings if any(amounts)]
+        held.update(busy)
+        if seq or busy or any(any(amounts) for _, *amounts in cash):
+            members.append(member)
+    instruments = [symbol for symbol, _, _, md_seq, *_ in head.instruments if md_seq or symbol in held]
+    return instruments, members
+
+
+def _check_kept(config: ExchangeConfig, instruments, members, where: str) -> None:
+    """Refuse a configuration that leaves out an instrument or member the journal has."""
+    lost = [s for s in instruments if s not in {ins.symbol for ins in config.instruments}]
+    lost += [m for m in members if m not in {m.id for m in config.members}]
+    if lost:
+        raise JournalError(f"the configuration leaves out {', '.join(lost)}, which {where}; their orders, "
+                           "trades and balances would vanish from the state. Start with a configuration "
+                           "that keeps them (docs/operations.md, Changing the configuration)")
+
+
 def config_digest(config: ExchangeConfig) -> str:
     """SHA-256 of what decides replay: instruments, members and market rules."""
     enc = msgspec.msgpack.encode([config.instruments, config.members, config.market])
@@ -224,7 +267,8 @@ class Ledger:
         if day is None:
             raise ValueError("a new journal needs a trading day: market.first_trading_day or today")
         self.engine = Engine(config, day)
-        start = StartRecord(FORMAT_VERSION, day, config_digest(config), config.market.fee_account)
+        start = StartRecord(FORMAT_VERSION, day, config_digest(config), config.market.fee_account,
+                            [ins.symbol for ins in config.instruments], [m.id for m in config.members])
         records = [(KIND_START, self._encode(start))]
         setup: list = []
         for m in config.members:
@@ -260,8 +304,12 @@ class Ledger:
         head = _start_decoder.decode(first.payload)
         if head.config_sha256 != config_digest(config):
             log.warning("the configuration differs from the one this journal was started with")
+        _check_kept(config, head.instruments or (), head.members or (), "it was started with")
         start = None
         for body in self._snapshots():
+            # refused outright, not skipped for an older snapshot or a full replay: those would
+            # drop what the configuration left out from the state without a word
+            _check_kept(config, *_with_history(body.engine), f"the snapshot at seq {body.seq} holds")
             try:
                 at = next(iter(journal.read_at(body.position)), None)
                 if at is None or at.seq != body.seq or at.kind != KIND_ENTRY:
