@@ -132,7 +132,10 @@ def price_band(reference: int, band_bp: int, tick: int) -> tuple[int, int]:
 
 # Bounds that only refuse the absurd (a frame of 1 byte, a send buffer of 1 byte): tests of the
 # limits themselves may set them low
-MIN_FRAME = 64  # bytes: below this not even a short Logon fits
+# bytes: every frame the server sends, in either direction's limit, must fit: its reports and
+# replies are at most a few hundred bytes (texts quoting a client's strings are cut short), a
+# BookSnapshot is cut to fit, and a Balances reply must fit (checked against the instruments)
+MIN_FRAME = 1024
 MIN_OUTBOUND = 256  # bytes: below this a single Balances reply is a slow consumer
 
 
@@ -181,6 +184,18 @@ def _check_schedule(schedule: ScheduleConfig, source: str) -> None:
             raise _fail(source, "schedule.end_of_day", f"{schedule.end_of_day!r} is not 'HH:MM'")
         if eod < last_end:
             raise _fail(source, "schedule.end_of_day", f"{schedule.end_of_day!r} is before the last session ends")
+
+
+def _largest_balances(config: ExchangeConfig) -> int:
+    """Bytes of the largest Balances frame body the configuration allows (every amount at its
+    widest): frames the server sends must fit in max_frame too."""
+    from ._messages import AllowanceBalance, Balances, CashBalance
+
+    big = -(2**63)
+    body = msgspec.msgpack.encode(Balances(
+        {c: CashBalance(big, big, big, big) for c in config.currencies},
+        {i.symbol: AllowanceBalance(big, big, big, big) for i in config.instruments}))
+    return len(body)
 
 
 def _fail(source: str, key: str, what: str) -> ConfigError:
@@ -258,6 +273,10 @@ def _check(config: ExchangeConfig, source: str) -> ExchangeConfig:
         raise _fail(source, "gateway.durability", f"must be 'fsync' or 'none', got {gw.durability!r}")
     if not MIN_FRAME <= gw.max_frame <= 2**32 - 1:
         raise _fail(source, "gateway.max_frame", f"must be in {MIN_FRAME}..{2**32 - 1}, got {gw.max_frame}")
+    balances = _largest_balances(config)
+    if balances > gw.max_frame:
+        raise _fail(source, "gateway.max_frame", f"{gw.max_frame} is too small for a Balances reply of these "
+                                                 f"{len(config.instruments)} instruments ({balances} bytes)")
     if gw.max_outbound_bytes < MIN_OUTBOUND:
         raise _fail(source, "gateway.max_outbound_bytes", f"must be at least {MIN_OUTBOUND}, got {gw.max_outbound_bytes}")
     if not gw.host:

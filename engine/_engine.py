@@ -38,6 +38,15 @@ SELL: Final = "sell"
 OPEN: Final = "open"
 HALTED: Final = "halted"
 CLOSED: Final = "closed"
+SHOWN: Final = 40  # characters of a client's string quoted in a reject's text
+
+
+def _shown(value: str) -> str:
+    """A client's string quoted in a text, cut short: a reject stays a few hundred bytes (a
+    frame the server sends must fit in max_frame) whatever a client named."""
+    if len(value) <= SHOWN:
+        return repr(value)
+    return repr(value[:SHOWN]) + "..."
 
 
 class _Instrument:
@@ -207,7 +216,7 @@ class Engine:
         try:
             ins = self._instruments[command.instrument]
         except KeyError:
-            return self._reject([], acct, ts, cl, "unknown_instrument", f"no instrument {command.instrument!r}")
+            return self._reject([], acct, ts, cl, "unknown_instrument", f"no instrument {_shown(command.instrument)}")
         if ins.status != OPEN:
             if ins.status == CLOSED:
                 return self._reject([], acct, ts, cl, "market_closed", f"{ins.symbol} is closed")
@@ -827,7 +836,7 @@ class Engine:
         if refused is not None:
             return self._cancel_reject(ev, acct, ts, cl, None, *refused)
         if cmd.instrument is not None and cmd.instrument not in self._instruments:
-            return self._cancel_reject(ev, acct, ts, cl, None, "unknown_instrument", f"no instrument {cmd.instrument!r}")
+            return self._cancel_reject(ev, acct, ts, cl, None, "unknown_instrument", f"no instrument {_shown(cmd.instrument)}")
         targets = [
             o for o in self.live_orders(member)
             if (cmd.instrument is None or o.instrument == cmd.instrument) and (cmd.side is None or o.side == cmd.side)
@@ -871,7 +880,7 @@ class Engine:
     def _halt(self, cmd: Halt, member, ts, session, throttled) -> list:
         ins = self._instruments.get(cmd.instrument)
         if ins is None:
-            return [AdminRejected("Halt", "unknown_instrument", f"no instrument {cmd.instrument!r}")]
+            return [AdminRejected("Halt", "unknown_instrument", f"no instrument {_shown(cmd.instrument)}")]
         if ins.status != OPEN:
             return [AdminRejected("Halt", "invalid_state", f"{ins.symbol} is {ins.status}, not open")]
         ev: list = []
@@ -886,7 +895,7 @@ class Engine:
     def _resume(self, cmd: Resume, member, ts, session, throttled) -> list:
         ins = self._instruments.get(cmd.instrument)
         if ins is None:
-            return [AdminRejected("Resume", "unknown_instrument", f"no instrument {cmd.instrument!r}")]
+            return [AdminRejected("Resume", "unknown_instrument", f"no instrument {_shown(cmd.instrument)}")]
         if ins.status != HALTED:
             return [AdminRejected("Resume", "invalid_state", f"{ins.symbol} is {ins.status}, not halted")]
         ev: list = []
@@ -920,7 +929,7 @@ class Engine:
     def _suspend_member(self, cmd: SuspendMember, member, ts, session, throttled) -> list:
         acct = self._accounts.get(cmd.member)
         if acct is None:
-            return [AdminRejected("SuspendMember", "unknown_member", f"no member {cmd.member!r}")]
+            return [AdminRejected("SuspendMember", "unknown_member", f"no member {_shown(cmd.member)}")]
         if acct.suspended:
             return [AdminRejected("SuspendMember", "invalid_state", f"member {cmd.member} is already suspended")]
         ev: list = []
@@ -933,7 +942,7 @@ class Engine:
     def _reinstate_member(self, cmd: ReinstateMember, member, ts, session, throttled) -> list:
         acct = self._accounts.get(cmd.member)
         if acct is None:
-            return [AdminRejected("ReinstateMember", "unknown_member", f"no member {cmd.member!r}")]
+            return [AdminRejected("ReinstateMember", "unknown_member", f"no member {_shown(cmd.member)}")]
         if not acct.suspended:
             return [AdminRejected("ReinstateMember", "invalid_state", f"member {cmd.member} is not suspended")]
         acct.suspended = False
@@ -947,7 +956,7 @@ class Engine:
             return ack(True)
         acct = self._accounts.get(cmd.member)
         if acct is None:
-            return [AdminRejected(request, "unknown_member", f"no member {cmd.member!r}")]
+            return [AdminRejected(request, "unknown_member", f"no member {_shown(cmd.member)}")]
         amount = cmd.amount
         if cmd.asset in acct.cash:
             cash = acct.cash[cmd.asset]
@@ -973,7 +982,7 @@ class Engine:
             holding.settled += sign * amount
             self._external_qty[cmd.asset] += sign * amount
         else:
-            return [AdminRejected(request, "unknown_instrument", f"no currency or instrument {cmd.asset!r}")]
+            return [AdminRejected(request, "unknown_instrument", f"no currency or instrument {_shown(cmd.asset)}")]
         self._refs.add(cmd.ref)
         return ack()
 

@@ -26,6 +26,8 @@ from time import monotonic
 from collections import defaultdict, deque
 from typing import Callable
 
+import msgspec
+
 import engine as E
 from engine import hash_token
 from engine.journal import JournalFailedError
@@ -90,7 +92,12 @@ def log_event(event: str, *, _level: int = logging.INFO, _exc_info: bool = False
     log.log(_level, " ".join(parts), exc_info=_exc_info)
 
 
+ERROR_TEXT = 200  # characters: an Error's text may quote what a client sent (msgspec does), cut short
+
+
 def _error(reason: str, text: str) -> bytes:
+    if len(text) > ERROR_TEXT:  # a frame the server sends must fit in max_frame too
+        text = text[:ERROR_TEXT] + "..."
     return frame(encode(Error(reason, text)))
 
 
@@ -420,12 +427,29 @@ class Exchange:
             return
         for sym in instruments:
             # The snapshot waits behind the commands already run; events after it follow it.
-            self._to_session(session, frame(encode(self.engine.book_snapshot(sym, msg.depth))), market=True)
+            self._to_session(session, frame(self._book_snapshot(sym, msg.depth)), market=True)
             if sym not in session.subscriptions:
                 # events queued before now (for an earlier subscription) are in the snapshot
                 session.md_since[sym] = self.ledger.last_seq
                 session.subscriptions.add(sym)
                 self.subscribers[sym] = self.subscribers[sym] + (session,)
+
+    def _book_snapshot(self, instrument: str, depth: int) -> bytes:
+        """The snapshot's body, with at most as many levels per side as fit in max_frame (the
+        deepest go first): a wide band can hold thousands of levels."""
+        snapshot = self.engine.book_snapshot(instrument, depth)
+        body = encode(snapshot)
+        if len(body) <= self.max_frame:
+            return body
+        fits, low, high = b"", 0, max(len(snapshot.bids), len(snapshot.asks))
+        while low <= high:  # the most levels per side that fit
+            mid = (low + high) // 2
+            body = encode(msgspec.structs.replace(snapshot, bids=snapshot.bids[:mid], asks=snapshot.asks[:mid]))
+            if len(body) <= self.max_frame:
+                fits, low = body, mid + 1
+            else:
+                high = mid - 1
+        return fits
 
     def _operator(self, msg, operator: str, session: Session | None, now: float) -> None:
         """Run an operator command (``session`` None: the trading schedule's, journaled with no

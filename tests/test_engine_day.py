@@ -548,12 +548,18 @@ def test_config_gateway_section_errors():
     _bad(CONFIG_TOML + "\n[gateway]\nlogon_timeout_s = nan\n", "gateway.logon_timeout_s")
     _bad(CONFIG_TOML + "\n[gateway]\nlogon_timeout_s = inf\n", "gateway.logon_timeout_s")
     # settings under which nothing works: no Logon fits, every reply is a slow consumer, no address
-    _bad(CONFIG_TOML + "\n[gateway]\nmax_frame = 1\n", "gateway.max_frame", "64")
+    _bad(CONFIG_TOML + "\n[gateway]\nmax_frame = 1\n", "gateway.max_frame", "1024")
+    _bad(CONFIG_TOML + "\n[gateway]\nmax_frame = 1023\n", "gateway.max_frame", "1024")
     _bad(CONFIG_TOML + "\n[gateway]\nmax_outbound_bytes = 1\n", "gateway.max_outbound_bytes", "256")
     _bad(CONFIG_TOML + '\n[gateway]\nhost = ""\n', "gateway.host")
     _bad(CONFIG_TOML.replace('fee_account = "FEES"', 'fee_account = ""'), "market.fee_account")
-    cfg = parse_config(CONFIG_TOML + "\n[gateway]\nmax_frame = 64\nmax_outbound_bytes = 256\n")
-    assert (cfg.gateway.max_frame, cfg.gateway.max_outbound_bytes) == (64, 256)
+    cfg = parse_config(CONFIG_TOML + "\n[gateway]\nmax_frame = 1024\nmax_outbound_bytes = 256\n")
+    assert (cfg.gateway.max_frame, cfg.gateway.max_outbound_bytes) == (1024, 256)
+    # a market whose Balances reply is larger than max_frame
+    many = "".join(f'[[instruments]]\nsymbol = "X{i:03d}"\ncurrency = "CNY"\nreference_price = 100\n'
+                   for i in range(40))
+    _bad(CONFIG_TOML + many + "\n[gateway]\nmax_frame = 1024\n", "gateway.max_frame",
+         "too small for a Balances reply of these 42 instruments")
     cfg = parse_config(CONFIG_TOML + "\n[gateway]\nport = 0\nmetrics_port = 65535\nlogon_timeout_s = 0.5\n")
     assert (cfg.gateway.port, cfg.gateway.metrics_port, cfg.gateway.logon_timeout_s) == (0, 65535, 0.5)
 

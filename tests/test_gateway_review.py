@@ -564,3 +564,44 @@ def test_the_role_decides_before_the_fields_a_malformed_message_of_another_role_
     assert got == [("not_authorized", "operators cannot enter orders"),
                    ("not_authorized", "operators have no accounts"),
                    ("invalid_message", "instrument: missing required field")]
+
+
+def test_every_frame_the_server_sends_fits_in_max_frame():
+    """The length limit holds in both directions: a snapshot of a wide book keeps the best
+    levels that fit; texts quoting what a client sent are cut short."""
+    import msgspec as _m
+
+    config = make_config(max_frame=4096)
+    wide = E.InstrumentConfig("WIDE", "CNY", 10_000, band_bp=9_000)  # 1,000 .. 19,000: 18,001 prices
+    config = _m.structs.replace(config, instruments=[*config.instruments, wide])
+    ledger = ManualLedger(config)
+    ex = Exchange(config, ledger, clock_ns=lambda: 42)
+    ledger.execute(E.Deposit("w", "M02", "WIDE", 10**6), "", 0)
+    for i in range(1_000):
+        ledger.execute(E.NewOrder(f"b{i}", "WIDE", "buy", 1, 9_000 - i), "M01", 0)
+        ledger.execute(E.NewOrder(f"s{i}", "WIDE", "sell", 1, 11_000 + i), "M02", 0)
+    ledger.durable_seq = ledger.last_seq
+    s, sink = connect(ex, "M01")
+    ex.data_received(s, enc({"type": "Subscribe", "instruments": ["WIDE"], "depth": 100_000}), 1.0)
+    ex.data_received(s, enc({"type": "NewOrder", "cl_ord_id": "x", "instrument": "Y" * 3_000, "side": "buy",
+                             "qty": 1, "price": 9000}), 1.0)
+    ex.data_received(s, enc({"type": "T" * 3_900}), 1.0)
+    ex.data_received(s, enc({"type": "NewOrder", "cl_ord_id": "y", "instrument": "CEA25", "side": "u" * 3_800,
+                             "qty": 1, "price": 9000}), 1.0)
+    durable(ex, ledger)
+    data, frames = sink.data, []
+    while data:
+        n = int.from_bytes(data[:4], "big")
+        assert 1 <= n <= 4096
+        frames.append(msgspec.msgpack.decode(data[4:4 + n]))
+        data = data[4 + n:]
+    snap = next(f for f in frames if f["type"] == "BookSnapshot")
+    depth = len(snap["bids"])
+    assert 50 < depth < 1_000 and len(snap["asks"]) == depth  # as many as fit, the best first
+    assert [b[0] for b in snap["bids"]] == [9_000 - i for i in range(depth)]
+    assert [a[0] for a in snap["asks"]] == [11_000 + i for i in range(depth)]
+    rejected = next(f for f in frames if f["type"] == "OrderRejected")
+    assert rejected["reason"] == "unknown_instrument" and rejected["text"] == "no instrument " + repr("Y" * 40) + "..."
+    errors = [f for f in frames if f["type"] == "Error"]
+    assert [e["reason"] for e in errors] == ["invalid_message", "invalid_message"]
+    assert all(len(e["text"]) == 203 for e in errors)
