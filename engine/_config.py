@@ -67,6 +67,9 @@ class GatewayConfig(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     snapshot_every: int = 100_000
     tls_cert: str | None = None
     tls_key: str | None = None
+    # nice value of the journal's writer thread: ahead of the busy event loop on a shared core,
+    # its syncs start and are reported sooner (benchmarks/RESULTS.md); 0 leaves it alone
+    writer_nice: int = -10
 
 
 class ScheduleConfig(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
@@ -290,6 +293,8 @@ def _check(config: ExchangeConfig, source: str) -> ExchangeConfig:
     # also bounds how long a closing connection may take its last bytes: finite and positive
     if not 0 < gw.logon_timeout_s <= 3600:
         raise _fail(source, "gateway.logon_timeout_s", f"must be in (0, 3600] seconds, got {gw.logon_timeout_s}")
+    if not -20 <= gw.writer_nice <= 19:
+        raise _fail(source, "gateway.writer_nice", f"must be in -20..19, got {gw.writer_nice}")
     if (gw.tls_cert is None) != (gw.tls_key is None):
         raise _fail(source, "gateway.tls_cert", "tls_cert and tls_key go together")
     if config.initial_cash < 0 or config.initial_allowances < 0:

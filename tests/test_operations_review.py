@@ -400,3 +400,26 @@ def test_a_segment_once_followed_by_another_never_changes_again(tmp_path):
     assert (tmp_path / segment_name(last_seq + 1)).exists()
     seqs = [r.seq for r in read_records(tmp_path)]
     assert seqs == list(range(1, last_seq + 6))
+
+
+def test_the_journal_writer_runs_at_the_configured_priority(tmp_path, caplog):
+    """writer_nice: the writer thread ahead of the event loop on a shared core; where the
+    process may not raise a priority the start goes on and says so."""
+    import os
+
+    from _fakes import ThreadServer, make_config
+
+    caplog.set_level(logging.INFO, logger="kaboni")
+    with ThreadServer(make_config(writer_nice=-5), tmp_path / "d") as server:
+        tid = server.exchange.ledger.journal.writer_native_id
+        nice = os.getpriority(os.PRIO_PROCESS, tid)
+        main_nice = os.getpriority(os.PRIO_PROCESS, 0)
+    logged = " ".join(r.getMessage() for r in caplog.records)
+    if "event=writer_priority nice=-5" in logged:
+        assert nice == -5 and main_nice != -5  # the writer thread only
+    else:
+        assert "event=writer_priority_unchanged nice=-5" in logged and "LimitNICE" in logged
+    from engine import DEMO_TOML, ConfigError, parse_config
+
+    with pytest.raises(ConfigError, match="gateway.writer_nice: must be in -20..19, got -21"):
+        parse_config(DEMO_TOML.replace("[gateway]\n", "[gateway]\nwriter_nice = -21\n"))

@@ -910,6 +910,11 @@ class Journal:
     def failed(self) -> BaseException | None:
         return self._error
 
+    @property
+    def writer_native_id(self) -> int | None:
+        """The writer thread's OS thread id, for its scheduling priority (``gateway`` sets it)."""
+        return self._thread.native_id
+
     def close(self) -> None:
         """Flush and sync what is pending, stop the writer thread, close the file. A second
         caller (another thread) waits for the first to finish: the descriptors are closed once,
