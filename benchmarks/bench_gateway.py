@@ -90,14 +90,15 @@ def member_id(i: int) -> str:
     return f"E{i:04d}"
 
 
-def write_config(path: Path, members: int) -> None:
+def write_config(path: Path, members: int, writer_nice: int | None = None) -> None:
     from engine import hash_token
 
     lines = [
         "initial_cash = 1_000_000_000_000", "initial_allowances = 1_000_000_000", "open_on_start = true", "",
         "[market]", 'first_trading_day = "2026-11-24"', "",
         "[gateway]", "max_msgs_per_s = 1_000_000", 'durability = "fsync"', "max_outbound_bytes = 67_108_864",
-        "max_sessions_per_member = 4", "snapshot_every = 10_000_000", "",
+        "max_sessions_per_member = 4", "snapshot_every = 10_000_000",
+        *([f"writer_nice = {writer_nice}"] if writer_nice is not None else []), "",
         "[[instruments]]", f'symbol = "{INSTRUMENT}"', 'currency = "CNY"', f"reference_price = {PRICE}",
         "max_qty = 99_999", "band_bp = 1_000", "",
     ]
@@ -594,6 +595,8 @@ def main() -> int:
                          "orders into the journal's part and the gateway's (exact times, not buckets)")
     ap.add_argument("--trace-out", type=Path, help="with --trace: keep the server's events in this file")
     ap.add_argument("--repeat", type=int, default=1, help="latency runs per N and rate")
+    ap.add_argument("--writer-nice", type=int, help="[gateway] writer_nice for the server (default: the "
+                                                    "configuration's default, -10)")
     args = ap.parse_args()
     members = args.members or (200 if args.quick else 3_700)
     seconds = args.seconds or (1.5 if args.quick else 4.0)
@@ -614,7 +617,7 @@ def main() -> int:
         srv_cores = gen_cores = srv_cores | gen_cores
     tmp = Path(tempfile.mkdtemp(prefix="kaboni-bench-"))
     config = tmp / "bench.toml"
-    write_config(config, members)
+    write_config(config, members, args.writer_nice)
     ids = [member_id(i) for i in range(members)]
     print(f"# load average before: {' '.join(f'{x:.2f}' for x in os.getloadavg())}", flush=True)
     print(f"# bench_gateway: members={members} sessions_logged_on={members} N={ns} rates={rates} "
