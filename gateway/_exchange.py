@@ -177,9 +177,9 @@ class Exchange:
                     self._logon(session, value, now)
                 elif action == "error":
                     reason, text, msg_type = value
-                    refused = self._refusal(session, msg_type)
-                    if refused:  # the role decides first: malformed or not, it is not theirs to send
-                        self._refuse(session, msg_type, refused)
+                    if session.state is State.ACTIVE and self._refusal(session, msg_type):
+                        # the role decides first: malformed or not, it is not theirs to send
+                        self._refuse(session, msg_type)
                         continue
                     self._to_session(session, _error(reason, text))
                     if msg_type in ORDER_NAMES and self.stats.enabled:
@@ -352,7 +352,7 @@ class Exchange:
         cls = type(msg)
         if cls in ORDER_TYPES:
             if session.role != "member":
-                self._refuse(session, cls.__name__, "operators cannot enter orders")
+                self._refuse(session, cls.__name__)
                 return
             throttled = not session.bucket.take(now)
             if throttled:
@@ -364,12 +364,12 @@ class Exchange:
             pass
         elif cls in OPERATOR_TYPES:
             if session.role != "operator":
-                self._refuse(session, cls.__name__, f"{cls.__name__} is for operators only")
+                self._refuse(session, cls.__name__)
                 return
             self._operator(msg, session.member, session, now)
         elif cls is E.QueryBalances:
             if session.role != "member":
-                self._refuse(session, cls.__name__, "operators have no accounts")
+                self._refuse(session, cls.__name__)
                 return
             self._to_session(session, frame(encode(self.engine.balances(session.member))))
         elif cls is Subscribe:
@@ -388,8 +388,6 @@ class Exchange:
     @staticmethod
     def _refusal(session: Session, msg_type: str) -> str:
         """Why a message of this type is not for this session's role ("" if it is)."""
-        if session.state is not State.ACTIVE:
-            return ""
         if session.role == "member" and msg_type in OPERATOR_NAMES:
             return f"{msg_type} is for operators only"
         if session.role == "operator":
@@ -399,11 +397,11 @@ class Exchange:
                 return "operators have no accounts"
         return ""
 
-    def _refuse(self, session: Session, request: str, text: str) -> None:
+    def _refuse(self, session: Session, request: str) -> None:
         """Answer ``not_authorized``. A member trying operator messages is worth an operator's
         attention: logged (level WARNING) at the session's 1st, 10th, 100th... refusal, so a
         client repeating it cannot flood the log."""
-        self._to_session(session, _error("not_authorized", text))
+        self._to_session(session, _error("not_authorized", self._refusal(session, request)))
         session.refused += 1
         n = session.refused
         if n == 10 ** (len(str(n)) - 1):
