@@ -14,14 +14,14 @@ import asyncio
 import datetime as _dt
 import gc
 import json
-import os
 import logging
+import os
 import signal
 import socket
 import ssl
 import time
-from typing import Callable
 from pathlib import Path
+from typing import Callable
 
 from engine import Restarted
 

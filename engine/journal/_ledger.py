@@ -137,6 +137,8 @@ def _report_rows(record) -> list[tuple[str, int, bytes]]:
     if kind == KIND_REPORTS:
         return _report_rows_decoder.decode(record.payload)
     return []
+
+
 _start_decoder = msgspec.msgpack.Decoder(StartRecord)
 
 
@@ -306,10 +308,8 @@ class Ledger:
             log.warning("the configuration differs from the one this journal was started with")
         _check_kept(config, head.instruments or (), head.members or (), "it was started with")
         start = None
+        unusable = (JournalError, ValueError, KeyError, TypeError, msgspec.MsgspecError)
         for body in self._snapshots():
-            # refused outright, not skipped for an older snapshot or a full replay: those would
-            # drop what the configuration left out from the state without a word
-            _check_kept(config, *_with_history(body.engine), f"the snapshot at seq {body.seq} holds")
             try:
                 at = next(iter(journal.read_at(body.position)), None)
                 if at is None or at.seq != body.seq or at.kind != KIND_ENTRY:
@@ -317,8 +317,15 @@ class Ledger:
                 if body.entry_crc >= 0 and crc32c(at.payload) != body.entry_crc:
                     raise ValueError(f"the ENTRY with seq {body.seq} is not the one it was taken after "
                                      "(a snapshot of another journal)")
+            except unusable as exc:
+                log.warning("snapshot at seq %d is unusable (%s); trying an older one", body.seq, exc)
+                continue
+            # this journal's own snapshot: refused outright if the configuration leaves out what
+            # it has a history for (an older snapshot or a full replay would drop it without a word)
+            _check_kept(config, *_with_history(body.engine), f"the snapshot at seq {body.seq} holds")
+            try:
                 engine = Engine.restore(config, body.engine)
-            except (JournalError, ValueError, KeyError, TypeError, msgspec.MsgspecError) as exc:
+            except unusable as exc:
                 log.warning("snapshot at seq %d is unusable (%s); trying an older one", body.seq, exc)
                 continue
             start = body
