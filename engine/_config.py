@@ -135,9 +135,9 @@ def price_band(reference: int, band_bp: int, tick: int) -> tuple[int, int]:
 
 # Bounds that only refuse the absurd (a frame of 1 byte, a send buffer of 1 byte): tests of the
 # limits themselves may set them low
-# bytes: every frame the server sends, in either direction's limit, must fit: its reports and
-# replies are at most a few hundred bytes (texts quoting a client's strings are cut short), a
-# BookSnapshot is cut to fit, and a Balances reply must fit (checked against the instruments)
+# bytes: the limit holds for the server's own frames too. Its reports and replies are a few
+# hundred bytes at most (texts quoting a client's strings are cut short), a BookSnapshot is cut
+# to fit, and a Balances reply is checked against the instruments
 MIN_FRAME = 1024
 MIN_OUTBOUND = 256  # bytes: below this a single Balances reply is a slow consumer
 
