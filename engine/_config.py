@@ -67,8 +67,9 @@ class GatewayConfig(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     snapshot_every: int = 100_000
     tls_cert: str | None = None
     tls_key: str | None = None
-    # nice value of the journal's writer thread: ahead of the busy event loop on a shared core,
-    # its syncs start and are reported sooner (benchmarks/RESULTS.md); 0 leaves it alone
+    # nice value of the journal's writer thread at moderate load: ahead of the busy event loop
+    # on a shared core, its syncs start and are reported sooner (gateway WriterPriority,
+    # benchmarks/RESULTS.md); 0 leaves it alone
     writer_nice: int = -10
 
 

@@ -211,24 +211,64 @@ class Connection(asyncio.Protocol):
         self.abort()
 
 
-def _raise_writer_priority(ledger, nice: int) -> None:
-    """Give the journal's writer thread the nice value ``writer_nice``.
+class WriterPriority:
+    """The journal writer thread's nice value: ``writer_nice`` while the load is moderate, 0 at
+    peak load.
 
     The writer shares the event loop's core (the server is pinned to one where it can be): when
-    a sync returns, the writer must run to report it, and behind a busy loop it waited. Ahead of
-    the loop it rarely does (p99 order-to-report at 5,000 orders/s, benchmarks/RESULTS.md). A
-    negative value needs CAP_SYS_NICE or an RLIMIT_NICE that allows it (systemd: LimitNICE=);
-    without, the start goes on at the default priority and says so."""
-    tid = getattr(getattr(ledger, "journal", None), "writer_native_id", None)
-    if not nice or tid is None:
-        return
-    try:
-        os.setpriority(os.PRIO_PROCESS, tid, nice)
-    except (OSError, AttributeError) as exc:  # EPERM / EACCES; no setpriority on this OS
-        log_event("writer_priority_unchanged", nice=nice, error=str(exc),
-                  hint="grant CAP_SYS_NICE or LimitNICE= (systemd), or set [gateway] writer_nice = 0")
-    else:
-        log_event("writer_priority", nice=nice)
+    a sync returns, the writer must run to report it, and behind a busy loop it waited, which
+    made the order-to-report tail. Ahead of the loop it rarely waits. But at peak load a boosted
+    writer preempts the loop after every sync, only to wait for the GIL the loop holds: smaller
+    batches and twice the context switches cost 40% of the peak (benchmarks/RESULTS.md). So the
+    writer runs boosted while its batches are small (a few records: latency is what counts) and
+    at the default while they are large (the loop is saturated: batching is what counts), with
+    a gap between the two thresholds so that it does not flap.
+
+    ``update`` runs on the writer thread (``on_durable``). A negative value needs CAP_SYS_NICE or
+    an RLIMIT_NICE that allows it (systemd: LimitNICE=); without, nothing changes and the start
+    says so."""
+
+    EVERY = 64  # batches between looks at the mean batch size
+    BOOSTED_UP_TO = 4.0  # records per batch: boost while at most this (moderate load)
+    PLAIN_FROM = 8.0  # and give it up from this (peak load)
+
+    def __init__(self, ledger, nice: int) -> None:
+        self.stats = ledger.stats
+        self.tid = getattr(getattr(ledger, "journal", None), "writer_native_id", None)
+        self.nice = nice
+        self.boosted = False
+        self.enabled = False
+        self._batches = self._records = 0
+        self._countdown = self.EVERY
+        if nice and self.tid is not None:
+            self.enabled = self._set(nice, startup=True)
+
+    def _set(self, nice: int, startup: bool = False) -> bool:
+        try:
+            os.setpriority(os.PRIO_PROCESS, self.tid, nice)
+        except (OSError, AttributeError) as exc:  # EPERM / EACCES; no setpriority on this OS
+            if startup:
+                log_event("writer_priority_unchanged", nice=nice, error=str(exc),
+                          hint="grant CAP_SYS_NICE or LimitNICE= (systemd), or set [gateway] writer_nice = 0")
+            return False
+        self.boosted = nice == self.nice
+        if startup:
+            log_event("writer_priority", nice=nice)
+        return True
+
+    def update(self) -> None:
+        self._countdown -= 1
+        if self._countdown or not self.enabled:
+            return
+        self._countdown = self.EVERY
+        stats = self.stats
+        batches, records = stats.batches, stats.records
+        mean = (records - self._records) / max(1, batches - self._batches)
+        self._batches, self._records = batches, records
+        if self.boosted and mean >= self.PLAIN_FROM:
+            self._set(0)
+        elif not self.boosted and mean <= self.BOOSTED_UP_TO:
+            self._set(self.nice)
 
 
 def _watched_handshakes(on_failure: Callable[[ssl.SSLError], None]) -> type[ssl.SSLObject]:
@@ -278,9 +318,12 @@ class Server:
         self.started = None  # threading.Event set once listening (for in-process tests)
         self.metrics_port_bound = None
         self.errors: list[dict] = []  # exceptions that reached the loop (a bug; logged)
+        self.writer_priority: WriterPriority | None = None  # set once the journal is open
 
     # -----------------------------------------------------------------------------------------
     def _on_durable(self, seq: int) -> None:
+        if self.writer_priority is not None:
+            self.writer_priority.update()
         try:
             self.loop.call_soon_threadsafe(self._durable, seq)
         except RuntimeError:
@@ -388,7 +431,7 @@ class Server:
             server.close()
             _stop_metrics(metrics_server)
             return 1
-        _raise_writer_priority(ledger, gw.writer_nice)
+        self.writer_priority = WriterPriority(ledger, gw.writer_nice)
         try:
             exchange = self.exchange = Exchange(self.config, ledger, clock_ns=time.time_ns,
                                                 stats=Stats(self.stats_enabled))

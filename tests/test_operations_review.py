@@ -423,3 +423,54 @@ def test_the_journal_writer_runs_at_the_configured_priority(tmp_path, caplog):
 
     with pytest.raises(ConfigError, match="gateway.writer_nice: must be in -20..19, got -21"):
         parse_config(DEMO_TOML.replace("[gateway]\n", "[gateway]\nwriter_nice = -21\n"))
+
+
+def test_the_writer_gives_up_its_priority_at_peak_load_and_takes_it_back_after(monkeypatch):
+    """Boosted while batches are small (latency counts), plain while they are large (the loop
+    is saturated and a boosted writer only preempts it to wait for the GIL), with a gap."""
+    import os
+    from types import SimpleNamespace
+
+    from gateway._server import WriterPriority
+
+    calls = []
+    monkeypatch.setattr(os, "setpriority", lambda which, who, nice: calls.append((who, nice)))
+    stats = SimpleNamespace(batches=0, records=0)
+    ledger = SimpleNamespace(stats=stats, journal=SimpleNamespace(writer_native_id=4242))
+    wp = WriterPriority(ledger, -10)
+    assert wp.enabled and wp.boosted and calls == [(4242, -10)]
+
+    def batches(n, per_batch):
+        for _ in range(n):
+            stats.batches += 1
+            stats.records += per_batch
+            wp.update()
+
+    batches(640, 2)     # moderate load: stays boosted
+    batches(640, 6)     # in the gap: no change
+    assert calls == [(4242, -10)]
+    batches(64, 13)     # peak load
+    assert calls[-1] == (4242, 0) and not wp.boosted
+    batches(640, 6)     # in the gap again: stays plain
+    assert len(calls) == 2
+    batches(64, 3)      # load back to moderate
+    assert calls[-1] == (4242, -10) and wp.boosted and len(calls) == 3
+
+
+def test_a_writer_priority_that_cannot_be_raised_changes_nothing(monkeypatch, caplog):
+    import os
+    from types import SimpleNamespace
+
+    from gateway._server import WriterPriority
+
+    def refuse(which, who, nice):
+        raise PermissionError(1, "Operation not permitted")
+
+    monkeypatch.setattr(os, "setpriority", refuse)
+    caplog.set_level(logging.INFO, logger="kaboni")
+    wp = WriterPriority(SimpleNamespace(stats=None, journal=SimpleNamespace(writer_native_id=7)), -10)
+    assert not wp.enabled
+    for _ in range(200):
+        wp.update()  # never looks again
+    lines = [r.getMessage() for r in caplog.records]
+    assert len(lines) == 1 and "event=writer_priority_unchanged nice=-10" in lines[0] and "LimitNICE" in lines[0]
