@@ -18,7 +18,7 @@ import msgspec
 
 __all__ = [
     "ConfigError", "InstrumentConfig", "MemberConfig", "MarketConfig", "GatewayConfig",
-    "ScheduleConfig", "ExchangeConfig", "time_of_day", "load_config", "parse_config", "demo_config", "hash_token",
+    "ScheduleConfig", "ExchangeConfig", "time_of_day", "session_bounds", "load_config", "parse_config", "demo_config", "hash_token",
     "price_band", "DEMO_TOML", "MAX_AMOUNT", "MAX_PRICE",
 ]
 
@@ -163,6 +163,15 @@ def time_of_day(text: str) -> int | None:
     return int(m[1]) * 3600 + int(m[2]) * 60 + int(m[3] or 0)
 
 
+def session_bounds(window: str) -> tuple[int, int] | None:
+    """(start, end) seconds after midnight of a "HH:MM-HH:MM" trading session; None if malformed."""
+    start_text, dash, end_text = window.partition("-")
+    start, end = time_of_day(start_text.strip()), time_of_day(end_text.strip())
+    if not dash or start is None or end is None:
+        return None
+    return start, end
+
+
 def _check_schedule(schedule: ScheduleConfig, source: str) -> None:
     try:
         zoneinfo.ZoneInfo(schedule.timezone)
@@ -171,10 +180,10 @@ def _check_schedule(schedule: ScheduleConfig, source: str) -> None:
                                                  "(an IANA name such as 'Asia/Shanghai')") from None
     last_end = -1
     for i, window in enumerate(schedule.sessions):
-        start_text, dash, end_text = window.partition("-")
-        start, end = time_of_day(start_text.strip()), time_of_day(end_text.strip())
-        if not dash or start is None or end is None:
+        bounds = session_bounds(window)
+        if bounds is None:
             raise _fail(source, f"schedule.sessions[{i}]", f"{window!r} is not 'HH:MM-HH:MM'")
+        start, end = bounds
         if start >= end:
             raise _fail(source, f"schedule.sessions[{i}]", f"{window!r} ends before it starts (sessions "
                                                              "cannot span midnight)")

@@ -24,7 +24,7 @@ import datetime as _dt
 import zoneinfo
 
 from engine import ScheduleConfig
-from engine._config import time_of_day
+from engine._config import session_bounds, time_of_day
 
 __all__ = ["Schedule", "OPEN", "CLOSE", "END_OF_DAY"]
 
@@ -40,11 +40,16 @@ class Schedule:
         self.zone = zoneinfo.ZoneInfo(config.timezone)
         self.times: list[tuple[int, str]] = []  # (seconds after local midnight, edge), in order
         for window in config.sessions:
-            start, _, end = window.partition("-")
-            self.times.append((_seconds(start), OPEN))
-            self.times.append((_seconds(end), CLOSE))
+            bounds = session_bounds(window)
+            if bounds is None:  # parse_config refuses it: only a hand-built ScheduleConfig gets here
+                raise ValueError(f"not a session: {window!r}")
+            self.times.append((bounds[0], OPEN))
+            self.times.append((bounds[1], CLOSE))
         if config.end_of_day is not None:
-            self.times.append((_seconds(config.end_of_day), END_OF_DAY))  # after a close at the same time
+            eod = time_of_day(config.end_of_day)
+            if eod is None:
+                raise ValueError(f"not a time of day: {config.end_of_day!r}")
+            self.times.append((eod, END_OF_DAY))  # after a close at the same time
         self.times.sort(key=lambda t: t[0])  # stable
         # edges at or before this time (ns since the epoch) have been carried out; None: none yet
         self.applied_ns = applied_ns
@@ -87,9 +92,3 @@ class Schedule:
         """The first edge of ``day`` after ``now_ns``, for the log."""
         return next(((at, edge) for at, edge in self.edges(day) if at > now_ns), None)
 
-
-def _seconds(text: str) -> int:
-    seconds = time_of_day(text.strip())
-    if seconds is None:  # the configuration was checked at load
-        raise ValueError(f"not a time of day: {text!r}")
-    return seconds

@@ -197,8 +197,9 @@ def _with_history(engine_state: bytes) -> tuple[list[str], list[str]]:
 
 def _check_kept(config: ExchangeConfig, instruments, members, where: str) -> None:
     """Refuse a configuration that leaves out an instrument or member the journal has."""
-    lost = [s for s in instruments if s not in {ins.symbol for ins in config.instruments}]
-    lost += [m for m in members if m not in {m.id for m in config.members}]
+    symbols = {ins.symbol for ins in config.instruments}
+    ids = {m.id for m in config.members}
+    lost = [s for s in instruments if s not in symbols] + [m for m in members if m not in ids]
     if lost:
         raise JournalError(f"the configuration leaves out {', '.join(lost)}, which {where}; their orders, "
                            "trades and balances would vanish from the state. Start with a configuration "
