@@ -136,6 +136,12 @@ def scheduled_exchange(tmp_path, clock: Clock, schedule: ScheduleConfig = CEA):
     return Exchange(config, ledger, clock_ns=clock), ledger
 
 
+def restarted(ex, tmp_path, clock):
+    """The exchange started again on the same journal (its ledger closed before)."""
+    ledger = Ledger.open(ex.config, tmp_path / "data", durability="none")
+    return Exchange(ex.config, ledger, clock_ns=clock), ledger
+
+
 def run(ex, clock, day, hhmm):
     clock.ns = at(day, hhmm)
     ex.run_schedule(clock.ns, 0.0)
@@ -207,10 +213,8 @@ def test_an_operator_keeps_the_market_closed_until_the_next_edge_also_across_a_r
     assert statuses(ex) == {"closed"}  # the operator's close stands between edges
     ledger.close()
     # restarted at 10:40: no edge was missed since the last command (10:00)
-    config = ex.config
-    ledger = Ledger.open(config, tmp_path / "data", durability="none")
+    ex, ledger = restarted(ex, tmp_path, clock)
     try:
-        ex = Exchange(config, ledger, clock_ns=clock)
         assert ex.schedule.applied_ns == at(day, "10:00")
         run(ex, clock, day, "10:40")
         assert statuses(ex) == {"closed"}
@@ -231,13 +235,12 @@ def test_a_restart_carries_out_what_was_missed_while_down(tmp_path):
     # down from 10:00 until the next morning at 10:00, and down again right after journaling the
     # restart's Restarted: the gateway's own commands do not count as the exchange having run
     clock.ns = at("2026-11-25", "09:59")
-    ledger = Ledger.open(ex.config, tmp_path / "data", durability="none")
-    Exchange(ex.config, ledger, clock_ns=clock)._execute(E.Restarted(), "", None, 0.0)
+    again, ledger = restarted(ex, tmp_path, clock)
+    again._execute(E.Restarted(), "", None, 0.0)
     ledger.close()
     clock.ns = at("2026-11-25", "10:00")
-    ledger = Ledger.open(ex.config, tmp_path / "data", durability="none")
+    ex, ledger = restarted(ex, tmp_path, clock)
     try:
-        ex = Exchange(ex.config, ledger, clock_ns=clock)
         assert ex.schedule.applied_ns == at(day, "10:00")  # M01's order, the last command sent
         # the day ends, then the new one is mid-session
         ex.run_schedule(clock.ns, 0.0)
