@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import msgspec
 
@@ -159,6 +160,33 @@ def test_the_client_disconnects_a_server_silent_for_three_heartbeat_intervals():
     assert waited is not None and 2.5 < waited < 4.5, waited
 
 
+@contextlib.contextmanager
+def _peer_not_reading(srv):
+    """A raw socket logged on as M01 (heartbeat 1 s, cancel-on-disconnect) with one resting
+    order and about 300 KB of replies it does not read, both ends' buffers made small."""
+    import socket
+    import time
+
+    sk = socket.socket()
+    try:
+        sk.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        sk.connect(("127.0.0.1", srv.port))
+        sk.sendall(enc({"type": "Logon", "member": "M01", "token": "M01-token", "heartbeat_s": 1,
+                        "cancel_on_disconnect": True}))
+        deadline = time.monotonic() + 5
+        while not srv.call(lambda: srv.exchange.by_member.get("M01")) and time.monotonic() < deadline:
+            time.sleep(0.01)
+
+        def small_send_buffer():
+            for s in srv.exchange.sessions:
+                s.sink.transport.get_extra_info("socket").setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+        srv.call(small_send_buffer)
+        sk.sendall(order("cod-1") + enc({"type": "QueryBalances"}) * 500)
+        yield sk
+    finally:
+        sk.close()
+
+
 def test_a_peer_that_half_closes_and_stops_reading_is_still_cut_off_by_the_heartbeat_timeout(tmp_path):
     """The peer sends EOF while replies it does not read are still buffered: the transport
     starts closing itself (waiting to flush, forever), the next write marked the connection
@@ -170,21 +198,7 @@ def test_a_peer_that_half_closes_and_stops_reading_is_still_cut_off_by_the_heart
     from _fakes import ThreadServer
 
     with ThreadServer(make_config(), tmp_path) as srv:
-        sk = socket.socket()
-        sk.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-        sk.connect(("127.0.0.1", srv.port))
-        try:
-            sk.sendall(enc({"type": "Logon", "member": "M01", "token": "M01-token", "heartbeat_s": 1,
-                            "cancel_on_disconnect": True}))
-            deadline = time.monotonic() + 5
-            while not srv.call(lambda: srv.exchange.by_member.get("M01")) and time.monotonic() < deadline:
-                time.sleep(0.01)
-
-            def small_send_buffer():
-                for s in srv.exchange.sessions:
-                    s.sink.transport.get_extra_info("socket").setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
-            srv.call(small_send_buffer)
-            sk.sendall(order("cod-1") + enc({"type": "QueryBalances"}) * 500)   # ~300 KB of replies, unread
+        with _peer_not_reading(srv) as sk:
             time.sleep(0.2)
             sk.shutdown(socket.SHUT_WR)
             deadline = time.monotonic() + 6                                    # 3 x heartbeat_s is 3 s
@@ -195,8 +209,6 @@ def test_a_peer_that_half_closes_and_stops_reading_is_still_cut_off_by_the_heart
                 time.sleep(0.1)
             assert state == (0, (0, 0)), state
             assert srv.call(lambda: srv.exchange.stats.disconnects["heartbeat_timeout"]) == 1
-        finally:
-            sk.close()
 
 
 def test_a_logged_out_peer_that_half_closed_and_stops_reading_is_cut_off_after_logon_timeout(tmp_path):
@@ -211,21 +223,7 @@ def test_a_logged_out_peer_that_half_closed_and_stops_reading_is_cut_off_after_l
     from _fakes import ThreadServer
 
     with ThreadServer(make_config(logon_timeout_s=1.0), tmp_path) as srv:
-        sk = socket.socket()
-        sk.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-        sk.connect(("127.0.0.1", srv.port))
-        try:
-            sk.sendall(enc({"type": "Logon", "member": "M01", "token": "M01-token", "heartbeat_s": 1,
-                            "cancel_on_disconnect": True}))
-            deadline = time.monotonic() + 5
-            while not srv.call(lambda: srv.exchange.by_member.get("M01")) and time.monotonic() < deadline:
-                time.sleep(0.01)
-
-            def small_send_buffer():
-                for s in srv.exchange.sessions:
-                    s.sink.transport.get_extra_info("socket").setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
-            srv.call(small_send_buffer)
-            sk.sendall(order("cod-1") + enc({"type": "QueryBalances"}) * 500)   # ~300 KB of replies, unread
+        with _peer_not_reading(srv) as sk:
             time.sleep(0.3)
             sk.sendall(enc({"type": "Logout"}))     # its cancel goes to the journal; EOF comes meanwhile
             sk.shutdown(socket.SHUT_WR)
@@ -237,8 +235,6 @@ def test_a_logged_out_peer_that_half_closed_and_stops_reading_is_cut_off_after_l
                 time.sleep(0.1)
             assert left == 0
             assert srv.call(lambda: srv.exchange.engine.resting("CEA25")) == (0, 0)
-        finally:
-            sk.close()
 
 
 def test_logon_accepted_never_announces_a_trading_day_whose_end_of_day_is_not_durable():
