@@ -7,12 +7,12 @@ from ._config import (
     DEMO_TOML, MAX_AMOUNT, MAX_PRICE, ConfigError, ExchangeConfig, GatewayConfig, InstrumentConfig, MarketConfig, MemberConfig,
     ScheduleConfig, demo_config, hash_token, load_config, parse_config, price_band,
 )
-from ._engine import SNAPSHOT_VERSION, Engine, InvariantError
+from ._engine import SNAPSHOT_VERSION, Engine, InvariantError, LeftOutError
 from ._messages import *  # noqa: F403
 from ._messages import __all__ as _message_names
 
 __all__ = [
-    "Engine", "InvariantError", "SNAPSHOT_VERSION",
+    "Engine", "InvariantError", "LeftOutError", "SNAPSHOT_VERSION",
     "ConfigError", "ExchangeConfig", "GatewayConfig", "InstrumentConfig", "MarketConfig", "MemberConfig",
     "ScheduleConfig", "demo_config", "hash_token", "load_config", "parse_config", "price_band", "DEMO_TOML",
     "MAX_AMOUNT", "MAX_PRICE", *_message_names,

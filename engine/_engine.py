@@ -20,7 +20,7 @@ import msgspec
 from ._accounts import Account, Cash, Holding
 from ._book import NO_PRICE, Order, SideBook
 from ._config import MAX_AMOUNT, MAX_PRICE, ExchangeConfig, InstrumentConfig, price_band
-from ._errors import InvariantError
+from ._errors import InvariantError, LeftOutError
 from ._messages import (
     AdminAck, AdminRejected, AllowanceBalance, Balances, BookSnapshot, BookUpdate, CancelOrder,
     CancelReason, CancelRejected, CashBalance, CloseMarket, DayEnded, Deposit, EndOfDay, Fill, Halt,
@@ -30,7 +30,7 @@ from ._messages import (
     Trade, Withdraw,
 )
 
-__all__ = ["Engine", "InvariantError", "SNAPSHOT_VERSION"]
+__all__ = ["Engine", "InvariantError", "LeftOutError", "SNAPSHOT_VERSION"]
 
 SNAPSHOT_VERSION = 1
 BUY: Final = "buy"
@@ -862,6 +862,14 @@ class Engine:
         return ev
 
     def _restarted(self, cmd: Restarted, member: str, ts: int, session: int, throttled: bool) -> list:
+        # replayed under another configuration: what that start ran with must still be there
+        lost = [s for s in cmd.instruments or () if s not in self._instruments]
+        if cmd.members:
+            ids = {m.id for m in self.config.members}
+            lost += [m for m in cmd.members if m not in ids]
+        if lost:
+            raise LeftOutError(f"the configuration leaves out {', '.join(lost)}, which the exchange ran with "
+                               "after its newest snapshot")
         ev: list = []
         orders = [o for group in self._cod.values() for o in group.values()]
         for o in sorted(orders, key=lambda o: o.order_id):
@@ -1097,8 +1105,14 @@ class Engine:
         engine._next_order_id = next_order_id
         engine._next_trade_id = next_trade_id
         engine._refs = set(refs)
+        # What the configuration added since starts empty; what it left out must have no history.
+        lost: list[str] = []
         for symbol, status, reference, md_seq, last_price, day_value, day_qty in instruments:
-            ins = engine._instruments[symbol]
+            ins = engine._instruments.get(symbol)
+            if ins is None:
+                if md_seq:
+                    lost.append(symbol)
+                continue
             ins.status = status
             ins.set_reference(reference)
             ins.md_seq = md_seq
@@ -1106,14 +1120,27 @@ class Engine:
             ins.day_value = day_value
             ins.day_qty = day_qty
         for member, suspended, seq, cash, holdings, used in accounts:
-            acct = engine._accounts[member]
+            acct = engine._accounts.get(member)
+            if acct is None:
+                if seq or any(any(figures) for _, *figures in cash) or any(any(figures) for _, *figures in holdings):
+                    lost.append(member)
+                continue
             acct.suspended = suspended
             acct.seq = seq
             for c, total, reserved, proceeds in cash:
-                acct.cash[c] = Cash(total, reserved, proceeds)
+                if c in acct.cash:
+                    acct.cash[c] = Cash(total, reserved, proceeds)
+                elif total or reserved or proceeds:
+                    lost.append(f"{c} (held by {member})")
             for s, *figures in holdings:
-                acct.holdings[s] = Holding(*figures)
+                if s in acct.holdings:
+                    acct.holdings[s] = Holding(*figures)
+                elif any(figures):
+                    lost.append(f"{s} (held by {member})")
             acct.taken = set(used)
+        if lost:
+            raise LeftOutError(f"the configuration leaves out {', '.join(dict.fromkeys(lost))}, which the "
+                               "snapshot has a history for")
         for fields in orders:
             o = Order(*fields)
             ins = engine._instruments[o.instrument]
@@ -1126,9 +1153,14 @@ class Engine:
             if o.session:
                 engine._cod.setdefault(o.session, {})[o.order_id] = o
         for c, total in fees:
-            engine._fees[c].total = total
-        engine._external_cash = dict(ext_cash)
-        engine._external_qty = dict(ext_qty)
+            if c in engine._fees:
+                engine._fees[c].total = total
+        for c, total in ext_cash:
+            if c in engine._external_cash:
+                engine._external_cash[c] = total
+        for s, total in ext_qty:
+            if s in engine._external_qty:
+                engine._external_qty[s] = total
         return engine
 
     def check(self) -> None:

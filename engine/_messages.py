@@ -159,7 +159,14 @@ class SessionEnded(_Message):
 
 
 class Restarted(_Message):
-    """The server restarted: every connection ended, so cancel every cancel_on_disconnect order."""
+    """The server restarted: every connection ended, so cancel every cancel_on_disconnect order.
+
+    ``instruments`` and ``members`` are the configuration's at that start: a later replay under
+    a configuration without one of them is refused (``LeftOutError``), because the records after
+    this one may use it (None in journals from before they were recorded)."""
+
+    instruments: list[str] | None = None
+    members: list[str] | None = None
 
 
 # ---------------------------------------------------------------------------------------------

@@ -439,7 +439,10 @@ class Server:
                 log_event("journal_recovered", data_dir=self.data_dir, last_seq=ledger.last_seq,
                           trading_day=ledger.engine.trading_day)
                 # Every connection ended with the old process: cancel-on-disconnect orders go now.
-                exchange._execute(Restarted(), "", None, time.monotonic())
+                # It names the configuration's instruments and members: a replay under a
+                # configuration that leaves one out is refused (it may be used after this).
+                exchange._execute(Restarted([ins.symbol for ins in self.config.instruments],
+                                            [m.id for m in self.config.members]), "", None, time.monotonic())
                 exchange.release(ledger.durable_seq)
             # what the trading schedule asked for while the exchange was down, before anyone trades
             now_ns = time.time_ns()

@@ -16,8 +16,8 @@ from hypothesis import strategies as st
 
 from engine import (
     Balances, CancelOrder, CloseMarket, DayEnded, Deposit, EndOfDay, Halt, MassCancel,
-    NewOrder, OpenMarket, QueryBalances, ReinstateMember, ReplaceOrder, Resume, SuspendMember, Withdraw,
-    demo_config, parse_config, DEMO_TOML,
+    Engine, NewOrder, OpenMarket, QueryBalances, ReinstateMember, ReplaceOrder, Restarted, Resume, SuspendMember,
+    Withdraw, demo_config, parse_config, DEMO_TOML,
 )
 from engine.journal import KIND_ENTRY, KIND_FILL, FillRecord, Ledger, read_records
 from engine.journal._snapshot import list_snapshots, snapshot_name
@@ -642,3 +642,80 @@ def test_one_added_after_the_start_is_caught_by_the_snapshot_and_an_unused_one_m
     # EUA was added but never opened nor held: leaving it out again loses nothing
     with Ledger.open(_without(full, symbol="EUA"), tmp_path, durability="none") as ledger:
         assert ledger.engine.balances("M20").cash["CNY"].total == 10**6
+
+
+def _crash_after(tmp_path, before: list[int]) -> None:
+    """As if the process had been killed: the snapshots written since ``before`` are gone."""
+    for s in list_snapshots(tmp_path):
+        if s not in before:
+            os.unlink(tmp_path / snapshot_name(s))
+
+
+def _restarted(config):
+    return Restarted([i.symbol for i in config.instruments], [m.id for m in config.members])
+
+
+def test_one_added_and_used_after_the_newest_snapshot_cannot_be_left_out_after_a_crash(tmp_path):
+    """Neither START nor any snapshot knew M20 and EUA; the crash came before the next
+    snapshot. The start that added them journaled ``Restarted`` with the configuration's names,
+    so replaying it under a file without them is refused, not run with their deposit and order
+    silently gone (and the loss made permanent by the next snapshot)."""
+    from engine.journal import JournalError
+
+    full = demo_config()
+    small = _without(_without(full, symbol="EUA"), member="M20")
+    with Ledger.open(small, tmp_path, today=DAY, durability="none"):
+        pass
+    kept = list_snapshots(tmp_path)
+    with Ledger.open(full, tmp_path, durability="none") as ledger:
+        ledger.execute(_restarted(full), "", 1)  # as the gateway does at every restart
+        ledger.execute(Deposit("d20", "M20", "CNY", 10**6), "ops", 2)
+        ledger.execute(Deposit("d21", "M01", "EUR", 10**8), "ops", 3)
+        ledger.execute(OpenMarket(), "ops", 4)
+        ledger.execute(NewOrder("e", "EUA", "buy", 1000, 7000), "M01", 5)
+    _crash_after(tmp_path, kept)
+    for config, name in ((_without(full, member="M20"), "M20"), (_without(full, symbol="EUA"), "EUA")):
+        with pytest.raises(JournalError, match=f"leaves out {name}, which the exchange ran with after its "
+                                               "newest snapshot"):
+            Ledger.open(config, tmp_path, durability="none")
+    with Ledger.open(full, tmp_path, durability="none") as ledger:  # nothing lost, nothing changed
+        assert ledger.engine.balances("M20").cash["CNY"].total == 10**6
+        assert [o.cl_ord_id for o in ledger.engine.live_orders("M01")] == ["e"]
+
+
+def test_a_journal_without_names_in_restarted_is_refused_with_the_name_not_a_bare_key_error(tmp_path):
+    from engine.journal import JournalError
+
+    full = demo_config()
+    small = _without(full, member="M20")
+    with Ledger.open(small, tmp_path, today=DAY, durability="none"):
+        pass
+    kept = list_snapshots(tmp_path)
+    with Ledger.open(full, tmp_path, durability="none") as ledger:
+        ledger.execute(Restarted(), "", 1)  # written before Restarted named anything
+        ledger.execute(NewOrder("a", "CEA25", "buy", 1, 9000), "M20", 2)
+    _crash_after(tmp_path, kept)
+    with pytest.raises(JournalError, match="a journaled command names 'M20', which the configuration leaves out"):
+        Ledger.open(small, tmp_path, durability="none")
+
+
+def test_a_snapshot_restores_under_a_configuration_that_adds_instruments_currencies_and_members(tmp_path):
+    """What was added since the snapshot starts empty and works: a deposit of a new instrument
+    or currency used to fail with an internal KeyError after a restart from a snapshot."""
+    from engine import InstrumentConfig, LeftOutError
+
+    small = demo_config()
+    usd = InstrumentConfig("CCA", "USD", 5000)
+    full = msgspec.structs.replace(small, instruments=[*small.instruments, usd])
+    with Ledger.open(small, tmp_path, today=DAY, durability="none"):
+        pass
+    with Ledger.open(full, tmp_path, durability="none") as ledger:
+        assert ledger.recovered and list_snapshots(tmp_path)
+        for ref, asset in (("a", "CCA"), ("b", "USD"), ("c", "CEA25")):
+            _, events, _ = ledger.execute(Deposit(ref, "M01", asset, 500), "ops", 1)
+            assert type(events[0]).__name__ == "AdminAck", events
+        ledger.engine.check()
+        state = ledger.engine.snapshot()
+    # restoring under a configuration that leaves out what has a history names it
+    with pytest.raises(LeftOutError, match=r"leaves out USD \(held by M01\), CCA \(held by M01\)"):
+        Engine.restore(small, state)

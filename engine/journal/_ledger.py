@@ -26,8 +26,8 @@ import msgspec
 from crc32c import crc32c
 
 from .._config import ExchangeConfig
-from .._engine import Engine
-from .._messages import REPORTS, Command, DayEnded, Deposit, Fill, NewOrder, OpenMarket, QueryBalances
+from .._engine import Engine, LeftOutError
+from .._messages import REPORTS, Command, DayEnded, Deposit, Fill, NewOrder, OpenMarket, QueryBalances, Restarted
 from .._replay import run_entries
 from ._format import (
     FORMAT_VERSION, KIND_ENTRY, KIND_FILL, KIND_REPORTS, KIND_START, EntryRecord, StartRecord, segment_name,
@@ -202,8 +202,10 @@ def _check_kept(config: ExchangeConfig, instruments, members, where: str) -> Non
     lost = [s for s in instruments if s not in symbols] + [m for m in members if m not in ids]
     if lost:
         raise JournalError(f"the configuration leaves out {', '.join(lost)}, which {where}; their orders, "
-                           "trades and balances would vanish from the state. Start with a configuration "
-                           "that keeps them (docs/operations.md, Changing the configuration)")
+                           f"trades and balances would vanish from the state. {_KEEP_THEM}")
+
+
+_KEEP_THEM = "Start with a configuration that keeps them (docs/operations.md, Changing the configuration)"
 
 
 def config_digest(config: ExchangeConfig) -> str:
@@ -326,6 +328,8 @@ class Ledger:
             _check_kept(config, *_with_history(body.engine), f"the snapshot at seq {body.seq} holds")
             try:
                 engine = Engine.restore(config, body.engine)
+            except LeftOutError as exc:
+                raise JournalError(f"{exc} (seq {body.seq}). {_KEEP_THEM}") from exc
             except unusable as exc:
                 log.warning("snapshot at seq %d is unusable (%s); trying an older one", body.seq, exc)
                 continue
@@ -395,6 +399,12 @@ class Ledger:
             for data, spans in batches:
                 count += run_entries(engine, data, spans, types.decode, types.fallback, types.classes,
                                      types.new_order)
+        except LeftOutError as exc:
+            raise JournalError(f"{exc}; their orders, trades and balances would vanish from the state. "
+                               f"{_KEEP_THEM}") from exc
+        except KeyError as exc:  # a journal from before Restarted named the configuration's members
+            raise JournalError(f"a journaled command names {exc}, which the configuration leaves out; its "
+                               f"orders, trades and balances would vanish from the state. {_KEEP_THEM}") from exc
         finally:
             engine.events = True
         return count
@@ -447,14 +457,15 @@ class Ledger:
                 throttled: bool = False) -> tuple[int, list, list[tuple[str, bytes]]]:
         """Run the command through the engine and append it to the journal. Returns (journal
         seq of the entry, events, [(member, report body)]); QueryBalances and commands with no
-        events at all are not journaled and return seq = last_seq."""
+        events at all are not journaled and return seq = last_seq, except ``Restarted``, which
+        always is: it records the configuration's names for later replays."""
         failed = self.journal.failed
         if failed is not None:  # the engine may be ahead of its journal: run nothing more
             raise JournalFailedError(f"journal failed: {failed!r}") from failed
         engine = self.engine
         day = engine.trading_day  # before the command: an EndOfDay has no fills
         events = engine.execute(command, member, ts, session, throttled)
-        if not events or type(command) is QueryBalances:
+        if (not events and type(command) is not Restarted) or type(command) is QueryBalances:
             return self.journal.last_seq, events, []
         try:
             seq, reports, end_of_day = self._journal_events(command, member, ts, session, throttled, day, events)
