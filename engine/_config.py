@@ -226,8 +226,10 @@ def _check(config: ExchangeConfig, source: str) -> ExchangeConfig:
         if ins.symbol in symbols:
             raise _fail(source, f"{key}.symbol", f"duplicate instrument {ins.symbol!r}")
         symbols.add(ins.symbol)
-        if not ins.currency or not ins.currency.isalpha():
-            raise _fail(source, f"{key}.currency", f"{ins.currency!r} is not a currency code")
+        if not (len(ins.currency) == 3 and ins.currency.isascii() and ins.currency.isalpha()
+                and ins.currency.isupper()):
+            raise _fail(source, f"{key}.currency", f"{ins.currency!r} is not a currency code (three capital "
+                                                   "letters, as CNY)")
         for name in ("tick", "qty_step", "min_qty", "reference_price"):
             if getattr(ins, name) <= 0:
                 raise _fail(source, f"{key}.{name}", f"must be positive, got {getattr(ins, name)}")
@@ -238,6 +240,8 @@ def _check(config: ExchangeConfig, source: str) -> ExchangeConfig:
             raise _fail(source, f"{key}.min_qty", f"{ins.min_qty} is not a multiple of qty_step {ins.qty_step}")
         if ins.max_qty is not None and ins.max_qty < ins.min_qty:
             raise _fail(source, f"{key}.max_qty", f"{ins.max_qty} is below min_qty {ins.min_qty}")
+        if ins.max_qty is not None and ins.max_qty % ins.qty_step:
+            raise _fail(source, f"{key}.max_qty", f"{ins.max_qty} is not a multiple of qty_step {ins.qty_step}")
         if ins.reference_price % ins.tick:
             raise _fail(source, f"{key}.reference_price", f"{ins.reference_price} is not on the tick {ins.tick}")
         if not 0 <= ins.band_bp < 10_000:
@@ -252,9 +256,14 @@ def _check(config: ExchangeConfig, source: str) -> ExchangeConfig:
         if upper > MAX_PRICE:
             raise _fail(source, f"{key}.reference_price", f"its band reaches {upper}, above {MAX_PRICE}")
     currencies = set(config.currencies)
+    for i, ins in enumerate(config.instruments):
+        if ins.symbol in currencies:  # a Deposit's asset names either: it would always be the cash
+            raise _fail(source, f"instruments[{i}].symbol", f"{ins.symbol!r} is also a currency code")
     fee_account = config.market.fee_account
     if not fee_account or not fee_account.isprintable() or len(fee_account) > 32:
         raise _fail(source, "market.fee_account", f"{fee_account!r} is not a valid account name")
+    if fee_account in symbols or fee_account in currencies:
+        raise _fail(source, "market.fee_account", f"{fee_account!r} clashes with an instrument or currency")
     ids: set[str] = set()
     for i, m in enumerate(config.members):
         key = f"members[{i}]"
@@ -280,6 +289,9 @@ def _check(config: ExchangeConfig, source: str) -> ExchangeConfig:
                 raise _fail(source, name, f"{value!r} is not a YYYY-MM-DD date")
     if any(not 0 <= d <= 6 for d in market.weekend) or len(set(market.weekend)) >= 7:
         raise _fail(source, "market.weekend", "must list weekday numbers 0 (Mon) to 6 (Sun), not all of them")
+    first = market.first_trading_day
+    if first is not None and (first in market.holidays or _dt.date.fromisoformat(first).weekday() in market.weekend):
+        raise _fail(source, "market.first_trading_day", f"{first} is not a business day (weekend or holidays)")
     _check_schedule(config.schedule, source)
     gw = config.gateway
     if gw.durability not in ("fsync", "none"):
@@ -307,10 +319,10 @@ def _check(config: ExchangeConfig, source: str) -> ExchangeConfig:
         raise _fail(source, "gateway.writer_nice", f"must be in -20..19, got {gw.writer_nice}")
     if (gw.tls_cert is None) != (gw.tls_key is None):
         raise _fail(source, "gateway.tls_cert", "tls_cert and tls_key go together")
-    if config.initial_cash < 0 or config.initial_allowances < 0:
-        raise _fail(source, "initial_cash", "initial funding cannot be negative")
     funded = sum(m.role == "member" for m in config.members)
     for name in ("initial_cash", "initial_allowances"):
+        if getattr(config, name) < 0:
+            raise _fail(source, name, "initial funding cannot be negative")
         if getattr(config, name) * funded > MAX_AMOUNT:
             raise _fail(source, name, f"{funded} members funded with {getattr(config, name)} each is more than "
                                       f"{MAX_AMOUNT} in all")

@@ -271,6 +271,11 @@ class WriterPriority:
             self._set(self.nice)
 
 
+class _SetupError(Exception):
+    """The configuration cannot be served (a certificate, two ports the same): exit status 2,
+    since restarting with the same file cannot help."""
+
+
 def _watched_handshakes(on_failure: Callable[[ssl.SSLError], None]) -> type[ssl.SSLObject]:
     """An ``SSLObject`` class (``SSLContext.sslobject_class``) that reports failed handshakes.
 
@@ -375,13 +380,13 @@ class Server:
             try:
                 open(path, "rb").close()
             except OSError as exc:
-                raise OSError(f"gateway.{key} {path}: {exc.strerror or exc}") from None
+                raise _SetupError(f"gateway.{key} {path}: {exc.strerror or exc}") from None
         ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
         try:
             ctx.load_cert_chain(gw.tls_cert, gw.tls_key)
         except ssl.SSLError as exc:
             # short: log values are cut at 128 characters, and the reason must survive
-            raise OSError(f"gateway.tls_cert {gw.tls_cert}, tls_key {gw.tls_key}: {exc.reason or exc}") from None
+            raise _SetupError(f"gateway.tls_cert {gw.tls_cert}, tls_key {gw.tls_key}: {exc.reason or exc}") from None
         ctx.sslobject_class = _watched_handshakes(self._tls_failed)
         return ctx
 
@@ -404,7 +409,7 @@ class Server:
             if self.metrics and self.port == self.metrics_port != 0:
                 # uvloop binds the order port without listening until it serves, so the metrics
                 # endpoint could take the same port and the order port's listen would fail unseen
-                raise OSError(f"port and metrics_port are both {self.port}")
+                raise _SetupError(f"port and metrics_port are both {self.port}")
             ssl_ctx = self._ssl_context()
             server = await loop.create_server(
                 lambda: Connection(self), self.host, self.port, ssl=ssl_ctx, backlog=4096, reuse_address=True,
@@ -416,11 +421,11 @@ class Server:
             if self.metrics:
                 metrics_server = start_metrics_server(collector, self.metrics_port, self.host)
                 self.metrics_port_bound = metrics_server[0].server_port
-        except OSError as exc:  # ssl.SSLError is one too
+        except (OSError, _SetupError) as exc:  # ssl.SSLError is an OSError too
             self._start_failed(str(exc))
             if server is not None:
                 server.close()
-            return 1
+            return 2 if isinstance(exc, _SetupError) else 1
         try:
             ledger = self.ledger_factory(
                 self.config, self.data_dir, durability=gw.durability, today=today,
@@ -430,7 +435,7 @@ class Server:
             log_event("journal_open_failed", _level=logging.ERROR, data_dir=self.data_dir, error=str(exc))
             server.close()
             _stop_metrics(metrics_server)
-            return 1
+            return 2 if type(exc).__name__ == "LeftOutConfigError" else 1  # the file's fault: 2
         self.writer_priority = WriterPriority(ledger, gw.writer_nice)
         try:
             exchange = self.exchange = Exchange(self.config, ledger, clock_ns=time.time_ns,

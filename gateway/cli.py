@@ -353,9 +353,9 @@ def _parse_value(v: str):
         return v
 
 
-def _text_fields(request: str) -> set[str]:
-    """The fields of operator message ``request`` that are strings: their values are sent as
-    written (a Deposit's ref may be all digits)."""
+def _operator_fields(request: str) -> dict[str, bool] | None:
+    """The fields of operator message ``request``, each with whether it is a string (sent as
+    written: a Deposit's ref may be all digits); None for no such message."""
     import typing
 
     import msgspec
@@ -364,21 +364,37 @@ def _text_fields(request: str) -> set[str]:
 
     for cls in OPERATOR_COMMANDS:
         if cls.__name__ == request:
-            out = set()
+            out = {}
             for f in msgspec.structs.fields(cls):
                 t = typing.get_args(f.type)[0] if typing.get_origin(f.type) is typing.Annotated else f.type
-                if t is str:
-                    out.add(f.name)
+                out[f.name] = t is str
             return out
-    return set()
+    return None
+
+
+def _check_admin(parser: argparse.ArgumentParser, args) -> None:
+    """A usage error (exit 2) for an unknown message or field: the server ignores unknown keys,
+    so a mistyped ``cancel_order=true`` went out and the Halt was acknowledged without it."""
+    from engine import OPERATOR_COMMANDS
+
+    known = _operator_fields(args.request)
+    if known is None:
+        parser.error(f"no operator message {args.request!r}; one of "
+                     f"{', '.join(cls.__name__ for cls in OPERATOR_COMMANDS)}")
+    for kv in args.fields:
+        k, eq, _ = kv.partition("=")
+        if not eq:
+            parser.error(f"{kv!r} is not key=value")
+        if k not in known:
+            parser.error(f"{args.request} has no field {k!r}; its fields: {', '.join(known) or 'none'}")
 
 
 async def _admin(args) -> int:
-    msg = {"type": args.request}
-    text = _text_fields(args.request)
+    known = _operator_fields(args.request) or {}
+    msg: dict = {"type": args.request}
     for kv in args.fields:
         k, _, v = kv.partition("=")
-        msg[k] = v if k in text else _parse_value(v)
+        msg[k] = v if known.get(k) else _parse_value(v)
 
     async def body(client) -> int:
         reply = await client.request(msg, args.timeout)
@@ -508,7 +524,7 @@ def _build() -> argparse.ArgumentParser:
                                    "(SIGINT/SIGTERM: exit 0) or --idle seconds pass without one.")
     _connection_args(p)
     p.add_argument("--resume-from", type=int, default=None,
-                   help="replay the reports after this seq first (0: the whole day; default: only new ones)")
+                   help="replay the reports after this seq first (0: every report since the first, earlier days included; default: only new ones)")
     p.add_argument("--idle", type=_idle, default=0,
                    help="stop (exit 0) after this many seconds without a report (default: 0, never)")
     p.set_defaults(func=lambda a: asyncio.run(_tail(a)))
@@ -522,7 +538,7 @@ def _build() -> argparse.ArgumentParser:
     p.add_argument("fields", nargs="*", help="the message's fields as key=value (integers and true/false "
                                              "are converted, except in text fields such as ref), e.g. "
                                              "instrument=CEA25")
-    p.set_defaults(func=lambda a: asyncio.run(_admin(a)))
+    p.set_defaults(func=lambda a: asyncio.run(_admin(a)), check=functools.partial(_check_admin, p))
 
     for module, hook in (("gateway._journal_cli", "add_journal_commands"), ("gateway._demo", "add_demo_command")):
         try:

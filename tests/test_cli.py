@@ -224,3 +224,18 @@ def test_book_follow_into_a_closed_pipe_stops_quietly(server, capsys):
         reader.kill()
         raise
     assert reader.returncode == 1 and err == ""
+
+
+@pytest.mark.parametrize("argv, needle", [
+    (["Halt", "instrument"], "'instrument' is not key=value"),
+    (["Halt", "instrument=CEA23", "cancel_order=true"], "Halt has no field 'cancel_order'"),
+    (["Hlat", "instrument=CEA23"], "no operator message 'Hlat'"),
+])
+def test_admin_refuses_an_unknown_message_or_field_before_sending_it(server, capsys, argv, needle):
+    """The server ignores unknown keys: a mistyped field was dropped and the Halt acknowledged
+    without it (exit 0); an unknown message exited 1 instead of the usage status."""
+    with pytest.raises(SystemExit) as exit_:
+        main(["admin", "--port", str(server.port), *argv])
+    assert exit_.value.code == 2
+    assert needle in capsys.readouterr().err
+    assert server.call(lambda: server.exchange.engine.status("CEA23")) == "open"  # nothing was sent

@@ -71,8 +71,8 @@ def test_trading_day_advances_over_weekends_and_holidays():
 
 
 def test_custom_weekend():
-    toml = CONFIG_TOML.replace('fee_account = "FEES"', 'fee_account = "FEES"\nweekend = [4, 5]')
-    m = Market(open=False, toml=toml)  # Friday and Saturday off
+    toml = CONFIG_TOML.replace('fee_account = "FEES"', 'fee_account = "FEES"\nweekend = [5]')
+    m = Market(open=False, toml=toml)  # Saturday off only
     assert m.run(OPS, EndOfDay())[-1].trading_day == "2026-11-22"  # Sunday
 
 
@@ -515,6 +515,15 @@ def test_config_wrong_types():
     ('role = "operator"', 'role = "admin"', "members[0].role"),
     ('first_trading_day = "2026-11-20"', 'first_trading_day = "2026-13-01"', "market.first_trading_day"),
     ('holidays = ["2026-11-23"]', 'holidays = ["tomorrow"]', "market.holidays[0]"),
+    # found by the operator audit: each was accepted
+    ('currency = "EUR"', 'currency = "eur"', "instruments[1].currency"),
+    ('currency = "EUR"', 'currency = "EURO"', "instruments[1].currency"),
+    ('symbol = "EUA"', 'symbol = "CNY"', "instruments[1].symbol"),  # then a Deposit of it is cash
+    ('max_qty = 10_000', 'max_qty = 10_050', "instruments[1].max_qty"),
+    ('fee_account = "FEES"', 'fee_account = "EUA"', "market.fee_account"),
+    ('fee_account = "FEES"', 'fee_account = "EUR"', "market.fee_account"),
+    ('first_trading_day = "2026-11-20"', 'first_trading_day = "2026-11-21"', "market.first_trading_day"),
+    ('first_trading_day = "2026-11-20"', 'first_trading_day = "2026-11-23"', "market.first_trading_day"),
 ])
 def test_config_bad_values(old, new, key):
     assert old in CONFIG_TOML
@@ -528,6 +537,7 @@ def test_config_initial_funding_fits_in_the_exchange():
     parse_config(f"initial_cash = {per_member}\ninitial_allowances = {per_member}\n" + CONFIG_TOML)
     _bad(f"initial_cash = {per_member + 1}\n" + CONFIG_TOML, "initial_cash", "in all")
     _bad(f"initial_allowances = {per_member + 1}\n" + CONFIG_TOML, "initial_allowances", "in all")
+    _bad("initial_allowances = -1\n" + CONFIG_TOML, "initial_allowances", "negative")  # named initial_cash
 
 
 def test_config_bad_token_digest():

@@ -118,7 +118,8 @@ def _serve(args, timeout=30):
 
 @pytest.mark.parametrize("cert_exists", [False, True])
 def test_bad_tls_file_is_named_in_the_start_failed_line(tmp_path, cert_exists):
-    """start_failed for a bad TLS file: one line, exit 1, nothing in the data directory; the
+    """start_failed for a bad TLS file: one line, exit 2 (the file's fault: systemd's
+    RestartPreventExitStatus=2 stops the restart loop), nothing in the data directory; the
     line said only '[Errno 2] No such file or directory' or '[SSL] PEM lib (_ssl.c:3905)',
     not which file."""
     from _fakes import write_config_toml
@@ -130,7 +131,7 @@ def test_bad_tls_file_is_named_in_the_start_failed_line(tmp_path, cert_exists):
     key.write_text("not a key\n")
     config = write_config_toml(tmp_path / "ex.toml", tls_cert=str(cert), tls_key=str(key))
     proc = _serve(["--config", str(config), "--data-dir", str(tmp_path / "d"), "--no-metrics"])
-    assert proc.returncode == 1, proc.stderr
+    assert proc.returncode == 2, proc.stderr
     lines = proc.stderr.splitlines()
     assert len(lines) == 1 and "event=start_failed" in lines[0], proc.stderr
     assert str(cert) in lines[0], lines[0]
@@ -190,7 +191,7 @@ def test_port_equal_to_metrics_port_is_a_start_failure(tmp_path):
     port = free_port()
     proc = _serve(["--demo", "--data-dir", str(tmp_path / "d"), "--port", str(port), "--metrics-port", str(port)],
                   timeout=20)
-    assert proc.returncode == 1, proc.stderr
+    assert proc.returncode == 2, proc.stderr  # a configuration problem
     lines = proc.stderr.splitlines()
     assert len(lines) == 1 and "event=start_failed" in lines[0], proc.stderr
     _fields(lines[0])
@@ -474,3 +475,24 @@ def test_a_writer_priority_that_cannot_be_raised_changes_nothing(monkeypatch, ca
         wp.update()  # never looks again
     lines = [r.getMessage() for r in caplog.records]
     assert len(lines) == 1 and "event=writer_priority_unchanged nice=-10" in lines[0] and "LimitNICE" in lines[0]
+
+
+def test_a_configuration_that_leaves_out_what_the_journal_has_exits_2(tmp_path):
+    """A configuration problem, not a passing one: systemd's RestartPreventExitStatus=2 must stop
+    the restart loop (it exited 1 and was restarted every 5 s for ever)."""
+    from _fakes import write_config_toml
+
+    from engine import load_config
+    from engine.journal import Ledger
+
+    full = write_config_toml(tmp_path / "full.toml")
+    with Ledger.open(load_config(full), tmp_path / "d", durability="none"):
+        pass
+    text = full.read_text()
+    head, *blocks = text.split("[[instruments]]")
+    kept = [b for b in blocks if 'symbol = "EUA"' not in b]
+    assert len(kept) == len(blocks) - 1
+    (tmp_path / "less.toml").write_text("[[instruments]]".join([head, *kept]))
+    proc = _serve(["--config", str(tmp_path / "less.toml"), "--data-dir", str(tmp_path / "d"), "--no-metrics"])
+    assert proc.returncode == 2, proc.stderr
+    assert "event=journal_open_failed" in proc.stderr and "leaves out EUA" in proc.stderr, proc.stderr

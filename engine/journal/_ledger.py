@@ -201,8 +201,13 @@ def _check_kept(config: ExchangeConfig, instruments, members, where: str) -> Non
     ids = {m.id for m in config.members}
     lost = [s for s in instruments if s not in symbols] + [m for m in members if m not in ids]
     if lost:
-        raise JournalError(f"the configuration leaves out {', '.join(lost)}, which {where}; their orders, "
+        raise LeftOutConfigError(f"the configuration leaves out {', '.join(lost)}, which {where}; their orders, "
                            f"trades and balances would vanish from the state. {_KEEP_THEM}")
+
+
+class LeftOutConfigError(JournalError):
+    """The configuration leaves out an instrument or member the journal has a history for: a
+    problem of the configuration file (restarting with the same file cannot help)."""
 
 
 _KEEP_THEM = "Start with a configuration that keeps them (docs/operations.md, Changing the configuration)"
@@ -329,7 +334,7 @@ class Ledger:
             try:
                 engine = Engine.restore(config, body.engine)
             except LeftOutError as exc:
-                raise JournalError(f"{exc} (seq {body.seq}). {_KEEP_THEM}") from exc
+                raise LeftOutConfigError(f"{exc} (seq {body.seq}). {_KEEP_THEM}") from exc
             except unusable as exc:
                 log.warning("snapshot at seq %d is unusable (%s); trying an older one", body.seq, exc)
                 continue
@@ -400,10 +405,10 @@ class Ledger:
                 count += run_entries(engine, data, spans, types.decode, types.fallback, types.classes,
                                      types.new_order)
         except LeftOutError as exc:
-            raise JournalError(f"{exc}; their orders, trades and balances would vanish from the state. "
+            raise LeftOutConfigError(f"{exc}; their orders, trades and balances would vanish from the state. "
                                f"{_KEEP_THEM}") from exc
         except KeyError as exc:  # a journal from before Restarted named the configuration's members
-            raise JournalError(f"a journaled command names {exc}, which the configuration leaves out; its "
+            raise LeftOutConfigError(f"a journaled command names {exc}, which the configuration leaves out; its "
                                f"orders, trades and balances would vanish from the state. {_KEEP_THEM}") from exc
         finally:
             engine.events = True
