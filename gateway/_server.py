@@ -441,10 +441,9 @@ class Server:
                 # Every connection ended with the old process: cancel-on-disconnect orders go now.
                 exchange._execute(Restarted(), "", None, time.monotonic())
                 exchange.release(ledger.durable_seq)
-            # what the trading schedule asked for while the exchange was down, before anyone trades
-            now_ns = time.time_ns()
-            if not exchange.run_schedule(now_ns, time.monotonic()):
-                exchange.log_schedule(now_ns)  # what comes next (run_schedule logs it after an edge)
+            # what the trading schedule asked for while the exchange was down, all of it before
+            # anyone can connect (the listening socket accepts only from start_serving on)
+            exchange.catch_up_schedule(time.monotonic())
             collector.exchange = exchange
             # uvloop listens only now, and drops a listen that fails (another process took the
             # port while the journal opened) without a word: look whether it really listens
