@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Callable
 
 from engine import Restarted
+from engine.journal import JournalError
 
 from ._exchange import TICK_PARTS, Exchange, log_event
 from ._metrics import KaboniCollector, Stats, start_metrics_server
@@ -443,7 +444,12 @@ class Server:
                 exchange.release(ledger.durable_seq)
             # what the trading schedule asked for while the exchange was down, all of it before
             # anyone can connect (the listening socket accepts only from start_serving on)
-            exchange.catch_up_schedule(time.monotonic())
+            if exchange.catch_up_schedule(time.monotonic()):
+                # and it counts before then: a logon shows the durable trading day
+                try:
+                    exchange.release(ledger.journal.sync())
+                except JournalError:
+                    pass  # the journal failed: on_error stops the server
             collector.exchange = exchange
             # uvloop listens only now, and drops a listen that fails (another process took the
             # port while the journal opened) without a word: look whether it really listens

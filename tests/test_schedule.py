@@ -452,3 +452,43 @@ def test_a_schedule_without_an_end_of_day_says_when_it_has_no_edge_left(tmp_path
         assert schedule_lines(caplog) == ["event=schedule_next trading_day=2026-11-24 edge=none"]
     finally:
         ledger.close()
+
+
+def test_a_server_ends_the_missed_trading_days_before_it_accepts_connections(tmp_path, caplog):
+    """D1 over a real socket: a new journal whose first trading day is a week back, in a zone
+    where today's end of day has passed; a member logging on at once already sees the trading
+    day after today, and nothing ends after the ``start`` line."""
+    from gateway.client import Client
+
+    now = dt.datetime.now(dt.timezone.utc)
+    hours = (12 - now.hour) % 24
+    hours = hours - 24 if hours > 14 else hours
+    zone = f"Etc/GMT{'-' if hours > 0 else '+'}{abs(hours)}" if hours else "UTC"
+    today = now.astimezone(dt.timezone(dt.timedelta(hours=hours))).date()  # about noon there
+    first = today - dt.timedelta(days=7 + today.weekday())  # a Monday, 7 to 13 days back
+    expected = today + dt.timedelta(days=1)
+    while expected.weekday() >= 5:
+        expected += dt.timedelta(days=1)
+    config = make_config()
+    config = msgspec.structs.replace(config, schedule=ScheduleConfig(zone, ["00:00-00:01"], "00:02"),
+                                     market=msgspec.structs.replace(config.market, first_trading_day=first.isoformat()))
+    import asyncio
+
+    async def logon(port):
+        client = await Client.connect("127.0.0.1", port)
+        try:
+            return await client.logon("M01", "M01-token")
+        finally:
+            await client.close()
+
+    caplog.set_level(logging.INFO, logger="kaboni")
+    with ThreadServer(config, tmp_path / "data") as server:
+        reply = asyncio.run(logon(server.port))
+        time.sleep(0.6)  # two ticks of the schedule: nothing left to do
+        logged = [r.getMessage() for r in caplog.records]
+    assert reply["trading_day"] == expected.isoformat()
+    start = next(i for i, m in enumerate(logged) if m.startswith("event=start "))
+    ends = [i for i, m in enumerate(logged) if m.startswith("event=end_of_day ")]
+    business_days = sum(1 for d in range((expected - first).days) if (first + dt.timedelta(days=d)).weekday() < 5)
+    assert len(ends) == business_days and ends[-1] < start
+    assert sum(m.startswith("event=schedule_next ") for m in logged) == 1
