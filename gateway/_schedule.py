@@ -13,9 +13,10 @@ it is up again, measured from the last command a member or operator sent (``Ledg
 an edge carried out before changes nothing when run again): a restart after the lunch break's
 start closes a market that a crash left open. The end of day is different: the engine's trading
 day has not ended, so once its end-of-day time has passed it is due whatever was sent after it
-(a schedule edited to end earlier, a crash between a command and the edge); after an outage of
-several days each trading day ends in turn. The first check on a new journal takes the latest
-edge before it: a journal created mid-session opens.
+(a schedule edited to end earlier, a crash between a command and the edge), and the next
+trading day's edges count from that end; after an outage of several days each trading day ends
+in turn. The first check on a new journal takes the latest edge before it: a journal created
+mid-session opens.
 
 What the schedule wants at a time (``wanted``) is for the start: a market that a restart finds
 open outside the sessions is closed (``Exchange.catch_up_schedule``).
@@ -89,7 +90,7 @@ class Schedule:
                 if day == self.ended:  # asked for already (an EndOfDay refused): the operator's now
                     continue
                 self.ended = day
-                self.applied_ns = at if applied is None else max(at, applied)  # the next day's come after
+                self.applied_ns = at  # the schedule ended the day: the next day's edges all count
                 return END_OF_DAY
             if applied is None or at > applied:
                 latest = edge

@@ -128,6 +128,11 @@ def test_the_end_of_day_is_due_once_its_time_has_passed_whatever_was_sent_after_
     # a crash between a command and the edge it came just after: the day still ends
     s = Schedule(CEA, at(day, "15:30") + 100_000_000)
     assert s.due(day, at(day, "15:31")) == END_OF_DAY
+    # days traded through without an end of day (no schedule then): each ends, then the current
+    # day's edges count from the schedule's own end of day, not from the last order
+    s = Schedule(CEA, at("2026-11-25", "10:00"))
+    now = at("2026-11-25", "10:05")
+    assert [s.due(d, now) for d in ("2026-11-23", "2026-11-24", "2026-11-25")] == [END_OF_DAY, END_OF_DAY, OPEN]
 
 
 def test_what_the_sessions_want_at_a_time():
