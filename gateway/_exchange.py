@@ -33,7 +33,7 @@ from engine import hash_token
 from engine.journal import JournalFailedError
 
 from ._metrics import Stats
-from ._schedule import END_OF_DAY, OPEN, Schedule
+from ._schedule import CLOSE, END_OF_DAY, OPEN, Schedule
 from ._session import Event, Session, State, TokenBucket
 from ._wire import (
     Error, Heartbeat, LogonAccepted, LogonRejected, LogoutAccepted, Subscribe, Unsubscribe,
@@ -468,10 +468,11 @@ class Exchange:
             elif t is E.AdminRejected:
                 log_event("admin_rejected", operator=who, request=ev.request, reason=ev.reason, **fields)
 
-    def run_schedule(self, now_ns: int, now: float) -> bool:
+    def run_schedule(self, now_ns: int, now: float, log: bool = True) -> bool:
         """Carry out what the trading schedule asks for at wall-clock time ``now_ns``: open the
         market if any instrument is closed; close it if any is not; end the day (closing first).
-        Nothing while draining or without a schedule. True if an edge was due."""
+        Nothing while draining or without a schedule. True if an edge was due (then the next
+        edge is logged, unless ``log`` is false)."""
         schedule = self.schedule
         if schedule is None or self.draining or self.failed is not None:
             return False
@@ -488,12 +489,36 @@ class Exchange:
                 self._operator(E.CloseMarket(), "", None, now)
             if edge == END_OF_DAY:
                 self._operator(E.EndOfDay(), "", None, now)
-        self.log_schedule(now_ns)
+        if log:
+            self.log_schedule(now_ns)
         self.release(self.ledger.durable_seq)
         return True
 
+    def catch_up_schedule(self, now: float) -> int:
+        """At start, before connections are accepted: carry out every edge missed while the
+        exchange was down (each missed trading day ends in turn, reading the clock again after
+        each step), then close a market left open outside the sessions (an edited schedule, or
+        an OpenMarket by hand before the restart; a CloseMarket or Halt by hand stands), and log
+        the next edge once. Returns the number of steps that were due."""
+        schedule = self.schedule
+        if schedule is None:
+            return 0
+        steps = 0
+        while self.run_schedule(self.clock_ns(), now, log=False):
+            steps += 1
+        now_ns = self.clock_ns()
+        engine = self.engine
+        if (self.failed is None and schedule.wanted(engine.trading_day, now_ns) == CLOSE
+                and any(engine.status(sym) == "open" for sym in engine.instruments)):
+            self._operator(E.CloseMarket(), "", None, now)
+            self.release(self.ledger.durable_seq)
+            steps += 1
+        self.log_schedule(now_ns)
+        return steps
+
     def log_schedule(self, now_ns: int) -> None:
-        """Log the trading schedule's next edge on the current trading day, if any."""
+        """Log the trading schedule's next edge on the current trading day (``edge=none`` if the
+        day has none left: a schedule without an end of day leaves ending it to an operator)."""
         schedule = self.schedule
         if schedule is None:
             return
@@ -502,6 +527,8 @@ class Exchange:
         if nxt is not None:
             log_event("schedule_next", trading_day=day, edge=nxt[1],
                       at=_dt.datetime.fromtimestamp(nxt[0] // 1_000_000_000, schedule.zone).isoformat())
+        else:
+            log_event("schedule_next", trading_day=day, edge="none")
 
     # -----------------------------------------------------------------------------------------
     # Running commands and the outbox

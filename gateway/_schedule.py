@@ -8,12 +8,18 @@ ends. Between edges an operator's OpenMarket, CloseMarket or Halt stands.
 
 The edges are local times (``[schedule] timezone``) on the engine's trading day, so a day that
 ends early by hand (the trading day already advanced) waits for the next trading day's edges,
-and a weekend or holiday has none. Edges missed while the exchange was down count once it is up
-again, measured from the last command a member or operator sent (``Ledger.last_sent_ts``: an
-edge carried out before changes nothing when run again): a restart after the lunch break's start closes
-a market that a crash left open; one after the end-of-day time ends that day (and, if the outage
-spanned more, each trading day after it, one per check). The first check on a new journal takes
-the latest edge before it: a journal created mid-session opens.
+and a weekend or holiday has none. Opens and closes missed while the exchange was down count once
+it is up again, measured from the last command a member or operator sent (``Ledger.last_sent_ts``:
+an edge carried out before changes nothing when run again): a restart after the lunch break's
+start closes a market that a crash left open. The end of day is different: the engine's trading
+day has not ended, so once its end-of-day time has passed it is due whatever was sent after it
+(a schedule edited to end earlier, a crash between a command and the edge), and the next
+trading day's edges count from that end; after an outage of several days each trading day ends
+in turn. The first check on a new journal takes the latest edge before it: a journal created
+mid-session opens.
+
+What the schedule wants at a time (``wanted``) is for the start: a market that a restart finds
+open outside the sessions is closed (``Exchange.catch_up_schedule``).
 
 Pure logic: the caller passes the wall-clock time; ``Exchange.run_schedule`` runs the commands.
 """
@@ -51,8 +57,9 @@ class Schedule:
                 raise ValueError(f"not a time of day: {config.end_of_day!r}")
             self.times.append((eod, END_OF_DAY))  # after a close at the same time
         self.times.sort(key=lambda t: t[0])  # stable
-        # edges at or before this time (ns since the epoch) have been carried out; None: none yet
+        # opens and closes at or before this time (ns since the epoch) have been carried out; None: none yet
         self.applied_ns = applied_ns
+        self.ended = ""  # the trading day whose end of day was last asked for: once, even if refused
         self._day = ""
         self._edges: list[tuple[int, str]] = []
 
@@ -71,21 +78,35 @@ class Schedule:
 
     def due(self, day: str, now_ns: int) -> str | None:
         """What trading day ``day``'s edges ask for at ``now_ns``, once: ``END_OF_DAY`` if its
-        time has come, else the latest ``OPEN`` or ``CLOSE`` not yet carried out; None if
-        nothing. Taken as carried out on return."""
+        time has come (whatever was carried out before: the day has not ended), else the latest
+        ``OPEN`` or ``CLOSE`` not yet carried out; None if nothing. Taken as carried out on
+        return."""
         applied = self.applied_ns
         latest = None
         for at, edge in self.edges(day):
             if at > now_ns:
                 break
-            if applied is not None and at <= applied:
-                continue
             if edge == END_OF_DAY:
-                self.applied_ns = at  # the next trading day's edges come after it
+                if day == self.ended:  # asked for already (an EndOfDay refused): the operator's now
+                    continue
+                self.ended = day
+                self.applied_ns = at  # the schedule ended the day: the next day's edges all count
                 return END_OF_DAY
-            latest = edge
+            if applied is None or at > applied:
+                latest = edge
         if latest is not None:
             self.applied_ns = now_ns
+        return latest
+
+    def wanted(self, day: str, now_ns: int) -> str | None:
+        """The state trading day ``day``'s sessions give at ``now_ns``, carried out or not:
+        ``OPEN`` in a session, ``CLOSE`` after one; None before its first edge."""
+        latest = None
+        for at, edge in self.edges(day):
+            if at > now_ns:
+                break
+            if edge != END_OF_DAY:
+                latest = edge
         return latest
 
     def next_edge(self, day: str, now_ns: int) -> tuple[int, str] | None:

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Callable
 
 from engine import Restarted
+from engine.journal import JournalError
 
 from ._exchange import TICK_PARTS, Exchange, log_event
 from ._metrics import KaboniCollector, Stats, start_metrics_server
@@ -449,10 +450,14 @@ class Server:
                 exchange._execute(Restarted([ins.symbol for ins in self.config.instruments],
                                             [m.id for m in self.config.members]), "", None, time.monotonic())
                 exchange.release(ledger.durable_seq)
-            # what the trading schedule asked for while the exchange was down, before anyone trades
-            now_ns = time.time_ns()
-            if not exchange.run_schedule(now_ns, time.monotonic()):
-                exchange.log_schedule(now_ns)  # what comes next (run_schedule logs it after an edge)
+            # what the trading schedule asked for while the exchange was down, all of it before
+            # anyone can connect (the listening socket accepts only from start_serving on)
+            if exchange.catch_up_schedule(time.monotonic()):
+                # and it counts before then: a logon shows the durable trading day
+                try:
+                    exchange.release(ledger.journal.sync())
+                except JournalError:
+                    pass  # the journal failed: on_error stops the server
             collector.exchange = exchange
             # uvloop listens only now, and drops a listen that fails (another process took the
             # port while the journal opened) without a word: look whether it really listens

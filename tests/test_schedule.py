@@ -118,6 +118,31 @@ def test_a_new_journal_takes_the_latest_edge_before_it():
     assert Schedule(CEA, None).due("2026-11-25", at(day, "16:00")) is None
 
 
+def test_the_end_of_day_is_due_once_its_time_has_passed_whatever_was_sent_after_it():
+    day = "2026-11-24"
+    # B3: the last command (04:50) came after the end of day of a schedule edited to end earlier
+    s = Schedule(ScheduleConfig("UTC", ["04:00-04:30"], "04:31"), at(day, "04:50", dt.timezone.utc))
+    assert s.due(day, at(day, "04:55", dt.timezone.utc)) == END_OF_DAY
+    assert s.due(day, at(day, "04:56", dt.timezone.utc)) is None  # once: a refused EndOfDay is left to operators
+    assert s.due("2026-11-25", at("2026-11-25", "04:00", dt.timezone.utc)) == OPEN  # the next day's edges follow
+    # a crash between a command and the edge it came just after: the day still ends
+    s = Schedule(CEA, at(day, "15:30") + 100_000_000)
+    assert s.due(day, at(day, "15:31")) == END_OF_DAY
+    # days traded through without an end of day (no schedule then): each ends, then the current
+    # day's edges count from the schedule's own end of day, not from the last order
+    s = Schedule(CEA, at("2026-11-25", "10:00"))
+    now = at("2026-11-25", "10:05")
+    assert [s.due(d, now) for d in ("2026-11-23", "2026-11-24", "2026-11-25")] == [END_OF_DAY, END_OF_DAY, OPEN]
+
+
+def test_what_the_sessions_want_at_a_time():
+    day = "2026-11-24"
+    s = Schedule(CEA, at(day, "16:00"))  # carried out or not makes no difference
+    assert [s.wanted(day, at(day, hhmm)) for hhmm in ("08:00", "09:30", "11:29", "11:30", "13:00", "15:10", "16:00")] \
+        == [None, OPEN, OPEN, CLOSE, OPEN, CLOSE, CLOSE]
+    assert s.wanted("2026-11-25", at(day, "16:00")) is None  # a trading day ahead of the calendar
+
+
 # ---------------------------------------------------------------------------------------------
 # The gateway carrying it out (the Exchange around a real Ledger)
 
@@ -313,3 +338,162 @@ def test_a_server_closes_the_market_at_the_end_of_a_session_it_started_in(tmp_pa
         seen, report = asyncio.run(scenario(server.port))
     assert seen == ["open", "closed"]  # the snapshot's, then the session's end
     assert report["type"] == "OrderRejected" and report["reason"] == "market_closed"
+
+
+# ---------------------------------------------------------------------------------------------
+# At start: catching up before connections, an edited schedule
+
+
+UTC = dt.timezone.utc
+
+
+def schedule_lines(caplog) -> list[str]:
+    return [r.getMessage() for r in caplog.records if "event=schedule_next" in r.getMessage()]
+
+
+def test_a_restart_with_an_edited_schedule_ends_a_day_whose_end_has_passed(tmp_path, caplog):
+    """B3: the first run's schedule ends the day at 05:31; a member orders at 04:50; the restart's
+    schedule ends it at 04:31, already past: the market closes and the day ends at start."""
+    day = "2026-11-24"
+    clock = Clock(at(day, "04:50", UTC))
+    ex, ledger = scheduled_exchange(tmp_path, clock, ScheduleConfig("UTC", ["04:00-05:30"], "05:31"))
+    ex.catch_up_schedule(0.0)
+    assert statuses(ex) == {"open"}
+    s, _ = connect(ex, "M01")
+    ex.data_received(s, enc({"type": "NewOrder", "cl_ord_id": "a", "instrument": "CEA25", "side": "buy",
+                             "qty": 1, "price": 9000}), 0.0)
+    ledger.close()
+    config = msgspec.structs.replace(ex.config, schedule=ScheduleConfig("UTC", ["04:00-04:30"], "04:31"))
+    clock.ns = at(day, "04:55", UTC)
+    ledger = Ledger.open(config, tmp_path / "data", durability="none")
+    ex = Exchange(config, ledger, clock_ns=clock)
+    try:
+        caplog.set_level(logging.INFO, logger="kaboni")
+        ex.catch_up_schedule(0.0)
+        assert statuses(ex) == {"closed"} and ex.engine.trading_day == "2026-11-25"
+        assert not ex.engine.live_orders("M01")  # the DAY order expired with its day
+        logged = [r.getMessage() for r in caplog.records]
+        assert any("event=closemarket operator=schedule" in m for m in logged)
+        assert any("event=end_of_day trading_day=2026-11-24" in m for m in logged)
+        assert schedule_lines(caplog) == [
+            "event=schedule_next trading_day=2026-11-25 edge=open at=2026-11-25T04:00:00+00:00"]
+        run(ex, clock, day, "13:00")  # nothing more today
+        assert ex.engine.trading_day == "2026-11-25" and statuses(ex) == {"closed"}
+    finally:
+        ledger.close()
+
+
+def test_a_restart_outside_the_sessions_closes_a_market_left_open_but_not_an_operators_close(tmp_path, caplog):
+    """The sessions edited shorter: 12:00 is after the new close (11:30) but before the last
+    command (11:45), so no close is missed; the market the old schedule left open closes at
+    start. Inside a session a restart leaves an operator's CloseMarket as it is."""
+    day = "2026-11-24"
+    clock = Clock(at(day, "10:00"))
+    ex, ledger = scheduled_exchange(tmp_path, clock, ScheduleConfig("Asia/Shanghai", ["09:30-15:00"], "15:30"))
+    ex.catch_up_schedule(0.0)
+    s, _ = connect(ex, "M01")
+    clock.ns = at(day, "11:45")
+    ex.data_received(s, enc({"type": "NewOrder", "cl_ord_id": "a", "instrument": "CEA25", "side": "buy",
+                             "qty": 1, "price": 9000}), 0.0)
+    ledger.close()
+    clock.ns = at(day, "12:00")
+    config = msgspec.structs.replace(ex.config, schedule=CEA)
+    ledger = Ledger.open(config, tmp_path / "data", durability="none")
+    ex = Exchange(config, ledger, clock_ns=clock)
+    try:
+        caplog.set_level(logging.INFO, logger="kaboni")
+        assert ex.schedule.applied_ns == at(day, "11:45")  # the 11:30 close counts as carried out
+        assert ex.catch_up_schedule(0.0) == 1
+        assert statuses(ex) == {"closed"}
+        assert schedule_lines(caplog) == [
+            "event=schedule_next trading_day=2026-11-24 edge=open at=2026-11-24T13:00:00+08:00"]
+        # an operator closes during the afternoon session; a restart then leaves it closed
+        run(ex, clock, day, "13:00")
+        assert statuses(ex) == {"open"}
+        ops, _ = connect(ex, "ops")
+        clock.ns = at(day, "13:10")
+        ex.data_received(ops, enc({"type": "CloseMarket"}), 0.0)
+        ledger.close()
+        clock.ns = at(day, "13:20")
+        ledger = Ledger.open(config, tmp_path / "data", durability="none")
+        ex = Exchange(config, ledger, clock_ns=clock)
+        assert ex.catch_up_schedule(0.0) == 0
+        assert statuses(ex) == {"closed"}
+    finally:
+        ledger.close()
+
+
+def test_catching_up_runs_every_missed_trading_day_at_once_and_logs_the_next_edge_once(tmp_path, caplog):
+    """D1 and R9: a new journal whose first trading day is weeks back ends each day in one call
+    (the server makes it before it listens), then opens the current day mid-session."""
+    clock = Clock(at("2026-11-25", "10:00"))
+    config = msgspec.structs.replace(make_config(), schedule=CEA)
+    config = msgspec.structs.replace(config, market=msgspec.structs.replace(config.market,
+                                                                            first_trading_day="2026-11-02"))
+    ledger = Ledger.open(config, tmp_path / "data", durability="none")
+    ex = Exchange(config, ledger, clock_ns=clock)
+    try:
+        caplog.set_level(logging.INFO, logger="kaboni")
+        assert ex.catch_up_schedule(0.0) == 17 + 1  # the weekdays 2026-11-02..24, then the open
+        assert ex.engine.trading_day == "2026-11-25" and statuses(ex) == {"open"}
+        ends = [r.getMessage() for r in caplog.records if "event=end_of_day" in r.getMessage()]
+        assert len(ends) == 17 and "trading_day=2026-11-24 next_trading_day=2026-11-25" in ends[-1]
+        assert schedule_lines(caplog) == [
+            "event=schedule_next trading_day=2026-11-25 edge=close at=2026-11-25T11:30:00+08:00"]
+        run(ex, clock, "2026-11-25", "10:00")  # the first tick after start: nothing more
+        assert len(schedule_lines(caplog)) == 1
+    finally:
+        ledger.close()
+
+
+def test_a_schedule_without_an_end_of_day_says_when_it_has_no_edge_left(tmp_path, caplog):
+    day = "2026-11-24"
+    clock = Clock(at(day, "16:00"))
+    ex, ledger = scheduled_exchange(tmp_path, clock, ScheduleConfig("Asia/Shanghai", ["09:30-15:00"]))
+    try:
+        caplog.set_level(logging.INFO, logger="kaboni")
+        ex.catch_up_schedule(0.0)
+        assert statuses(ex) == {"closed"} and ex.engine.trading_day == day
+        assert schedule_lines(caplog) == ["event=schedule_next trading_day=2026-11-24 edge=none"]
+    finally:
+        ledger.close()
+
+
+def test_a_server_ends_the_missed_trading_days_before_it_accepts_connections(tmp_path, caplog):
+    """D1 over a real socket: a new journal whose first trading day is a week back, in a zone
+    where today's end of day has passed; a member logging on at once already sees the trading
+    day after today, and nothing ends after the ``start`` line."""
+    from gateway.client import Client
+
+    now = dt.datetime.now(dt.timezone.utc)
+    hours = (12 - now.hour) % 24
+    hours = hours - 24 if hours > 14 else hours
+    zone = f"Etc/GMT{'-' if hours > 0 else '+'}{abs(hours)}" if hours else "UTC"
+    today = now.astimezone(dt.timezone(dt.timedelta(hours=hours))).date()  # about noon there
+    first = today - dt.timedelta(days=7 + today.weekday())  # a Monday, 7 to 13 days back
+    expected = today + dt.timedelta(days=1)
+    while expected.weekday() >= 5:
+        expected += dt.timedelta(days=1)
+    config = make_config()
+    config = msgspec.structs.replace(config, schedule=ScheduleConfig(zone, ["00:00-00:01"], "00:02"),
+                                     market=msgspec.structs.replace(config.market, first_trading_day=first.isoformat()))
+    import asyncio
+
+    async def logon(port):
+        client = await Client.connect("127.0.0.1", port)
+        try:
+            return await client.logon("M01", "M01-token")
+        finally:
+            await client.close()
+
+    caplog.set_level(logging.INFO, logger="kaboni")
+    with ThreadServer(config, tmp_path / "data") as server:
+        reply = asyncio.run(logon(server.port))
+        time.sleep(0.6)  # two ticks of the schedule: nothing left to do
+        logged = [r.getMessage() for r in caplog.records]
+    assert reply["trading_day"] == expected.isoformat()
+    start = next(i for i, m in enumerate(logged) if m.startswith("event=start "))
+    ends = [i for i, m in enumerate(logged) if m.startswith("event=end_of_day ")]
+    business_days = sum(1 for d in range((expected - first).days) if (first + dt.timedelta(days=d)).weekday() < 5)
+    assert len(ends) == business_days and ends[-1] < start
+    assert sum(m.startswith("event=schedule_next ") for m in logged) == 1
