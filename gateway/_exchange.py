@@ -78,15 +78,18 @@ _PLAIN = re.compile(r"[A-Za-z0-9_.:/@+,-]+")  # a log value written as it is; an
 MAX_LOG_VALUE = 128  # characters of a value in a log line; longer ones end in "..."
 
 
-def log_event(event: str, *, _level: int = logging.INFO, _exc_info: bool = False, **fields) -> None:
+def log_event(event: str, *, _level: int = logging.INFO, _exc_info: bool = False, _whole: bool = False,
+              **fields) -> None:
     """One structured line: ``event=<name> key=value ...``. A value that is not a plain token is
     written as a JSON string, so quotes, newlines and control characters are escaped: a value
     from the peer (a member id in a Logon, before any authentication) can never end the line or
-    forge another field or line. ``_level`` and ``_exc_info`` as for ``Logger.log``."""
+    forge another field or line. ``_level`` and ``_exc_info`` as for ``Logger.log``; ``_whole``
+    keeps long values whole (the start's failures, where the remedy is at the end and no peer
+    chose anything)."""
     parts = [f"event={event}"]
     for k, v in fields.items():
         v = str(v)
-        if len(v) > MAX_LOG_VALUE:
+        if len(v) > MAX_LOG_VALUE and not _whole:
             v = v[:MAX_LOG_VALUE] + "..."
         parts.append(f"{k}={v}" if _PLAIN.fullmatch(v) else f"{k}={json.dumps(v)}")
     log.log(_level, " ".join(parts), exc_info=_exc_info)

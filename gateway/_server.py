@@ -392,7 +392,7 @@ class Server:
         return ctx
 
     def _start_failed(self, error: str) -> None:
-        log_event("start_failed", _level=logging.ERROR, host=self.host, port=self.port,
+        log_event("start_failed", _level=logging.ERROR, _whole=True, host=self.host, port=self.port,
                   metrics_port=self.metrics_port if self.metrics else "off", error=error)
 
     async def run(self) -> int:
@@ -433,7 +433,8 @@ class Server:
                 snapshot_every=gw.snapshot_every, on_durable=self._on_durable, on_error=self._on_error,
             )
         except Exception as exc:  # noqa: BLE001 - a journal we cannot open: say so, exit non-zero
-            log_event("journal_open_failed", _level=logging.ERROR, data_dir=self.data_dir, error=str(exc))
+            log_event("journal_open_failed", _level=logging.ERROR, _whole=True, data_dir=self.data_dir,
+                      error=str(exc))
             server.close()
             _stop_metrics(metrics_server)
             return 2 if type(exc).__name__ == "LeftOutConfigError" else 1  # the file's fault: 2

@@ -496,3 +496,4 @@ def test_a_configuration_that_leaves_out_what_the_journal_has_exits_2(tmp_path):
     proc = _serve(["--config", str(tmp_path / "less.toml"), "--data-dir", str(tmp_path / "d"), "--no-metrics"])
     assert proc.returncode == 2, proc.stderr
     assert "event=journal_open_failed" in proc.stderr and "leaves out EUA" in proc.stderr, proc.stderr
+    assert "Changing the configuration" in proc.stderr  # the remedy, at the end of a long line
