@@ -71,12 +71,15 @@ def _day(text: str) -> str:
     return text
 
 
-def _check_dir(path: Path) -> bool:
+def _check_dir(args) -> bool:
+    path = args.dir
+    # named like every other command's errors: "kaboni journal verify: ..."
+    name = "kaboni " + (f"journal {args.journal_command}" if getattr(args, "journal_command", None) else args.command)
     if not path.is_dir():
-        print(f"error: {path} is not a directory", file=sys.stderr)
+        print(f"{name}: {path} is not a directory", file=sys.stderr)
         return False
     if not list_segments(path):
-        print(f"error: {path} holds no journal segments (journal-*.kbj)", file=sys.stderr)
+        print(f"{name}: {path} holds no journal segments (journal-*.kbj)", file=sys.stderr)
         return False
     return True
 
@@ -88,7 +91,7 @@ def _snapshot_fits(directory: Path, body) -> bool:
 
 
 def _verify(args) -> int:
-    if not _check_dir(args.dir):
+    if not _check_dir(args):
         return 2
     try:
         result = scan_journal(args.dir)
@@ -146,7 +149,7 @@ _FIELDS = {kind: cls.__struct_fields__ for kind, cls in
 
 
 def _dump(args) -> int:
-    if not _check_dir(args.dir):
+    if not _check_dir(args):
         return 2
     want = {name: kind for kind, name in KIND_NAMES.items()}.get(args.kind)
     out = sys.stdout
@@ -178,7 +181,7 @@ def _dump(args) -> int:
 
 
 def _stats(args) -> int:
-    if not _check_dir(args.dir):
+    if not _check_dir(args):
         return 2
     try:
         result = scan_journal(args.dir)
@@ -205,13 +208,15 @@ def _stats(args) -> int:
 
 
 def _settle(args) -> int:
-    if not _check_dir(args.dir):
+    if not _check_dir(args):
         return 2
     try:
         lines = settlement_report(args.dir, args.day)
     except (CorruptJournalError, JournalError) as exc:
         print(f"CORRUPT: {exc}", file=sys.stderr)
         return 1
+    if not lines:  # a header alone looked like a failure, or like a day with no trading
+        print(f"kaboni settle: no fills on {args.day} in {args.dir}", file=sys.stderr)
     rows = [dict(zip(_SETTLE_FIELDS, msgspec.to_builtins(ln))) for ln in lines]
     if args.format == "json":
         totals: dict[str, dict] = {}

@@ -81,8 +81,9 @@ def test_settle_json_nets_sum_to_zero_per_instrument(day_journal):
     assert report["trading_day"] == "2026-11-25"
     assert report["totals"] and all(t["net_qty"] == 0 and t["net_cash"] == 0 for t in report["totals"].values())
     assert len(report["lines"]) == len(settlements[1].settlement)
-    code, out, _ = cli("settle", str(d), "--day", "2020-01-01", "--format", "json")
+    code, out, err = cli("settle", str(d), "--day", "2020-01-01", "--format", "json")
     assert code == 0 and json.loads(out)["lines"] == []
+    assert "no fills on 2020-01-01" in err  # said, not left to a header alone
 
 
 def test_verify_stats_and_dump(day_journal):
@@ -132,12 +133,13 @@ def test_bad_arguments(tmp_path):
     with pytest.raises(SystemExit):
         cli("settle", str(tmp_path), "--day", "24/11/2026")
     code, _, err = cli("journal", "verify", str(tmp_path / "missing"))
-    assert code == 2 and "not a directory" in err
+    assert code == 2 and err.startswith("kaboni journal verify: ") and "not a directory" in err
     (tmp_path / "empty").mkdir()
     for command in (("journal", "verify"), ("journal", "stats"), ("journal", "dump"), ("settle",)):
         extra = ("--day", DAY) if command == ("settle",) else ()
         code, out, err = cli(*command, str(tmp_path / "empty"), *extra)
         assert code == 2 and "holds no journal segments" in err and out == "", command
+        assert err.startswith(f"kaboni {' '.join(command)}: "), err
 
 
 def test_python_m_gateway_settle_runs_as_a_process(day_journal):
