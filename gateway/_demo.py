@@ -43,7 +43,22 @@ _Incoming = Union[OrderAccepted, OrderRejected, Fill, OrderCancelled, OrderRepla
 _ROOT = Path(__file__).resolve().parent.parent
 
 
+def _firms(text: str) -> int:
+    """``--firms``: 1..20 (the demo's members M01..M20); 0 and 21 were clamped without a word."""
+    import argparse
+
+    try:
+        firms = int(text)
+    except ValueError:
+        firms = 0
+    if not 1 <= firms <= 20:
+        raise argparse.ArgumentTypeError(f"not a number of firms in 1..20: {text!r}")
+    return firms
+
+
 def add_demo_command(subparsers) -> None:
+    from .cli import _port
+
     p = subparsers.add_parser(
         "demo", help="run a demo exchange with simulated member firms and watch it trade",
         description="Start the demo exchange and simulated member firms that trade the CEA vintages "
@@ -51,9 +66,9 @@ def add_demo_command(subparsers) -> None:
     p.add_argument("--seconds", type=float, default=60.0, help="how long the firms trade (default 60)")
     p.add_argument("--rate", type=int, default=1_000,
                    help="order messages per second, all firms together (default 1000)")
-    p.add_argument("--firms", type=int, default=20, help="member firms M01.. to simulate (1-20, default 20)")
-    p.add_argument("--port", type=int, help="order-entry port (default 7001, or a free one)")
-    p.add_argument("--metrics-port", type=int, help="metrics port (default 9101, or a free one)")
+    p.add_argument("--firms", type=_firms, default=20, help="member firms M01.. to simulate (1-20, default 20)")
+    p.add_argument("--port", type=_port, help="order-entry port (default 7001, or a free one)")
+    p.add_argument("--metrics-port", type=_port, help="metrics port (default 9101, or a free one)")
     p.add_argument("--data-dir", help="journal directory (default: a new temporary directory)")
     p.add_argument("--seed", type=int, help="random seed (default: a new one each run)")
     p.add_argument("--plain", action="store_true", help="progress lines instead of the live screen")

@@ -53,6 +53,17 @@ def _tonnes(text: str) -> int:
         raise argparse.ArgumentTypeError(f"qty must be a whole number of tonnes, not {text!r}") from None
 
 
+def _depth(text: str) -> int:
+    """``book --depth``: a level count >= 0 (a negative one went to the server, exit 1)."""
+    try:
+        depth = int(text)
+    except ValueError:
+        depth = -1
+    if depth < 0:
+        raise argparse.ArgumentTypeError(f"not a number of price levels: {text!r}")
+    return depth
+
+
 def _seconds(text: str) -> float:
     try:
         value = float(text)
@@ -509,7 +520,7 @@ def _build() -> argparse.ArgumentParser:
                                    "every market data message until interrupted (SIGINT/SIGTERM: exit 0).")
     _connection_args(p)
     p.add_argument("instrument", help="instrument symbol, e.g. CEA25")
-    p.add_argument("--depth", type=int, default=10, help="price levels per side (default: %(default)s)")
+    p.add_argument("--depth", type=_depth, default=10, help="price levels per side (default: %(default)s)")
     p.add_argument("--follow", action="store_true",
                    help="keep printing updates until interrupted (--timeout bounds only the snapshot)")
     p.set_defaults(func=lambda a: asyncio.run(_book(a)))

@@ -239,3 +239,14 @@ def test_admin_refuses_an_unknown_message_or_field_before_sending_it(server, cap
     assert exit_.value.code == 2
     assert needle in capsys.readouterr().err
     assert server.call(lambda: server.exchange.engine.status("CEA23")) == "open"  # nothing was sent
+
+
+@pytest.mark.parametrize("argv, needle", [
+    (["demo", "--firms", "0"], "--firms"), (["demo", "--firms", "21"], "--firms"),
+    (["demo", "--port", "99999"], "port out of range"), (["book", "CEA25", "--depth", "-3"], "--depth"),
+])
+def test_out_of_range_arguments_are_usage_errors(capsys, argv, needle):
+    """Clamped without a word (--firms), or sent on and answered with a server error (--depth)."""
+    with pytest.raises(SystemExit) as exit_:
+        main(argv)
+    assert exit_.value.code == 2 and needle in capsys.readouterr().err
