@@ -253,11 +253,11 @@ def test_a_changed_configuration_is_reported_on_every_restart(tmp_path, caplog):
                                                         *cfg.instruments[1:]])
     bigger = msgspec.structs.replace(cfg, instruments=[*cfg.instruments, msgspec.structs.replace(
         cfg.instruments[0], symbol="CEA26")])
-    for other in (changed, bigger):
+    for other, what in ((changed, "instrument or member settings"), (bigger, "added CEA26")):
         caplog.clear()
         with Ledger.open(other, tmp_path, durability="none"):
             pass
-        assert "configuration differs from the one this journal was started with" in caplog.text
+        assert "configuration differs from the one this journal was started with: " + what in caplog.text
 
 
 def test_a_snapshot_that_fails_to_write_leaves_the_snapshot_thread_working(tmp_path, monkeypatch, caplog):

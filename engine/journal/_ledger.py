@@ -213,6 +213,18 @@ class LeftOutConfigError(JournalError):
 _KEEP_THEM = "Start with a configuration that keeps them (docs/operations.md, Changing the configuration)"
 
 
+def _what_differs(config: ExchangeConfig, head: StartRecord) -> str:
+    """For the warning: the names added since START, else the settings (the digest covers the
+    instruments' and members' entries, tokens included, and the market rules)."""
+    if head.instruments is None or head.members is None:
+        return "instruments, members or market rules (this journal's START does not list them)"
+    added = [i.symbol for i in config.instruments if i.symbol not in head.instruments]
+    added += [m.id for m in config.members if m.id not in head.members]
+    if added:
+        return f"added {', '.join(added)}" + " (and perhaps settings)"
+    return "instrument or member settings (tokens included) or market rules"
+
+
 def config_digest(config: ExchangeConfig) -> str:
     """SHA-256 of what decides replay: instruments, members and market rules."""
     enc = msgspec.msgpack.encode([config.instruments, config.members, config.market])
@@ -313,7 +325,8 @@ class Ledger:
             raise JournalError(f"record 1 of {self.directory} is not a START record")
         head = _start_decoder.decode(first.payload)
         if head.config_sha256 != config_digest(config):
-            log.warning("the configuration differs from the one this journal was started with")
+            log.warning("the configuration differs from the one this journal was started with: %s",
+                        _what_differs(config, head))
         _check_kept(config, head.instruments or (), head.members or (), "it was started with")
         start = None
         unusable = (JournalError, ValueError, KeyError, TypeError, msgspec.MsgspecError)
