@@ -319,17 +319,18 @@ class Exchange:
         member = session.member
         released = self.released.get(member, 0)
         if after < released:
-            # a member's report seqs are gap-free: the bodies of after + 1, after + 2, ...
-            step, size, budget = [], 0, self.replay_step_bytes
-            for body in self.ledger.reports(member, after, min(released, after + REPLAY_CHUNK)):
-                step.append(frame(body))
-                size += len(body)
-                if size >= budget:
-                    break
+            # a member's report seqs are gap-free: the bodies of after + 1, after + 2, ... A step
+            # also reads a bounded part of the journal (a member with few reports on a long
+            # journal may get none in one step): the loop is never held long, and the next step
+            # reads on where this one stopped
+            bodies, session.replay_mark = self.ledger.report_step(
+                member, after, min(released, after + REPLAY_CHUNK), self.replay_step_bytes, session.replay_mark)
+            step = [frame(body) for body in bodies]
             through = after + len(step)
             if session.held:  # replies whose earlier reports are in this step go right after it
                 step += session.take_held(through)
-            session.sink.write(b"".join(step))
+            if step:
+                session.sink.write(b"".join(step))
             if through < released:
                 session.replay_after = through
                 session.min_seq = _NEVER  # live reports wait behind the replay
@@ -339,6 +340,7 @@ class Exchange:
         if session.held:
             session.sink.write(b"".join(session.take_held()))
         session.replay_after = None
+        session.replay_mark = None
         session.min_seq = after + 1
         if session.goodbye:  # logged out or shutting down: now that the replay is done
             self._to_session(session, _LOGOUT_ACCEPTED)
