@@ -10,8 +10,9 @@ session's replies stay in the order of its requests. Time is an argument; a conn
 
 Replay on logon is race-free because the loop is single-threaded: a member's reports up to
 ``released[member]`` are read from the journal, later ones come from the outbox. A long replay
-goes out ``REPLAY_CHUNK`` reports at a time, paced by the peer's reading, so it neither stalls
-the loop nor overruns the session's outbound bound; live reports wait until it has caught up.
+goes out ``REPLAY_CHUNK`` reports at a time, paced by the peer's reading, each step reading a
+bounded part of the journal (``Ledger.report_step``), so it neither stalls the loop nor overruns
+the session's outbound bound; live reports wait until it has caught up.
 """
 
 from __future__ import annotations
