@@ -554,8 +554,8 @@ class Ledger:
         """Note the entry's position for each member whose reports reach a new index step, or
         that comes ``INDEX_GAP`` bytes (or a segment) after the member's last index entry.
 
-        A position is ``segment << 32 | offset`` and segments are far shorter than 4 GiB, so
-        the difference of two positions in different segments is always above INDEX_GAP."""
+        A position is ``segment << 32 | offset``: the difference of two positions is never
+        less than the bytes between them (across segments, 4 GiB minus the first one's offset)."""
         seen = None
         for member, seq, _ in rows:
             if seen is not None and member in seen:
