@@ -10,8 +10,9 @@ session's replies stay in the order of its requests. Time is an argument; a conn
 
 Replay on logon is race-free because the loop is single-threaded: a member's reports up to
 ``released[member]`` are read from the journal, later ones come from the outbox. A long replay
-goes out ``REPLAY_CHUNK`` reports at a time, paced by the peer's reading, so it neither stalls
-the loop nor overruns the session's outbound bound; live reports wait until it has caught up.
+goes out ``REPLAY_CHUNK`` reports at a time, paced by the peer's reading, each step reading a
+bounded part of the journal (``Ledger.report_step``), so it neither stalls the loop nor overruns
+the session's outbound bound; live reports wait until it has caught up.
 """
 
 from __future__ import annotations
@@ -322,17 +323,18 @@ class Exchange:
         member = session.member
         released = self.released.get(member, 0)
         if after < released:
-            # a member's report seqs are gap-free: the bodies of after + 1, after + 2, ...
-            step, size, budget = [], 0, self.replay_step_bytes
-            for body in self.ledger.reports(member, after, min(released, after + REPLAY_CHUNK)):
-                step.append(frame(body))
-                size += len(body)
-                if size >= budget:
-                    break
+            # a member's report seqs are gap-free: the bodies of after + 1, after + 2, ... A step
+            # also reads a bounded part of the journal (a member with few reports on a long
+            # journal may get none in one step): the loop is never held long, and the next step
+            # reads on where this one stopped
+            bodies, session.replay_mark = self.ledger.report_step(
+                member, after, min(released, after + REPLAY_CHUNK), self.replay_step_bytes, session.replay_mark)
+            step = [frame(body) for body in bodies]
             through = after + len(step)
             if session.held:  # replies whose earlier reports are in this step go right after it
                 step += session.take_held(through)
-            session.sink.write(b"".join(step))
+            if step:
+                session.sink.write(b"".join(step))
             if through < released:
                 session.replay_after = through
                 session.min_seq = _NEVER  # live reports wait behind the replay
@@ -342,6 +344,7 @@ class Exchange:
         if session.held:
             session.sink.write(b"".join(session.take_held()))
         session.replay_after = None
+        session.replay_mark = None
         session.min_seq = after + 1
         if session.goodbye:  # logged out or shutting down: now that the replay is done
             self._to_session(session, _LOGOUT_ACCEPTED)

@@ -110,7 +110,7 @@ class Session:
         "state", "frames", "sid", "member", "role", "cancel_on_disconnect", "heartbeat_s",
         "bucket", "last_rx", "last_tx", "opened", "subscriptions", "min_seq", "entered_orders",
         "cause", "sink", "pending", "replay_after", "goodbye", "md_since", "held",
-        "held_bytes", "refused",
+        "held_bytes", "refused", "replay_mark",
     )
 
     def __init__(self, sid: int, max_frame: int, now: float) -> None:
@@ -129,6 +129,7 @@ class Session:
         self.md_since: dict[str, int] = {}  # journal seq at subscribing: older market data is in the snapshot
         self.min_seq = 0          # reports with a lower seq are not sent live (no resume_from)
         self.replay_after: int | None = None  # resuming: reports after this seq still come from the journal
+        self.replay_mark = None  # where the last replay step stopped reading (Ledger.report_step)
         self.entered_orders = False
         self.refused = 0  # requests answered not_authorized (logged at 1, 10, 100, ...)
         self.goodbye = False      # logged out or shutting down: LogoutAccepted once the resume replay is done

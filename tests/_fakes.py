@@ -24,6 +24,17 @@ _entry_decoder = msgspec.msgpack.Decoder(tuple[E.Command, str, int, int, bool])
 _enc = msgspec.msgpack.Encoder()
 
 
+def _report_step(bodies, max_bytes):
+    """Ledger.report_step on a fake: the bodies up to max_bytes, nothing to resume from."""
+    out, size = [], 0
+    for body in bodies:
+        out.append(body)
+        size += len(body)
+        if size >= max_bytes:
+            break
+    return out, None
+
+
 class JournalStats:
     def __init__(self) -> None:
         self.records = 0
@@ -62,6 +73,9 @@ class ManualLedger:
 
     def reports(self, member, after, through):
         return iter(self.bodies.get(member, [])[after:through])
+
+    def report_step(self, member, after, through, max_bytes, resume=None):
+        return _report_step(self.reports(member, after, through), max_bytes)
 
 
 class FakeLedger:
@@ -181,6 +195,9 @@ class FakeLedger:
     def reports(self, member, after_seq, through_seq):
         bodies = self._reports.get(member, [])
         return iter(bodies[max(after_seq, 0):through_seq])
+
+    def report_step(self, member, after_seq, through_seq, max_bytes, resume=None):
+        return _report_step(self.reports(member, after_seq, through_seq), max_bytes)
 
     def snapshot(self):
         pass

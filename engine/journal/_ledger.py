@@ -30,7 +30,8 @@ from .._engine import Engine, LeftOutError
 from .._messages import REPORTS, Command, DayEnded, Deposit, Fill, NewOrder, OpenMarket, QueryBalances, Restarted
 from .._replay import run_entries
 from ._format import (
-    FORMAT_VERSION, KIND_ENTRY, KIND_FILL, KIND_REPORTS, KIND_START, EntryRecord, StartRecord, segment_name,
+    FORMAT_VERSION, FRAME_SIZE, KIND_ENTRY, KIND_FILL, KIND_REPORTS, KIND_START, EntryRecord, StartRecord,
+    segment_name,
 )
 from ._log import (
     SWITCH_INTERVAL, CorruptJournalError, FileOps, Journal, JournalError, JournalFailedError, JournalStats,
@@ -38,7 +39,7 @@ from ._log import (
 )
 from ._snapshot import SnapshotBody, list_snapshots, prune_snapshots, read_snapshot, snapshot_name, write_snapshot
 
-__all__ = ["Ledger", "config_digest", "INDEX_STEP"]
+__all__ = ["Ledger", "config_digest", "INDEX_STEP", "INDEX_GAP", "SCAN_BYTES"]
 
 log = logging.getLogger("kaboni.journal")
 
@@ -46,6 +47,12 @@ BEYOND_END = ".beyond-end"  # suffix of a snapshot set aside at open: of seqs th
 
 _REPORT_TYPES = frozenset(REPORTS)  # a set: the type test runs for every event of every command
 INDEX_STEP = 32  # a member's report index has an entry at least every INDEX_STEP reports
+# ... and for every report this many journal bytes (or a segment) past the member's last entry,
+# so that a read of its reports never walks more than this between two of them
+INDEX_GAP = 256 << 10
+SCAN_BYTES = 256 << 10  # journal bytes one report_step reads at most (a few ms), found reports or not
+_JUMP_BYTES = 4 << 10  # what a jump to an index entry counts against that (a file open and a read)
+_SCAN_CHUNK = 16 << 10  # bytes a report read takes from the file at a time: it jumps about
 # A command's reports beyond this many go into REPORTS records before its ENTRY (same group): a
 # report is at most a few hundred bytes here (cancels and expiries), so each record stays far
 # below MAX_PAYLOAD however many orders an end of day, a restart or a mass cancel touches
@@ -565,14 +572,19 @@ class Ledger:
         elif rows:
             member0, seq0, _ = rows[0]
             seqs = self._idx_seq.get(member0)
-            # the common case: one member's reports, not yet a new index step (see _index)
-            if not (seqs and seq0 - seqs[-1] < INDEX_STEP
+            position = journal.last_position
+            # the common case: one member's reports, not yet a new index entry (see _index)
+            if not (seqs and seq0 - seqs[-1] < INDEX_STEP and position - self._idx_pos[member0][-1] < INDEX_GAP
                     and (len(rows) == 1 or all(r[0] == member0 for r in rows))):
-                self._index(rows, journal.last_position)
+                self._index(rows, position)
         return seq, reports, end_of_day
 
     def _index(self, rows, position: int) -> None:
-        """Note the entry's position for each member whose reports reach a new index step."""
+        """Note the entry's position for each member whose reports reach a new index step, or
+        that comes ``INDEX_GAP`` bytes (or a segment) after the member's last index entry.
+
+        A position is ``segment << 32 | offset``: the difference of two positions is never
+        less than the bytes between them (across segments, 4 GiB minus the first one's offset)."""
         seen = None
         for member, seq, _ in rows:
             if seen is not None and member in seen:
@@ -580,10 +592,12 @@ class Ledger:
             seqs = self._idx_seq.get(member)
             if seqs is None:
                 seqs = self._idx_seq[member] = array("q")
-                self._idx_pos[member] = array("Q")  # positions: up to 2^64 (see docs/journal.md)
-            if not seqs or seq - seqs[-1] >= INDEX_STEP:
+                positions = self._idx_pos[member] = array("Q")  # positions: up to 2^64 (see docs/journal.md)
+            else:
+                positions = self._idx_pos[member]
+            if not seqs or seq - seqs[-1] >= INDEX_STEP or position - positions[-1] >= INDEX_GAP:
                 seqs.append(seq)
-                self._idx_pos[member].append(position)
+                positions.append(position)
             if seen is None:
                 seen = {member}
             else:
@@ -592,21 +606,94 @@ class Ledger:
     def reports(self, member: str, after_seq: int, through_seq: int) -> Iterator[bytes]:
         """Bodies of the member's reports with after_seq < seq <= through_seq, in order, read
         from the journal through the sparse per-member index (durable entries only)."""
+        return self._scan(member, after_seq, through_seq, None, None, None)
+
+    def report_step(self, member: str, after_seq: int, through_seq: int, max_bytes: int,
+                    resume: tuple[str, int, int] | None = None,
+                    scan_bytes: int = SCAN_BYTES) -> tuple[list[bytes], tuple[str, int, int] | None]:
+        """One bounded step of a paced read of the member's reports (a resume replay): the
+        bodies after ``after_seq`` in order, through ``through_seq`` at most, stopping once they
+        total ``max_bytes`` or once about ``scan_bytes`` of the journal have been read, even if
+        that found none (a gap between two of its reports that the index does not cover: one
+        older than ``INDEX_GAP``). Returns (bodies, resume): pass ``resume`` to the step after
+        ``after_seq + len(bodies)``, which then reads on where this one stopped (a ``resume``
+        for another member or seq is ignored)."""
+        if scan_bytes <= 0:
+            raise ValueError("scan_bytes must be positive")
+        start = None
+        if resume is not None and resume[0] == member and resume[1] == after_seq:
+            start = resume[2]
+        where = [start]
+        bodies: list[bytes] = []
+        size = 0
+        scan = self._scan(member, after_seq, through_seq, start, scan_bytes, where)
+        try:
+            for body in scan:
+                bodies.append(body)
+                size += len(body)
+                if size >= max_bytes:
+                    break
+        finally:
+            scan.close()  # its file now, not when it is collected
+        if where[0] is None:
+            return bodies, None
+        return bodies, (member, after_seq + len(bodies), where[0])
+
+    def _scan(self, member: str, after_seq: int, through_seq: int, start: int | None, budget: int | None,
+              where: list | None) -> Iterator[bytes]:
+        """The member's report bodies after ``after_seq`` through ``through_seq``, read from
+        the index entry at or before the first one wanted (or from ``start``, a record's
+        position after which they are, if that is later). Whenever the next wanted seq has an
+        index entry further on, the read jumps there rather than walk the records in between.
+        With ``budget``: stops before a record once about that many bytes were read. ``where``
+        [0] is kept at the position of the record being looked at (read on from there)."""
         self._ensure_index()
         seqs = self._idx_seq.get(member)
         if not seqs or through_seq <= after_seq:
             return
-        i = bisect_right(seqs, after_seq + 1) - 1
-        if i < 0:
-            i = 0
-        for rec in self.journal.read_at(self._idx_pos[member][i]):
-            for m, seq, body in _report_rows(rec):
-                if m == member and seq > after_seq:
-                    if seq > through_seq:
+        positions = self._idx_pos[member]
+        n = len(seqs)
+        want = after_seq + 1
+        key = self._encode(member)  # an entry without these bytes holds none of its reports
+        k = max(0, bisect_right(seqs, want) - 1)
+        pos = positions[k] if start is None or start < positions[k] else start
+        nxt = k + 1  # the next index entry not yet passed
+        scanned = 0
+        journal = self.journal
+        report_kinds = (KIND_ENTRY, KIND_REPORTS)
+        while True:
+            jump = -1
+            for rec in journal.read_at(pos, chunk=_SCAN_CHUNK):
+                p = rec.position
+                while nxt < n and positions[nxt] <= p:
+                    nxt += 1
+                if nxt < n and seqs[nxt] <= want:
+                    # the next wanted report is at an index entry ahead: skip to it
+                    k = bisect_right(seqs, want) - 1
+                    jump = positions[k]
+                    nxt = k + 1
+                    scanned += _JUMP_BYTES
+                    break
+                if where is not None:
+                    where[0] = p
+                payload = rec.payload
+                if budget is not None:
+                    if scanned >= budget:
                         return
-                    yield body
-                    if seq == through_seq:
-                        return
+                    scanned += len(payload) + FRAME_SIZE
+                if rec.kind not in report_kinds or key not in payload:
+                    continue
+                for m, seq, body in _report_rows(rec):
+                    if m == member and seq >= want:
+                        if seq > through_seq:
+                            return
+                        yield body
+                        if seq == through_seq:
+                            return
+                        want = seq + 1
+            if jump < 0:
+                return
+            pos = jump
 
     # ------------------------------------------------------------------------------------------
     # Snapshots

@@ -218,14 +218,15 @@ def _check_first(directory: Path, firsts: list[int], from_seq: int) -> None:
 
 
 def _iter_file(path: Path, segment: int, offset: int, limit: int | None, expect: int | None,
-               strict: bool, stopped: list | None = None, only: int | None = None
+               strict: bool, stopped: list | None = None, only: int | None = None, chunk: int = _READ_CHUNK
                ) -> Generator[Record, None, int | None]:
     """Frames of one segment from ``offset`` up to ``limit`` (file end if None), CRC-checked.
 
     If ``strict``, a bad or cut-off frame raises ``CorruptJournalError``; otherwise the
     iteration stops there and appends the frame's offset to ``stopped`` (the caller judges
     whether it is a torn tail). With ``only``, records of other kinds are checked but not yielded.
-    Returns the seq expected after the last frame (``expect`` if there was none).
+    Returns the seq expected after the last frame (``expect`` if there was none). ``chunk``: the
+    bytes read at a time (short reads that may stop early read less).
     """
     base = segment << 32
     unpack = _unpack_frame
@@ -240,7 +241,7 @@ def _iter_file(path: Path, segment: int, offset: int, limit: int | None, expect:
         buf = b""
         buf_start = offset  # file offset of buf[0]
         while True:
-            want = min(_READ_CHUNK, stop - (buf_start + len(buf)))
+            want = min(chunk, stop - (buf_start + len(buf)))
             if want > 0:
                 more = os.pread(fd, want, buf_start + len(buf))
                 buf = buf + more if buf else more
@@ -1085,7 +1086,8 @@ class Journal:
     # ------------------------------------------------------------------------------------------
     # Reading (durable records only)
 
-    def _read_range(self, start: int, limit: int, expect: int | None, only: int | None = None) -> Iterator[Record]:
+    def _read_range(self, start: int, limit: int, expect: int | None, only: int | None = None,
+                    chunk: int = _READ_CHUNK) -> Iterator[Record]:
         """Records from position ``start`` up to position ``limit`` (exclusive)."""
         seg, off = unpack_position(start)
         lim_seg, lim_off = unpack_position(limit)
@@ -1097,7 +1099,7 @@ class Journal:
             seg = segments[i]
             path = self.directory / segment_name(seg)
             last = seg == lim_seg
-            expect = yield from _iter_file(path, seg, off, lim_off if last else None, expect, True, None, only)
+            expect = yield from _iter_file(path, seg, off, lim_off if last else None, expect, True, None, only, chunk)
             if last or i + 1 >= len(segments):
                 return
             i += 1
@@ -1236,9 +1238,10 @@ class Journal:
         also done by the first write and by ``close``)."""
         self._scanned = None
 
-    def read_at(self, position: int, kind: int | None = None) -> Iterator[Record]:
-        """Durable records from ``position`` (a record's position) on; only ``kind`` if given."""
-        return self._read_range(position, self._durable_pos, None, kind)
+    def read_at(self, position: int, kind: int | None = None, chunk: int = _READ_CHUNK) -> Iterator[Record]:
+        """Durable records from ``position`` (a record's position) on; only ``kind`` if given.
+        ``chunk``: bytes read at a time (less for a read that will likely stop soon)."""
+        return self._read_range(position, self._durable_pos, None, kind, chunk)
 
     def records(self, from_seq: int = 1, through_seq: int | None = None, kind: int | None = None) -> Iterator[Record]:
         """Durable records with seq >= ``from_seq`` (and <= ``through_seq``; only ``kind`` if
