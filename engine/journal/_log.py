@@ -15,6 +15,7 @@ import logging
 import mmap
 import os
 import queue
+import re
 import struct
 import sys
 import threading
@@ -288,29 +289,101 @@ def _iter_file(path: Path, segment: int, offset: int, limit: int | None, expect:
         os.close(fd)
 
 
-def _find_valid_frame(data: bytes, start: int, next_seq: int) -> int | None:
-    """Offset of a whole, valid frame after ``start`` with seq >= next_seq, if any.
+# The most the writer writes before it makes it durable (fsync mode; a batch larger than this
+# is written and synced in pieces): a power loss can only tear the write in flight, so recovery
+# takes a newest segment that goes on for more than this after a bad frame for damage, never for
+# a torn write (see _judge_stop and docs/journal.md, Recovery).
+WRITE_LIMIT = 4 << 20
+_ZERO_BLOCK = bytes(1 << 16)
+_frame_patterns: dict[int, re.Pattern] = {}
 
-    Used to tell a torn tail (nothing valid follows) from corruption (valid records follow).
-    Candidates are found by their seq field, so this is quick even for long tails.
-    """
-    mv = memoryview(data)
+
+def _frame_pattern(high: int) -> re.Pattern:
+    """Where a frame whose seq has ``seq >> 24 == high`` can be: those five seq bytes followed
+    by a kind byte with a kind (bits 0-6) set. A match starts 11 bytes into its frame."""
+    pattern = _frame_patterns.get(high)
+    if pattern is None:
+        pattern = _frame_patterns[high] = re.compile(re.escape(high.to_bytes(5, "little")) + rb"[^\x00\x80]")
+    return pattern
+
+
+def _search_spans(data, start: int, end: int) -> Iterator[tuple[int, int]]:
+    """``[start, end)`` without its all-zero 64 KiB blocks (a zeroed stretch holds no frame and is
+    the slowest kind of bytes for the frame search), each span reaching 16 bytes back."""
+    block = len(_ZERO_BLOCK)
+    span = -1
+    pos = start
+    while pos < end:
+        stop = min(pos + block, end)
+        if stop - pos == block and data[pos:stop] == _ZERO_BLOCK:
+            if span >= 0:
+                yield max(start, span - 16), pos
+                span = -1
+        elif span < 0:
+            span = pos
+        pos = stop
+    if span >= 0:
+        yield max(start, span - 16), end
+
+
+def _next_valid_frame(data, bad: int, expect: int) -> tuple[int, int] | None:
+    """(offset, seq) of a whole, valid frame after the bad frame at ``bad`` that can be a later
+    record of this journal, if there is one anywhere in ``data``: its kind set, its length at
+    most MAX_PAYLOAD, its CRC right, and a seq that fits where it is (``expect``, the bad frame's,
+    up to one more per FRAME_SIZE bytes after ``bad``). A record is never found twice, so one
+    there means records were written after the bad one: damage, not a torn write.
+
+    Candidates are found by their seq's upper five bytes and a kind byte (a regular expression
+    search in C), skipping all-zero blocks: about 50 ms for 64 MiB of records, 20 ms for 64 MiB
+    of zeros."""
     n = len(data)
-    try:
-        for seq in range(next_seq, next_seq + 256):
-            key = seq.to_bytes(8, "little")
-            pos = data.find(key, start + 8)
-            while pos != -1:
-                off = pos - 8
-                if off + FRAME_SIZE <= n:
-                    crc, length, fseq, _ = _unpack_frame(data, off)
+    if n - bad <= FRAME_SIZE:
+        return None
+    unpack = _unpack_frame
+    highest = expect + (n - bad) // FRAME_SIZE
+    with memoryview(data) as view:
+        for high in range(expect >> 24, (highest >> 24) + 1):
+            pattern = _frame_pattern(high)
+            for a, b in _search_spans(data, bad + 12, n):
+                for m in pattern.finditer(data, a, b):
+                    off = m.start() - 11
+                    if off <= bad or off + FRAME_SIZE > n:
+                        continue
+                    crc, length, seq, _ = unpack(data, off)
                     end = off + FRAME_SIZE + length
-                    if fseq == seq and length <= MAX_PAYLOAD and end <= n and crc32c(mv[off + 4:end]) == crc:
-                        return off
-                pos = data.find(key, pos + 1)
-    finally:
-        mv.release()
+                    if (expect <= seq <= expect + (off - bad) // FRAME_SIZE and length <= MAX_PAYLOAD and end <= n
+                            and crc32c(view[off + 4:end]) == crc):
+                        return off, seq
     return None
+
+
+def _judge_stop(path: Path, data, bad: int, expect: int, base: int = 0) -> None:
+    """Where the newest segment's frames stop (the bad frame at ``bad`` in ``data``, the
+    segment's bytes from file offset ``base`` on, should carry ``expect``): return if this can
+    be a torn last write, raise ``CorruptJournalError`` if not.
+
+    A torn write is the last write, cut short (a kill: the page cache keeps a prefix of it) or
+    partly lost (a power loss), and that write is at most WRITE_LIMIT bytes. So it is damage if
+    a later record of this journal is found anywhere after the bad frame, or if the file goes on
+    for more than WRITE_LIMIT bytes after the bad frame's end (by its length field, if that is
+    possible at all)."""
+    n = len(data)
+    length = _unpack_frame(data, bad)[1] if n - bad >= FRAME_SIZE else 0
+    if n - bad < FRAME_SIZE or (length <= MAX_PAYLOAD and bad + FRAME_SIZE + length > n):
+        what = "cut-off record"
+    elif length > MAX_PAYLOAD:
+        what = f"impossible record length {length}"
+    else:
+        what = "checksum mismatch"
+    found = _next_valid_frame(data, bad, expect)
+    if found is not None:
+        raise CorruptJournalError(path, base + bad, f"{what} (seq {expect} expected), with valid records after it "
+                                                    f"(seq {found[1]} at offset {base + found[0]})")
+    reach = bad + FRAME_SIZE + (length if length <= MAX_PAYLOAD else 0)
+    if n - reach > WRITE_LIMIT:
+        raise CorruptJournalError(path, base + bad, f"{what} (seq {expect} expected), with {n - bad} bytes after it: "
+                                                    f"more than the last write can hold ({WRITE_LIMIT}), so not a "
+                                                    "torn write")
 
 
 class ScanResult:
@@ -343,10 +416,7 @@ def _scan_last_segment(path: Path, first_seq: int, data: bytes, start: int, expe
     if problem == "seq":
         raise CorruptJournalError(path, off, f"seq {_unpack_frame(data, off)[2]} where {expect} was expected")
     if problem:
-        found = _find_valid_frame(data, off + 1, expect)
-        if found is not None:
-            what = "checksum mismatch" if problem == "checksum" else "cut-off record"
-            raise CorruptJournalError(path, off, f"{what}, with valid records after it (at offset {found})")
+        _judge_stop(path, data, off, expect)
     return records, group_end, group_seq, group_last
 
 
@@ -501,10 +571,7 @@ def read_records(directory: str | Path, from_seq: int = 1) -> Iterator[Record]:
             with open(path, "rb") as f:
                 f.seek(stopped[0])
                 tail = f.read(size - stopped[0])
-            found = _find_valid_frame(tail, 1, expect)
-            if found is not None:
-                raise CorruptJournalError(path, stopped[0], f"bad record with valid records after it (at offset "
-                                                            f"{stopped[0] + found})")
+            _judge_stop(path, tail, 0, expect, stopped[0])
 
 
 class Journal:
@@ -544,6 +611,7 @@ class Journal:
         self.durability = durability
         self._sync = durability == "fsync"
         self._segment_bytes = segment_bytes
+        self._write_limit = WRITE_LIMIT  # tests lower it
         self._on_durable = on_durable
         self._on_error = on_error
         self._ops = file_ops or FileOps()
@@ -1032,6 +1100,24 @@ class Journal:
                         self._file_size = 0
                         new_files = True
                     if data:
+                        step = self._write_limit
+                        if sync and len(data) > step:
+                            # in pieces of at most WRITE_LIMIT, each durable before the next is
+                            # written: a power loss tears no more than that (see _judge_stop)
+                            with memoryview(data) as view:
+                                for i in range(0, len(data) - step, step):
+                                    piece = view[i:i + step]
+                                    if not self._dsync:
+                                        self._write_all(self._fd, piece)
+                                        ops.sync(self._fd)
+                                    elif not self._write_durable(self._fd, piece):
+                                        ops.sync(self._fd)  # RWF_DSYNC refused: written plainly
+                                    piece.release()
+                                data = bytes(view[len(data) - (len(data) - 1) % step - 1:])
+                                self._seg_crc = crc32c(view[:len(view) - len(data)], self._seg_crc,
+                                                       gil_release_mode=0)
+                                self._file_size += len(view) - len(data)
+                                written += len(view) - len(data)
                         if self._dsync and chunk is last_chunk:
                             t1 = monotonic()
                             synced = self._write_durable(self._fd, data)

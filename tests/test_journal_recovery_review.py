@@ -1,0 +1,145 @@
+"""Recovery review (durability audit): damage that recovery took for a torn tail, a lock that
+could be deleted from under the exchange, sealed segments that were never checked at open, and
+`journal verify` disagreeing with startup."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import engine.journal._log as journal_log
+from engine.journal import CorruptJournalError, FileOps, Journal, read_records, scan_journal
+from engine.journal._format import segment_name, unpack_position
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def payload(i: int, size: int = 300) -> bytes:
+    return (b"record-%d-" % i).ljust(size, b".")
+
+
+def fill(directory: Path, n: int, size: int = 300, **kw) -> None:
+    j = Journal.open(directory, durability="none", **kw)
+    for i in range(1, n + 1):
+        j.append(3, payload(i, size))
+    j.sync()
+    j.close()
+
+
+def offset_of(directory: Path, seq: int) -> int:
+    for rec in read_records(directory):
+        if rec.seq == seq:
+            return unpack_position(rec.position)[1]
+    raise AssertionError(seq)
+
+
+def damage(path: Path, offset: int, data: bytes) -> None:
+    with open(path, "r+b") as f:
+        f.seek(offset)
+        f.write(data)
+
+
+def cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "gateway", *args], cwd=ROOT, capture_output=True, text=True,
+                          env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=60)
+
+
+# ---------------------------------------------------------------------------------------------
+# F1: a damaged stretch in the middle of the newest segment is corruption, however long
+
+
+@pytest.mark.parametrize("zeroed", [4096, 96 * 1024, 1 << 20])
+def test_a_zeroed_stretch_before_valid_records_stops_startup_whatever_its_length(tmp_path, zeroed):
+    """The look-ahead searched only the next 256 seqs: 96 KiB of zeros (more than 256 records)
+    in the middle of the newest segment passed for a torn tail, and the open truncated every
+    record after it (16,632 synced ones in the audit's journal), with `verify` saying exit 0."""
+    fill(tmp_path, 8000)  # about 2.5 MB
+    path = tmp_path / segment_name(1)
+    size = path.stat().st_size
+    start = offset_of(tmp_path, 2000)
+    damage(path, start, bytes(zeroed))
+    for check in (lambda: Journal.open(tmp_path), lambda: scan_journal(tmp_path), lambda: list(read_records(tmp_path))):
+        with pytest.raises(CorruptJournalError, match="valid records after it") as err:
+            check()
+        assert err.value.path == str(path) and err.value.offset == start
+    assert path.stat().st_size == size  # nothing truncated
+    verify = cli("journal", "verify", str(tmp_path))
+    assert verify.returncode == 1 and f"offset {start}" in verify.stderr
+
+
+def test_garbage_to_the_end_longer_than_one_write_is_corruption(tmp_path, monkeypatch):
+    """With nothing valid after the damage, a torn write still cannot be longer than the most
+    the writer writes before it syncs (WRITE_LIMIT)."""
+    monkeypatch.setattr(journal_log, "WRITE_LIMIT", 64 * 1024)
+    fill(tmp_path, 2000)
+    path = tmp_path / segment_name(1)
+    start = offset_of(tmp_path, 1000)
+    end = path.stat().st_size
+    rng = __import__("random").Random(7)
+    damage(path, start, rng.randbytes(end - start))  # random bytes hold no valid frame
+    with pytest.raises(CorruptJournalError, match="more than the last write") as err:
+        Journal.open(tmp_path)
+    assert err.value.offset == start and path.stat().st_size == end
+    # the same garbage, but no longer than one write: a torn tail, truncated
+    os.truncate(path, start + 60 * 1024)
+    j = Journal.open(tmp_path)
+    assert j.last_seq == 999 and path.stat().st_size == start
+    j.close()
+
+
+def test_a_cut_off_large_record_is_still_a_torn_tail(tmp_path, monkeypatch):
+    """A record longer than WRITE_LIMIT, cut off: its bytes after its intact header are one
+    frame's, not more records."""
+    monkeypatch.setattr(journal_log, "WRITE_LIMIT", 4096)
+    fill(tmp_path, 50)
+    j = Journal.open(tmp_path, durability="none")
+    j.append(3, b"x" * 100_000)
+    j.close()
+    path = tmp_path / segment_name(1)
+    os.truncate(path, path.stat().st_size - 10)
+    j = Journal.open(tmp_path)
+    assert j.last_seq == 50
+    j.close()
+
+
+class Recording(FileOps):
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, int]] = []
+
+    def write(self, fd, data):
+        n = super().write(fd, data)
+        self.calls.append(("write", n))
+        return n
+
+    def sync(self, fd):
+        super().sync(fd)
+        self.calls.append(("sync", 0))
+
+
+class RecordingDsync(Recording):
+    def write_durable(self, fd, data):
+        n = super().write_durable(fd, data)
+        self.calls.append(("durable", n))
+        return n
+
+
+@pytest.mark.parametrize("ops_type", [Recording, RecordingDsync])
+def test_the_writer_makes_at_most_write_limit_bytes_durable_at_a_time(tmp_path, ops_type):
+    ops = ops_type()
+    j = Journal.open(tmp_path, file_ops=ops)
+    j._write_limit = 10_000
+    ops.calls.clear()
+    j.append_group([(2, payload(i, 1000)) for i in range(60)] + [(3, b"end")])  # one batch, ~62 KB
+    j.sync()
+    j.close()
+    pending = 0  # bytes written and not yet durable
+    for call, n in ops.calls:
+        assert n <= 10_000
+        pending = pending + n if call == "write" else 0
+        assert pending <= 10_000
+    assert pending == 0 and sum(n for _, n in ops.calls) == os.path.getsize(tmp_path / segment_name(1)) - 24
+    assert [r.seq for r in read_records(tmp_path)] == list(range(1, 62))
