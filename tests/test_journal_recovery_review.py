@@ -143,3 +143,28 @@ def test_the_writer_makes_at_most_write_limit_bytes_durable_at_a_time(tmp_path, 
         assert pending <= 10_000
     assert pending == 0 and sum(n for _, n in ops.calls) == os.path.getsize(tmp_path / segment_name(1)) - 24
     assert [r.seq for r in read_records(tmp_path)] == list(range(1, 62))
+
+
+# ---------------------------------------------------------------------------------------------
+# F3: the lock cannot be deleted from under the exchange
+
+
+def test_deleting_lock_does_not_let_a_second_process_open_the_journal(tmp_path):
+    """The lock was an flock on LOCK alone: `rm LOCK` while the exchange ran let a second one
+    lock a new LOCK file and append over the first one's acknowledged records."""
+    j = Journal.open(tmp_path)
+    j.append(3, b"first")
+    j.sync()
+    (tmp_path / "LOCK").unlink()
+    code = ("import sys\nfrom engine.journal import Journal, JournalLockedError\n"
+            "try:\n    Journal.open(sys.argv[1])\nexcept JournalLockedError as exc:\n    print(exc)\n"
+            "    sys.exit(3)\n")
+    other = subprocess.run([sys.executable, "-c", code, str(tmp_path)], cwd=ROOT, capture_output=True, text=True,
+                           env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=60)
+    assert other.returncode == 3, other.stderr
+    assert "in use by another process" in other.stdout
+    j.append(3, b"second")
+    j.close()
+    j = Journal.open(tmp_path)  # released at close: the next open takes it (and writes LOCK again)
+    assert j.last_seq == 2 and (tmp_path / "LOCK").read_text().strip() == str(os.getpid())
+    j.close()

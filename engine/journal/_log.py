@@ -648,26 +648,46 @@ class Journal:
         return self
 
     def _lock_directory(self) -> None:
-        """Hold an exclusive lock on ``LOCK`` in the directory while the journal is open.
+        """Hold an exclusive lock on the directory itself and on ``LOCK`` in it while the
+        journal is open.
 
         A second process opening a live journal (an operator starting the exchange twice) would
         recover the other's unsynced tail and append records with seqs already taken: the journal
-        would be corrupt. The kernel drops the lock when the process ends, however it ends."""
-        path = self.directory / LOCK_NAME
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        would be corrupt. The lock that counts is the one on the directory's own descriptor: a
+        ``LOCK`` file can be deleted (by hand, by a clean-up or ``rsync --delete`` job) and the
+        next open would lock a new file; the directory cannot be deleted from under us while it
+        holds segments. ``LOCK`` is kept for the holder's pid (and for older builds, which lock
+        only it). The kernel drops both when the process ends, however it ends."""
+        dfd = os.open(self.directory, os.O_RDONLY | os.O_DIRECTORY)
+        fd = -1
         try:
+            fcntl.flock(dfd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fd = os.open(self.directory / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o644)
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
-            os.close(fd)
+            try:
+                with open(self.directory / LOCK_NAME, "rb") as f:
+                    holder = f.read(32).decode(errors="replace").strip() or "unknown"
+            except OSError:
+                holder = "unknown"
+            if fd >= 0:
+                os.close(fd)
+            os.close(dfd)
             raise JournalLockedError(f"{self.directory} is in use by another process (pid {holder})") from None
+        except BaseException:
+            if fd >= 0:
+                os.close(fd)
+            os.close(dfd)
+            raise
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
         self._lock_fd = fd
+        self._dir_lock_fd = dfd
 
     def _unlock(self) -> None:
         if self._lock_fd >= 0:
-            os.close(self._lock_fd)  # releases the flock
+            os.close(self._lock_fd)  # releases the flocks
+            os.close(self._dir_lock_fd)
             self._lock_fd = -1
 
     # ------------------------------------------------------------------------------------------
