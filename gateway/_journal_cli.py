@@ -98,7 +98,11 @@ def _verify(args) -> int:
     status = 0
     print(f"{result.records} records (seq {result.first_seq}-{result.last_seq}) in {result.segments} segments, "
           f"{result.bytes} bytes: checksums and sequence OK")
-    if result.tail_bytes:
+    if result.tail_segment:
+        print(f"torn tail: {result.tail_path} holds no segment header ({result.tail_bytes} bytes, "
+              "zeros or less than a header: a crash while starting a new segment); removed when the journal is "
+              "next opened")
+    elif result.tail_bytes:
         print(f"torn tail: {result.tail_bytes} bytes at the end of {result.tail_path} "
               "(an incomplete last write; truncated when the journal is next opened)")
     segments = list_segments(args.dir)

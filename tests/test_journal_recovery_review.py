@@ -12,8 +12,9 @@ from pathlib import Path
 import pytest
 
 import engine.journal._log as journal_log
-from engine.journal import CorruptJournalError, FileOps, Journal, read_records, scan_journal
+from engine.journal import CorruptJournalError, FileOps, Journal, list_segments, read_records, scan_journal
 from engine.journal._format import segment_name, unpack_position
+from engine.journal._index import index_name, load_index
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -168,3 +169,112 @@ def test_deleting_lock_does_not_let_a_second_process_open_the_journal(tmp_path):
     j = Journal.open(tmp_path)  # released at close: the next open takes it (and writes LOCK again)
     assert j.last_seq == 2 and (tmp_path / "LOCK").read_text().strip() == str(os.getpid())
     j.close()
+
+
+# ---------------------------------------------------------------------------------------------
+# F2: sealed segments' structure is checked at open
+
+
+def segmented(directory: Path, n: int = 120) -> list[int]:
+    j = Journal.open(directory, durability="none", segment_bytes=2000)
+    for i in range(1, n + 1):
+        j.append(3, payload(i, 100))
+    j.close()
+    segments = list_segments(directory)
+    assert len(segments) > 4
+    return segments
+
+
+@pytest.mark.parametrize("how", ["truncated", "truncated-at-a-record", "missing", "extended"])
+def test_a_sealed_segment_cut_short_or_missing_stops_startup(tmp_path, how):
+    """The server started from a snapshot on a journal whose older segment was truncated or
+    gone (never read at open), and every member replay across it then failed."""
+    segments = segmented(tmp_path)
+    old = tmp_path / segment_name(segments[1])
+    blamed = old
+    if how == "truncated":
+        os.truncate(old, old.stat().st_size - 50)
+    elif how == "truncated-at-a-record":
+        os.truncate(old, old.stat().st_size - (17 + 100))
+    elif how == "extended":
+        with open(old, "ab") as f:
+            f.write(b"\0" * 100)
+    else:
+        old.unlink()
+        (tmp_path / index_name(segments[1])).unlink()
+        blamed = tmp_path / segment_name(segments[0])
+    with pytest.raises(CorruptJournalError, match="sealed segment") as err:
+        Journal.open(tmp_path)
+    assert err.value.path == str(blamed)
+    verify = cli("journal", "verify", str(tmp_path))  # verify agrees
+    assert verify.returncode == 1 and "CORRUPT" in verify.stderr
+
+
+def test_the_open_reads_sealed_segments_tails_only(tmp_path):
+    """The check costs a small read per sealed segment, not a read of the journal."""
+    segments = segmented(tmp_path, 400)
+    reads = []
+    real_pread = os.pread
+
+    def pread(fd, n, off):
+        reads.append(n)
+        return real_pread(fd, n, off)
+
+    journal_log.os.pread = pread
+    try:
+        Journal.open(tmp_path).close()
+    finally:
+        journal_log.os.pread = real_pread
+    assert len(reads) == len(segments) - 1 and max(reads) <= 2000
+
+
+# ---------------------------------------------------------------------------------------------
+# F4: a newest segment of zeros: verify says what startup does
+
+
+def test_verify_reports_a_zeroed_newest_segment_as_startup_treats_it(tmp_path):
+    fill(tmp_path, 10)
+    (tmp_path / segment_name(11)).write_bytes(bytes(4096))
+    verify = cli("journal", "verify", str(tmp_path))
+    assert verify.returncode == 0, verify.stderr
+    assert "10 records" in verify.stdout and "removed when the journal is next opened" in verify.stdout
+    j = Journal.open(tmp_path)
+    assert j.last_seq == 10 and list_segments(tmp_path) == [1]
+    j.close()
+
+
+# ---------------------------------------------------------------------------------------------
+# F5: a damaged index is rebuilt, not only a missing one
+
+
+def test_a_damaged_index_is_rebuilt_after_open(tmp_path, caplog):
+    segments = segmented(tmp_path)
+    damaged = tmp_path / index_name(segments[1])
+    good = damaged.read_bytes()
+    raw = bytearray(good)
+    raw[50] ^= 0xFF  # in the body
+    damaged.write_bytes(bytes(raw))
+    stale = tmp_path / index_name(segments[2])
+    stale.write_bytes(stale.read_bytes()[:-5])
+    with caplog.at_level("WARNING", logger="kaboni.journal"):
+        j = Journal.open(tmp_path)
+        j.index_missing()
+        j.close()  # waits for the indexer
+    assert damaged.read_bytes() == good
+    data = (tmp_path / segment_name(segments[2])).read_bytes()
+    load_index(tmp_path, segments[2], data)  # usable again
+    assert "damaged index" in caplog.text and "rebuilding it" in caplog.text
+
+
+def test_a_sealed_segment_damaged_inside_is_logged_as_an_error_when_indexed(tmp_path, caplog):
+    """Not read at open (see docs/journal.md for the cost); a segment without an index is walked
+    after the replay, and damage found then is an ERROR, not a quiet 'not indexed'."""
+    segments = segmented(tmp_path)
+    old = tmp_path / segment_name(segments[1])
+    (tmp_path / index_name(segments[1])).unlink()
+    damage(old, 100, b"\xff")
+    with caplog.at_level("WARNING", logger="kaboni.journal"):
+        j = Journal.open(tmp_path)
+        j.index_missing()
+        j.close()
+    assert any(r.levelname == "ERROR" and "is damaged" in r.getMessage() for r in caplog.records)

@@ -35,7 +35,9 @@ from ._format import (
     FORMAT_VERSION, FRAME, FRAME_SIZE, GROUP_END, KIND_MASK, MAX_PAYLOAD, SEGMENT_HEADER,
     SEGMENT_MAGIC, Record, pack_position, parse_segment_name, segment_name, unpack_position,
 )
-from ._index import IndexUnusable, build_index, index_from_notes, index_name, load_index, write_index
+from ._index import (
+    IndexUnusable, build_index, check_index, index_from_notes, index_name, load_index, write_index,
+)
 
 __all__ = [
     "Journal", "JournalStats", "JournalError", "CorruptJournalError", "JournalFailedError",
@@ -386,6 +388,39 @@ def _judge_stop(path: Path, data, bad: int, expect: int, base: int = 0) -> None:
                                                     "torn write")
 
 
+def _check_sealed_end(path: Path, next_first: int) -> None:
+    """A sealed segment's last record is the one before the next segment's first: a whole,
+    valid frame ending exactly at the end of the file, with seq ``next_first - 1`` and a group
+    end. Checked at open for every sealed segment without reading it (its tail only, found by
+    its seq from the end): a segment cut short, or a segment missing between two others, stops
+    startup instead of failing the first member replay that reaches it."""
+    want = next_first - 1
+    key = want.to_bytes(8, "little")
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        size = os.fstat(fd).st_size
+        window = 1 << 16
+        while True:
+            window = min(window, size - _HEADER_SIZE)
+            data = os.pread(fd, window, size - window) if window > 0 else b""
+            pos = data.rfind(key)
+            while pos >= 8:
+                off = pos - 8
+                crc, length, seq, kind = _unpack_frame(data, off)
+                if (seq == want and kind & GROUP_END and off + FRAME_SIZE + length == len(data)
+                        and crc32c(memoryview(data)[off + 4:]) == crc):
+                    return
+                pos = data.rfind(key, 0, pos + len(key) - 1)
+            if window >= min(size - _HEADER_SIZE, MAX_PAYLOAD + FRAME_SIZE):
+                break
+            window *= 16
+    finally:
+        os.close(fd)
+    raise CorruptJournalError(path, size, f"a sealed segment ends with the record before the next segment's first "
+                                          f"({segment_name(next_first)}), seq {want}; this one does not: it is cut "
+                                          "short or damaged at its end, or a segment after it is missing")
+
+
 class ScanResult:
     """What a full scan found: records, the last whole group, and any torn tail."""
 
@@ -398,6 +433,7 @@ class ScanResult:
         self.kinds: dict[int, int] = {}
         self.tail_bytes = 0  # bytes after the last whole group (a torn tail)
         self.tail_path: str | None = None
+        self.tail_segment = False  # the tail is a whole newest segment without a header (or only zeros)
         self.end_offset = 0  # offset of the end of the last whole group in the last segment
 
 
@@ -438,9 +474,11 @@ def scan_journal(directory: str | Path) -> ScanResult:
         with open(path, "rb") as f:
             head = f.read(_HEADER_SIZE)
         last = i == len(firsts) - 1
-        if last and len(head) < _HEADER_SIZE:
-            result.tail_bytes = len(head)
+        if last and (len(head) < _HEADER_SIZE or _only_zeros(path)):
+            # what startup removes as a crash while rolling (Journal._recover)
+            result.tail_bytes = path.stat().st_size
             result.tail_path = str(path)
+            result.tail_segment = True
             break
         _check_header(path, head, first)
         if first != expect:
@@ -744,10 +782,14 @@ class Journal:
             self._seg_size = len(head)
             last_position = 0
         else:
-            for first in firsts[:-1]:
+            # Sealed segments are not read at open (the replay reads those after the snapshot,
+            # member replays and `journal verify` the others), but their structure is checked:
+            # header, and a last record that the next segment continues
+            for first, after in zip(firsts, firsts[1:]):
                 path = directory / segment_name(first)
                 with open(path, "rb") as f:
                     _check_header(path, f.read(_HEADER_SIZE), first)
+                _check_sealed_end(path, after)
             first = firsts[-1]
             path = directory / segment_name(first)
             data = path.read_bytes()
@@ -1311,9 +1353,14 @@ class Journal:
 
     def index_missing(self) -> None:
         """Index the sealed segments that have no index yet, by walking them (a crash can come
-        between sealing a segment and indexing it). The Ledger calls this after its replay."""
-        for first in self._segments[:-1]:
-            if not (self.directory / index_name(first)).exists():
+        between sealing a segment and indexing it), and check the others' indexes (not their
+        segments' bytes), rebuilding a damaged one, in the background. The Ledger calls this
+        after its replay."""
+        segments = self._segments
+        for first, after in zip(segments, segments[1:]):
+            if (self.directory / index_name(first)).exists():
+                self._index(("check", first, after))
+            else:
                 self._index(first)
 
     def _index_sealed(self) -> None:
@@ -1321,6 +1368,15 @@ class Journal:
             work = self._index_queue.get()
             if work is None:
                 return
+            if isinstance(work, tuple) and work[0] == "check":
+                _, first, after = work
+                try:
+                    check_index(self.directory, first, (self.directory / segment_name(first)).stat().st_size,
+                                after - first)
+                    continue
+                except (IndexUnusable, OSError) as exc:
+                    log.warning("%s; rebuilding it from its segment", exc)
+                    work = first
             first = work if isinstance(work, int) else work[0]
             path = self.directory / segment_name(first)
             try:
@@ -1334,7 +1390,13 @@ class Journal:
                 else:
                     index = index_from_notes(*work, _HEADER_SIZE)
                 write_index(self.directory, first, index, self._sync)
-            except (IndexUnusable, OSError, ValueError) as exc:
+            except IndexUnusable as exc:
+                if isinstance(work, int):  # a walk found damage: a replay that reaches it fails
+                    log.error("sealed segment %s is damaged (%s): a member replay or restart that reads it fails; "
+                              "run `kaboni journal verify` and restore the segment from the backup", path, exc)
+                else:
+                    log.warning("segment %s not indexed: %s", path.name, exc)
+            except (OSError, ValueError) as exc:
                 log.warning("segment %s not indexed: %s", path.name, exc)
 
     def drop_scanned(self) -> None:
