@@ -121,7 +121,9 @@ def _verify(args) -> int:
             print(f"snapshot at seq {seq}: DAMAGED (skipped at restart)", file=sys.stderr)
             status = 1
         elif seq > result.last_seq:
-            print(f"snapshot at seq {seq}: beyond the journal's end (set aside at restart, as .kbs.beyond-end)")
+            print(f"snapshot at seq {seq}: beyond the journal's end (set aside at restart, as .kbs.beyond-end): "
+                  f"expected in a copy taken while the exchange ran; in the exchange's own directory records "
+                  f"{result.last_seq + 1} to {seq} were lost (docs/operations.md, Recover)")
         elif body.entry_crc >= 0 and not _snapshot_fits(args.dir, body):
             print(f"snapshot at seq {seq}: NOT OF THIS JOURNAL (its entry differs; skipped at restart)",
                   file=sys.stderr)
