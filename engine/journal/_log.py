@@ -379,13 +379,12 @@ def _judge_stop(path: Path, data, bad: int, expect: int, base: int = 0) -> None:
         what = "checksum mismatch"
     found = _next_valid_frame(data, bad, expect)
     if found is not None:
-        raise CorruptJournalError(path, base + bad, f"{what} (seq {expect} expected), with valid records after it "
-                                                    f"(seq {found[1]} at offset {base + found[0]})")
+        raise CorruptJournalError(path, base + bad, f"{what} with valid records after it (seq {found[1]} at offset "
+                                                    f"{base + found[0]}): not a torn tail; seq {expect} expected")
     reach = bad + FRAME_SIZE + (length if length <= MAX_PAYLOAD else 0)
     if n - reach > WRITE_LIMIT:
-        raise CorruptJournalError(path, base + bad, f"{what} (seq {expect} expected), with {n - bad} bytes after it: "
-                                                    f"more than the last write can hold ({WRITE_LIMIT}), so not a "
-                                                    "torn write")
+        raise CorruptJournalError(path, base + bad, f"{what} with {n - bad} bytes after it, more than one write "
+                                                    f"({WRITE_LIMIT}): not a torn tail; seq {expect} expected")
 
 
 def _check_sealed_end(path: Path, next_first: int) -> None:
@@ -416,9 +415,9 @@ def _check_sealed_end(path: Path, next_first: int) -> None:
             window *= 16
     finally:
         os.close(fd)
-    raise CorruptJournalError(path, size, f"a sealed segment ends with the record before the next segment's first "
-                                          f"({segment_name(next_first)}), seq {want}; this one does not: it is cut "
-                                          "short or damaged at its end, or a segment after it is missing")
+    raise CorruptJournalError(path, size, f"sealed segment does not end with seq {want}, the one before "
+                                          f"{segment_name(next_first)}: cut short, damaged at its end, or a segment "
+                                          "after it is missing")
 
 
 class ScanResult:
