@@ -210,7 +210,7 @@ def test_a_sealed_segment_cut_short_or_missing_stops_startup(tmp_path, how):
     assert verify.returncode == 1 and "CORRUPT" in verify.stderr
 
 
-def test_the_open_reads_sealed_segments_tails_only(tmp_path):
+def test_the_open_reads_sealed_segments_tails_only(tmp_path, monkeypatch):
     """The check costs a small read per sealed segment, not a read of the journal."""
     segments = segmented(tmp_path, 400)
     reads = []
@@ -220,11 +220,9 @@ def test_the_open_reads_sealed_segments_tails_only(tmp_path):
         reads.append(n)
         return real_pread(fd, n, off)
 
-    journal_log.os.pread = pread
-    try:
-        Journal.open(tmp_path).close()
-    finally:
-        journal_log.os.pread = real_pread
+    monkeypatch.setattr(os, "pread", pread)
+    Journal.open(tmp_path).close()
+    monkeypatch.undo()
     assert len(reads) == len(segments) - 1 and max(reads) <= 2000
 
 
