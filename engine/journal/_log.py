@@ -336,8 +336,8 @@ def _next_valid_frame(data, bad: int, expect: int) -> tuple[int, int] | None:
     there means records were written after the bad one: damage, not a torn write.
 
     Candidates are found by their seq's upper five bytes and a kind byte (a regular expression
-    search in C), skipping all-zero blocks: about 50 ms for 64 MiB of records, 20 ms for 64 MiB
-    of zeros."""
+    search in C), skipping all-zero blocks: for 64 MiB, 27 ms of zeros, 47 ms of random bytes,
+    140 ms of records none of which fits."""
     n = len(data)
     if n - bad <= FRAME_SIZE:
         return None
