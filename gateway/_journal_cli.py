@@ -106,7 +106,9 @@ def _verify(args) -> int:
         print(f"torn tail: {result.tail_bytes} bytes at the end of {result.tail_path} "
               "(an incomplete last write; truncated when the journal is next opened)")
     segments = list_segments(args.dir)
-    for first in segments[:-1]:  # sealed segments: their indexes are shortcuts, so a bad one is a note
+    # sealed segments (the one before a headerless newest segment is the newest once that is
+    # removed): their indexes are shortcuts, so a bad one is a note
+    for first in segments[:-2 if result.tail_segment else -1]:
         with open(args.dir / segment_name(first), "rb") as f:
             data = f.read()
         try:
