@@ -101,11 +101,17 @@ def _verify(args) -> int:
     status = 0
     print(f"{result.records} records (seq {result.first_seq}-{result.last_seq}) in {result.segments} segments, "
           f"{result.bytes} bytes: checksums and sequence OK")
-    if result.tail_bytes:
+    if result.tail_segment:
+        print(f"torn tail: {result.tail_path} holds no segment header ({result.tail_bytes} bytes, "
+              "zeros or less than a header: a crash while starting a new segment); removed when the journal is "
+              "next opened")
+    elif result.tail_bytes:
         print(f"torn tail: {result.tail_bytes} bytes at the end of {result.tail_path} "
               "(an incomplete last write; truncated when the journal is next opened)")
     segments = list_segments(args.dir)
-    for first in segments[:-1]:  # sealed segments: their indexes are shortcuts, so a bad one is a note
+    # sealed segments (the one before a headerless newest segment is the newest once that is
+    # removed): their indexes are shortcuts, so a bad one is a note
+    for first in segments[:-2 if result.tail_segment else -1]:
         with open(args.dir / segment_name(first), "rb") as f:
             data = f.read()
         try:
@@ -120,7 +126,9 @@ def _verify(args) -> int:
             print(f"snapshot at seq {seq}: DAMAGED (skipped at restart)", file=sys.stderr)
             status = 1
         elif seq > result.last_seq:
-            print(f"snapshot at seq {seq}: beyond the journal's end (set aside at restart, as .kbs.beyond-end)")
+            print(f"snapshot at seq {seq}: beyond the journal's end (set aside at restart, as .kbs.beyond-end): "
+                  f"expected in a copy taken while the exchange ran; in the exchange's own directory records "
+                  f"{result.last_seq + 1} to {seq} were lost (docs/operations.md, Recover)")
         elif body.entry_crc >= 0 and not _snapshot_fits(args.dir, body):
             print(f"snapshot at seq {seq}: NOT OF THIS JOURNAL (its entry differs; skipped at restart)",
                   file=sys.stderr)

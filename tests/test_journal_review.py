@@ -13,6 +13,7 @@ from engine import NewOrder, demo_config
 from engine.journal import (
     CorruptJournalError, FileOps, Journal, JournalFailedError, Ledger, list_segments, read_records,
 )
+import engine.journal._log as journal_log
 from engine.journal._format import MAX_PAYLOAD, pack_position, segment_name, unpack_position
 from engine.journal._index import index_name, load_index
 from engine.journal._snapshot import list_snapshots, read_snapshot, snapshot_name, write_snapshot
@@ -68,7 +69,7 @@ def _segmented_journal(directory, n: int = 60, segment_bytes: int = 300) -> list
 
 
 @pytest.mark.parametrize("indexed", [True, False], ids=["with-indexes", "walking"])
-def test_a_missing_segment_is_not_silently_skipped_by_the_journal_readers(tmp_path, indexed):
+def test_a_missing_segment_is_not_silently_skipped_by_the_journal_readers(tmp_path, indexed, monkeypatch):
     """Seqs are gap-free across segments and a replay checks every record, so a sealed segment
     that is gone (a partial copy of the directory, a mistaken delete) must be an error that
     names where the sequence breaks. ``records``, ``read_at`` and ``payload_spans`` (the
@@ -83,6 +84,12 @@ def test_a_missing_segment_is_not_silently_skipped_by_the_journal_readers(tmp_pa
         for first in segments:
             (tmp_path / index_name(first)).unlink(missing_ok=True)
     after = tmp_path / segment_name(segments[3])
+    # the open refuses it (its check of the sealed segments' ends: test_journal_recovery_review)
+    with pytest.raises(CorruptJournalError) as info:
+        Journal.open(tmp_path, durability="none", segment_bytes=300)
+    assert info.value.path == str(tmp_path / segment_name(segments[1])) and "missing" in str(info.value)
+    # and so do the readers, should the open's check ever be passed by
+    monkeypatch.setattr(journal_log, "_check_sealed_end", lambda path, next_first: None)
     j = Journal.open(tmp_path, durability="none", segment_bytes=300)
     try:
         with pytest.raises(CorruptJournalError) as info:

@@ -9,7 +9,7 @@ the next replay, every frame checked.) A replay then checks the segment with one
 over the whole file and finds its ENTRY payloads from the index, without a call per frame. An
 index is only ever a shortcut: missing, damaged, or not matching its segment's bytes, it is
 ignored (with a warning) and the replay walks the frames, which also names the offset of any
-damage.
+damage; after a restart's replay, a missing or damaged one is rebuilt in the background.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ from ._format import GROUP_END, MAX_PAYLOAD, SEGMENT_HEADER, segment_name
 from ._snapshot import replace_file
 
 __all__ = ["INDEX_VERSION", "index_name", "index_from_notes", "build_index", "write_index", "load_index",
-           "IndexUnusable"]
+           "check_index", "IndexUnusable"]
 
 INDEX_VERSION = 1
 INDEX_MAGIC = b"KBNX"
@@ -95,6 +95,25 @@ def load_index(directory: Path, first_seq: int, data) -> tuple[bytes, list[int]]
     """The (kinds, payload lengths) of the segment ``data``'s frames, from its index, after
     checking the index, that the segment's bytes are the ones it was built from, and that its
     frames cover them end to end."""
+    kinds, lengths, seg_crc = _read_index(directory, first_seq, len(data))
+    if crc32c(data) != seg_crc:
+        raise IndexUnusable(f"{directory / index_name(first_seq)}: the segment's bytes differ from the ones it was "
+                            "built from")
+    return kinds, lengths
+
+
+def check_index(directory: Path, first_seq: int, seg_len: int, frames: int) -> None:
+    """Check an index without reading its segment: whole (its checksums), of a segment of
+    ``seg_len`` bytes holding ``frames`` frames (the next segment's first seq tells). Raises
+    ``IndexUnusable`` (also for a missing index)."""
+    kinds, _, _ = _read_index(directory, first_seq, seg_len)
+    if len(kinds) != frames:
+        raise IndexUnusable(f"{directory / index_name(first_seq)}: {len(kinds)} frames, the segment holds {frames}")
+
+
+def _read_index(directory: Path, first_seq: int, seg_len: int) -> tuple[bytes, list[int], int]:
+    """An index's kinds, payload lengths and segment CRC32C, checked against itself and against
+    a segment of ``seg_len`` bytes."""
     path = directory / index_name(first_seq)
     try:
         raw = path.read_bytes()
@@ -103,7 +122,7 @@ def load_index(directory: Path, first_seq: int, data) -> tuple[bytes, list[int]]
     size = INDEX_HEADER.size
     if len(raw) < size:
         raise IndexUnusable(f"{path}: {len(raw)} bytes, shorter than its header")
-    magic, version, hsize, seq, seg_len, seg_crc, frames, body_crc, head_crc = INDEX_HEADER.unpack_from(raw)
+    magic, version, hsize, seq, length, seg_crc, frames, body_crc, head_crc = INDEX_HEADER.unpack_from(raw)
     if magic != INDEX_MAGIC or head_crc != crc32c(raw[:size - 4]):
         raise IndexUnusable(f"{path}: not an index header (bad magic or checksum)")
     if version != INDEX_VERSION or hsize != size:
@@ -111,12 +130,13 @@ def load_index(directory: Path, first_seq: int, data) -> tuple[bytes, list[int]]
     body = memoryview(raw)[size:]
     if seq != first_seq or len(body) != 5 * frames or crc32c(body) != body_crc:
         raise IndexUnusable(f"{path}: damaged index")
-    if len(data) != seg_len or crc32c(data) != seg_crc:
-        raise IndexUnusable(f"{path}: the segment's bytes differ from the ones it was built from")
+    if seg_len != length:
+        raise IndexUnusable(f"{path}: the segment's bytes differ from the ones it was built from "
+                            f"({seg_len} bytes, not {length})")
     lengths = array("I")
     lengths.frombytes(body[frames:])
     if sys.byteorder == "big":
         lengths.byteswap()
-    if _SEGMENT_HEADER_SIZE + 17 * frames + sum(lengths) != seg_len:
+    if _SEGMENT_HEADER_SIZE + 17 * frames + sum(lengths) != length:
         raise IndexUnusable(f"{path}: its frames do not cover the segment")
-    return bytes(body[:frames]), lengths.tolist()
+    return bytes(body[:frames]), lengths.tolist(), seg_crc

@@ -402,7 +402,15 @@ class Ledger:
                     what = f"set aside as {name + BEYOND_END}"
                 except OSError as exc:
                     raise JournalError(f"cannot set aside {name}, beyond the journal's end ({last}): {exc}") from exc
-                log.warning("snapshot at seq %d is beyond the journal's end (%d); %s", seq, last, what)
+                # A snapshot is written only once the journal is durable through its seq, so in
+                # the exchange's own directory this means records last+1..seq, once confirmed, are
+                # gone (a lost newest segment, a storage fault at the end of the journal); in a
+                # copy taken while the exchange ran it is expected (docs/operations.md, Back up).
+                # The files cannot tell the two apart: say both, loudly.
+                log.error("snapshot at seq %d is beyond the journal's end (%d); %s. In a copy taken while the "
+                          "exchange ran this is expected; in the exchange's own data directory records %d to %d, "
+                          "confirmed before the snapshot was written, are missing: stop and restore them from "
+                          "the backup (docs/operations.md, Recover)", seq, last, what, last + 1, seq)
                 continue
             body = read_snapshot(self.directory / snapshot_name(seq))
             if body is not None:
