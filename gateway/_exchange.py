@@ -31,7 +31,7 @@ import msgspec
 
 import engine as E
 from engine import hash_token
-from engine.journal import JournalFailedError
+from engine.journal import JournalError, JournalFailedError
 
 from ._metrics import Stats
 from ._schedule import CLOSE, END_OF_DAY, OPEN, Schedule
@@ -327,8 +327,16 @@ class Exchange:
             # also reads a bounded part of the journal (a member with few reports on a long
             # journal may get none in one step): the loop is never held long, and the next step
             # reads on where this one stopped
-            bodies, session.replay_mark = self.ledger.report_step(
-                member, after, min(released, after + REPLAY_CHUNK), self.replay_step_bytes, session.replay_mark)
+            try:
+                bodies, session.replay_mark = self.ledger.report_step(
+                    member, after, min(released, after + REPLAY_CHUNK), self.replay_step_bytes, session.replay_mark)
+            except JournalError as exc:  # a damaged older segment: the journal cannot give them
+                # no Error reason of the protocol fits; the connection ends, the operator is told
+                log_event("replay_failed", _level=logging.ERROR, member=member, session=session.sid,
+                          resume_after=after, error=str(exc))
+                session.cause = "replay_failed"
+                session.sink.abort()
+                return
             step = [frame(body) for body in bodies]
             through = after + len(step)
             if session.held:  # replies whose earlier reports are in this step go right after it

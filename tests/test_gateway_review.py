@@ -601,3 +601,25 @@ def test_every_frame_the_server_sends_fits_in_max_frame():
     errors = [f for f in frames if f["type"] == "Error"]
     assert [e["reason"] for e in errors] == ["invalid_message", "invalid_message"]
     assert all(len(e["text"]) == 203 for e in errors)
+
+
+def test_a_replay_that_meets_a_damaged_journal_closes_the_session_and_says_why(caplog):
+    """A flipped byte in an older segment is found only when a replay reads it: that was an
+    internal_error with a traceback on every reconnect; now one ERROR line and a closed session."""
+    from engine.journal import CorruptJournalError
+
+    ex, ledger = make_exchange()
+    s, sink = connect(ex, "M01")
+    ex.data_received(s, order("a"), 0.0)
+    durable(ex, ledger)
+    assert [f["type"] for f in sink.frames()] == ["LogonAccepted", "OrderAccepted"]
+
+    def damaged(*args, **kwargs):
+        raise CorruptJournalError("/data/journal-00000000000000000001.kbj", 4096, "checksum mismatch")
+    ledger.report_step = damaged
+    with caplog.at_level(logging.ERROR, logger="kaboni"):
+        again, sink2 = connect(ex, "M01", resume_from=0)
+    assert sink2.closed and again.cause == "replay_failed"
+    line = next(r.getMessage() for r in caplog.records if "event=replay_failed" in r.getMessage())
+    assert "member=M01" in line and "checksum mismatch" in line and "Traceback" not in caplog.text
+    assert not s.sink.closed  # the member's other session goes on
