@@ -116,6 +116,9 @@ class Exchange:
         self.max_frame = gw.max_frame
         self.replay_step_bytes = max(1, gw.max_outbound_bytes // 4)  # a replay step stays well under the bound
         self.max_outbound = gw.max_outbound_bytes
+        # live reports and market data stop at this much unsent output (see release)
+        self.high_water = max(1, gw.max_outbound_bytes // 2)
+        self._round = 0  # release rounds, for Session.room
         self.max_sessions = gw.max_sessions_per_member
         self.rate = gw.max_msgs_per_s
         self.logon_timeout = gw.logon_timeout_s
@@ -142,6 +145,9 @@ class Exchange:
         session = Session(self.next_sid, self.max_frame, now)
         self.next_sid += 1
         session.sink = sink
+        outbuf = getattr(sink, "buffered", None)
+        if outbuf is not None:
+            session.outbuf = outbuf
         self.sessions.add(session)
         self._tick_parts[session.sid % TICK_PARTS].add(session)
         return session
@@ -290,6 +296,7 @@ class Exchange:
             log_event("logon_rejected", member=member, reason=reject[0])
             return
         session.accept()
+        self._evict_closing(group, live)
         session.member = member
         session.role = role
         session.cancel_on_disconnect = logon.cancel_on_disconnect
@@ -308,6 +315,17 @@ class Exchange:
         log_event("logon", member=member, role=role, session=session.sid, next_seq=next_seq,
                   resume_from=logon.resume_from if logon.resume_from is not None else "none",
                   cancel_on_disconnect=logon.cancel_on_disconnect)
+
+    def _evict_closing(self, group: list[Session], live: int) -> None:
+        """A member's connections, logged on or closing (logged out, still flushing its last
+        bytes), stay within twice ``max_sessions_per_member``: before a new session joins, the
+        oldest closing ones are cut off. A peer that logs out and on again without reading would
+        otherwise pin ``max_outbound_bytes`` per connection for ``logon_timeout_s`` each."""
+        closing = [s for s in group if s.state is State.CLOSING and s.outbuf() > 0]  # (an empty one goes by itself)
+        for s in closing[:max(0, len(closing) + live + 1 - 2 * self.max_sessions)]:
+            group.remove(s)  # gone from the member's count now; connection_lost follows
+            log_event("close_evicted", member=s.member, session=s.sid, buffered=max(0, s.outbuf()))
+            s.sink.abort()
 
     def replay_more(self, session: Session) -> None:
         """Send a resuming session its next step of reports from the journal (``REPLAY_CHUNK``
@@ -381,6 +399,7 @@ class Exchange:
             for sym in instruments:
                 if sym in session.subscriptions:
                     session.subscriptions.discard(sym)
+                    session.stale.discard(sym)
                     self.subscribers[sym] = tuple(s for s in self.subscribers[sym] if s is not session)
         else:  # pragma: no cover - the decoder's union and this dispatch must agree
             raise AssertionError(f"no handler for {cls.__name__}")
@@ -426,9 +445,12 @@ class Exchange:
         for sym in instruments:
             # The snapshot waits behind the commands already run; events after it follow it.
             self._to_session(session, frame(self._book_snapshot(sym, msg.depth)), market=True)
-            if sym not in session.subscriptions:
+            session.md_depth[sym] = msg.depth
+            if sym not in session.subscriptions or sym in session.stale:
                 # events queued before now (for an earlier subscription) are in the snapshot
                 session.md_since[sym] = self.ledger.last_seq
+                session.stale.discard(sym)
+            if sym not in session.subscriptions:
                 session.subscriptions.add(sym)
                 self.subscribers[sym] = self.subscribers[sym] + (session,)
 
@@ -564,8 +586,14 @@ class Exchange:
         released = self.released
         latency = self.stats.latencies.append
         now = monotonic()
-        closed = State.CLOSED
+        closed, active = State.CLOSED, State.ACTIVE
         batches: defaultdict[Session, list[bytes]] = defaultdict(list)
+        # The outbound bound: a session's live reports and market data stop where they would take
+        # its unsent output (what the transport holds plus what this round gives it: room) past
+        # high_water. Reports then come by a paced replay from the journal, market data by a fresh
+        # BookSnapshot once the connection has drained. One frame always goes to an empty one.
+        self._round = rnd = self._round + 1
+        high = self.high_water
         while out and out[0][0] <= durable:
             seq, kind, target, a, data, t0 = out.popleft()
             if kind == _REPORT:
@@ -574,12 +602,30 @@ class Exchange:
                     latency(now - t0)
                 group = by_member.get(target)
                 if group:
+                    n = len(data)
                     for s in group:
                         if a >= s.min_seq and s.state is not closed:
+                            if s.round != rnd:
+                                s.round = rnd
+                                s.room = high - s.outbuf()
+                            room = s.room - n
+                            if room < 0 and s.room < high and s.state is active:
+                                self._overflow(s, a)
+                                continue
+                            s.room = room
                             batches[s].append(data)
             elif kind == _MARKET:
+                n = len(data)
                 for s in target:
                     if a in s.subscriptions and s.state is not closed and seq > s.md_since[a]:
+                        if s.round != rnd:
+                            s.round = rnd
+                            s.room = high - s.outbuf()
+                        room = s.room - n
+                        if room < 0 and s.room < high:
+                            self._stale(s, a)
+                            continue
+                        s.room = room
                         batches[s].append(data)
             elif kind == _SESSION:
                 if target.state is not closed:
@@ -593,6 +639,10 @@ class Exchange:
                                       buffered=target.held_bytes)
                             target.sink.abort()
                     else:
+                        if target.round != rnd:
+                            target.round = rnd
+                            target.room = high - target.outbuf()
+                        target.room -= len(data)  # replies are never held back, but they take room
                         batches[target].append(data)
             elif kind == _DAY:
                 self.trading_day = a
@@ -611,6 +661,45 @@ class Exchange:
             s.sink.write(frames[0] if len(frames) == 1 else b"".join(frames))
         if len(self.stats.latencies) > 65_536:
             self.stats.order_to_report()  # fold into the histogram (normally done at scrape time)
+
+    def _overflow(self, session: Session, seq: int) -> None:
+        """The member's report ``seq`` would take the session past the bound: from it on, its
+        reports come from the journal by the paced replay (as after a ``resume_from``), so the
+        peer gets each once, in order, as fast as it reads."""
+        session.replay_after = seq - 1  # reports are gap-free per member: it has had all up to seq - 1
+        session.min_seq = _NEVER
+        session.overflowed = True
+        self.stats.report_overflows += 1
+        log_event("reports_overflow", member=session.member, session=session.sid, seq=seq,
+                  buffered=session.outbuf())
+        session.sink.replay_later()
+
+    def _stale(self, session: Session, instrument: str) -> None:
+        """Market data of ``instrument`` would take the session past the bound: none of it more
+        until the connection has drained, then a fresh BookSnapshot (``resync``)."""
+        session.md_since[instrument] = _NEVER
+        first = not session.stale
+        session.stale.add(instrument)
+        self.stats.md_resyncs += 1
+        session.resyncs = n = session.resyncs + 1
+        if n == 10 ** (len(str(n)) - 1):  # the session's 1st, 10th, 100th... : no flood of lines
+            log_event("md_resync", member=session.member or "-", session=session.sid, instrument=instrument,
+                      buffered=session.outbuf(), resyncs=n)
+        if first:
+            session.sink.drain_later()
+
+    def resync(self, session: Session) -> None:
+        """The connection has drained: a fresh BookSnapshot of each instrument whose market data
+        stopped (``_stale``), then its incrementals again, exactly as after a Subscribe."""
+        stale = session.stale
+        if not stale or session.state is not State.ACTIVE:
+            return
+        last = self.ledger.last_seq
+        for sym in sorted(stale):
+            self._to_session(session, frame(self._book_snapshot(sym, session.md_depth[sym])), market=True)
+            session.md_since[sym] = last  # later events follow the snapshot; earlier ones are in it
+        stale.clear()
+        self.release(self.ledger.durable_seq)
 
     # -----------------------------------------------------------------------------------------
     # Shutdown
