@@ -609,7 +609,8 @@ class Exchange:
                                 s.round = rnd
                                 s.room = high - s.outbuf()
                             room = s.room - n
-                            if room < 0 and s.room < high and s.state is active:
+                            if room < 0 and s.room < high and s.state is active and not self.draining:
+                                # (a session told goodbye gets its last reports in one write)
                                 self._overflow(s, a)
                                 continue
                             s.room = room
