@@ -118,7 +118,6 @@ class Exchange:
         self.max_outbound = gw.max_outbound_bytes
         # live reports and market data stop at this much unsent output (see release)
         self.high_water = max(1, gw.max_outbound_bytes // 2)
-        self._round = 0  # release rounds, for Session.room
         self.max_sessions = gw.max_sessions_per_member
         self.rate = gw.max_msgs_per_s
         self.logon_timeout = gw.logon_timeout_s
@@ -587,12 +586,12 @@ class Exchange:
         latency = self.stats.latencies.append
         now = monotonic()
         closed, active = State.CLOSED, State.ACTIVE
-        batches: defaultdict[Session, list[bytes]] = defaultdict(list)
+        batches: dict[Session, list[bytes]] = {}
         # The outbound bound: a session's live reports and market data stop where they would take
-        # its unsent output (what the transport holds plus what this round gives it: room) past
-        # high_water. Reports then come by a paced replay from the journal, market data by a fresh
-        # BookSnapshot once the connection has drained. One frame always goes to an empty one.
-        self._round = rnd = self._round + 1
+        # its unsent output (what the transport holds plus what this round gives it: room, counted
+        # from the session's first frame of the round) past high_water. Reports then come by a
+        # paced replay from the journal, market data by a fresh BookSnapshot once the connection
+        # has drained. One frame always goes to a connection with nothing unsent.
         high = self.high_water
         while out and out[0][0] <= durable:
             seq, kind, target, a, data, t0 = out.popleft()
@@ -605,8 +604,9 @@ class Exchange:
                     n = len(data)
                     for s in group:
                         if a >= s.min_seq and s.state is not closed:
-                            if s.round != rnd:
-                                s.round = rnd
+                            b = batches.get(s)
+                            if b is None:
+                                b = batches[s] = []
                                 s.room = high - s.outbuf()
                             room = s.room - n
                             if room < 0 and s.room < high and s.state is active and not self.draining:
@@ -614,20 +614,21 @@ class Exchange:
                                 self._overflow(s, a)
                                 continue
                             s.room = room
-                            batches[s].append(data)
+                            b.append(data)
             elif kind == _MARKET:
                 n = len(data)
                 for s in target:
                     if a in s.subscriptions and s.state is not closed and seq > s.md_since[a]:
-                        if s.round != rnd:
-                            s.round = rnd
+                        b = batches.get(s)
+                        if b is None:
+                            b = batches[s] = []
                             s.room = high - s.outbuf()
                         room = s.room - n
                         if room < 0 and s.room < high:
                             self._stale(s, a)
                             continue
                         s.room = room
-                        batches[s].append(data)
+                        b.append(data)
             elif kind == _SESSION:
                 if target.state is not closed:
                     if target.replay_after is not None and a is None:
@@ -640,11 +641,12 @@ class Exchange:
                                       buffered=target.held_bytes)
                             target.sink.abort()
                     else:
-                        if target.round != rnd:
-                            target.round = rnd
+                        b = batches.get(target)
+                        if b is None:
+                            b = batches[target] = []
                             target.room = high - target.outbuf()
                         target.room -= len(data)  # replies are never held back, but they take room
-                        batches[target].append(data)
+                        b.append(data)
             elif kind == _DAY:
                 self.trading_day = a
             else:  # _CLOSE
@@ -658,8 +660,9 @@ class Exchange:
                     target.handle(Event.GOODBYE)
                     target.sink.close()
         for s, frames in batches.items():
-            s.last_tx = now
-            s.sink.write(frames[0] if len(frames) == 1 else b"".join(frames))
+            if frames:  # (none when the bound stopped everything)
+                s.last_tx = now
+                s.sink.write(frames[0] if len(frames) == 1 else b"".join(frames))
         if len(self.stats.latencies) > 65_536:
             self.stats.order_to_report()  # fold into the histogram (normally done at scrape time)
 

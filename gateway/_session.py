@@ -115,7 +115,7 @@ class Session:
         "state", "frames", "sid", "member", "role", "cancel_on_disconnect", "heartbeat_s",
         "bucket", "last_rx", "last_tx", "opened", "subscriptions", "min_seq", "entered_orders",
         "cause", "sink", "pending", "replay_after", "goodbye", "md_since", "held",
-        "held_bytes", "refused", "md_depth", "stale", "overflowed", "outbuf", "room", "round",
+        "held_bytes", "refused", "md_depth", "stale", "overflowed", "outbuf", "room",
         "resyncs",
     )
 
@@ -140,8 +140,7 @@ class Session:
         self.resyncs = 0          # times its market data went stale (logged at 1, 10, 100, ...)
         self.overflowed = False   # its live reports went over the bound: they come by replay
         self.outbuf = _unbounded  # the sink's bytes not yet sent (set by Exchange.connect)
-        self.room = 0             # bytes it may still be given in this release round ...
-        self.round = -1           # ... the round room was counted for
+        self.room = 0             # bytes it may still be given in this release round
         self.min_seq = 0          # reports with a lower seq are not sent live (no resume_from)
         self.replay_after: int | None = None  # resuming: reports after this seq still come from the journal
         self.entered_orders = False
