@@ -118,6 +118,7 @@ class Exchange:
         self.max_outbound = gw.max_outbound_bytes
         # live reports and market data stop at this much unsent output (see release)
         self.high_water = max(1, gw.max_outbound_bytes // 2)
+        self._resync_snapshots: dict[tuple[str, int], tuple[int, bytes]] = {}  # see resync
         self.max_sessions = gw.max_sessions_per_member
         self.rate = gw.max_msgs_per_s
         self.logon_timeout = gw.logon_timeout_s
@@ -699,8 +700,16 @@ class Exchange:
         if not stale or session.state is not State.ACTIVE:
             return
         last = self.ledger.last_seq
+        cache = self._resync_snapshots
         for sym in sorted(stale):
-            self._to_session(session, frame(self._book_snapshot(sym, session.md_depth[sym])), market=True)
+            # thousands of subscribers resync after one burst: one snapshot per state of the book
+            key = (sym, session.md_depth[sym])
+            hit = cache.get(key)
+            if hit is None or hit[0] != last:
+                if len(cache) > 1024:
+                    cache.clear()
+                hit = cache[key] = (last, frame(self._book_snapshot(*key)))
+            self._to_session(session, hit[1], market=True)
             session.md_since[sym] = last  # later events follow the snapshot; earlier ones are in it
         stale.clear()
         self.release(self.ledger.durable_seq)
