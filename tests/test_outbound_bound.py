@@ -388,3 +388,53 @@ def test_random_bursts_keep_every_report_and_a_consistent_book_within_the_bound(
         resyncs += ex.stats.md_resyncs
         overflows += ex.stats.report_overflows
     assert resyncs > 25 and overflows > 25, (resyncs, overflows)  # the bursts did go past the bound
+
+
+def test_a_subscribe_resyncs_a_stale_instrument_at_once_and_unsubscribe_forgets_it():
+    """While an instrument is stale a Subscribe's own snapshot is the fresh one: incrementals
+    follow it at once, and the later drain sends no second snapshot. After an Unsubscribe the
+    drain sends nothing for it either."""
+    from _fakes import ManualLedger
+    from gateway._exchange import Exchange
+
+    config = make_config(max_outbound_bytes=4096, max_msgs_per_s=1_000_000)
+    ledger = ManualLedger(config)
+    ex = Exchange(config, ledger, clock_ns=lambda: 42)
+    sessions = []
+    for member in ("M01", "M02"):
+        sink = BufferSink()
+        s = ex.connect(sink, 0.0)
+        ex.data_received(s, _frame({"type": "Logon", "member": member, "token": f"{member}-token"}), 0.0)
+        sessions.append((s, sink))
+    (m, _), (sub, sink) = sessions
+    for sym in (SYM, "CEA24"):
+        ex.data_received(sub, _frame({"type": "Subscribe", "instruments": [sym], "depth": 3}), 0.0)
+
+    def burst(sym, k):
+        for i in range(40):
+            ex.data_received(m, _frame({"type": "NewOrder", "cl_ord_id": f"{sym}{k}.{i}", "instrument": sym,
+                                        "side": "sell", "qty": 1, "price": 9300 + i, "tif": "gtc"}), 0.0)
+        ledger.durable_seq = ledger.last_seq
+        ex.on_durable(ledger.last_seq)
+
+    burst(SYM, 0)
+    assert sub.stale == {SYM} and sink.drain == 1
+    ex.data_received(sub, _frame({"type": "Subscribe", "instruments": [SYM], "depth": 3}), 0.0)
+    assert not sub.stale
+    ledger.durable_seq = ledger.last_seq
+    ex.on_durable(ledger.last_seq)
+    sink.take(1 << 30)
+    frames = sink.frames()
+    assert frames[-1]["type"] == "BookSnapshot" and frames[-1]["md_seq"] == ex.engine.md_seq(SYM)
+    ex.resync(sub)  # the drain comes: nothing stale, nothing sent
+    assert not sink.unsent
+    burst("CEA24", 1)
+    burst(SYM, 2)
+    assert sub.stale  # the bound stopped market data again
+    ex.data_received(sub, _frame({"type": "Unsubscribe", "instruments": list(sub.stale)}), 0.0)
+    ledger.durable_seq = ledger.last_seq
+    ex.on_durable(ledger.last_seq)
+    sink.take(1 << 30)
+    sink.frames()
+    ex.resync(sub)
+    assert not sink.unsent and not sub.stale
