@@ -12,6 +12,12 @@ Replay on logon is race-free because the loop is single-threaded: a member's rep
 ``released[member]`` are read from the journal, later ones come from the outbox. A long replay
 goes out ``REPLAY_CHUNK`` reports at a time, paced by the peer's reading, so it neither stalls
 the loop nor overruns the session's outbound bound; live reports wait until it has caught up.
+
+The same bound holds for bursts (one mass cancel can make 100k reports and BookUpdates): live
+reports and market data stop at half of ``max_outbound_bytes`` of unsent output. The reports
+then come by that paced replay (``_overflow``); the market data by a fresh BookSnapshot once the
+connection has drained (``_stale``, ``sink.drain_later()``, ``resync``). A sink with
+``buffered()`` says how much it holds; one without (tests' in-memory sinks) is never held back.
 """
 
 from __future__ import annotations

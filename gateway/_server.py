@@ -3,7 +3,9 @@
 The journal's writer thread reports durability with ``loop.call_soon_threadsafe``; the loop
 releases the outbox. A ``FlowControl`` per connection bounds what a slow reader can make us
 buffer: past ``max_outbound_bytes`` the transport asks us to pause writing, and we disconnect
-that client instead (its cancel-on-disconnect applies). SIGTERM / SIGINT drain in stages with
+that client instead (its cancel-on-disconnect applies). Live reports and market data stop well
+before that (``Exchange.release``); the connection then tells the exchange when its peer has
+drained (``replay_later``, ``drain_later``) and cuts off a peer that takes nothing meanwhile. SIGTERM / SIGINT drain in stages with
 time limits: stop accepting, end the sessions, let the journal make everything durable, flush
 the goodbyes, close the journal.
 """
