@@ -13,6 +13,12 @@ Replay on logon is race-free because the loop is single-threaded: a member's rep
 goes out ``REPLAY_CHUNK`` reports at a time, paced by the peer's reading, each step reading a
 bounded part of the journal (``Ledger.report_step``), so it neither stalls the loop nor overruns
 the session's outbound bound; live reports wait until it has caught up.
+
+The same bound holds for bursts (one mass cancel can make 100k reports and BookUpdates): live
+reports and market data stop at half of ``max_outbound_bytes`` of unsent output. The reports
+then come by that paced replay (``_overflow``); the market data by a fresh BookSnapshot once the
+connection has drained (``_stale``, ``sink.drain_later()``, ``resync``). A sink with
+``buffered()`` says how much it holds; one without (tests' in-memory sinks) is never held back.
 """
 
 from __future__ import annotations
@@ -120,6 +126,9 @@ class Exchange:
         self.max_frame = gw.max_frame
         self.replay_step_bytes = max(1, gw.max_outbound_bytes // 4)  # a replay step stays well under the bound
         self.max_outbound = gw.max_outbound_bytes
+        # live reports and market data stop at this much unsent output (see release)
+        self.high_water = max(1, gw.max_outbound_bytes // 2)
+        self._resync_snapshots: dict[tuple[str, int], tuple[int, bytes]] = {}  # see resync
         self.max_sessions = gw.max_sessions_per_member
         self.rate = gw.max_msgs_per_s
         self.logon_timeout = gw.logon_timeout_s
@@ -146,6 +155,9 @@ class Exchange:
         session = Session(self.next_sid, self.max_frame, now)
         self.next_sid += 1
         session.sink = sink
+        outbuf = getattr(sink, "buffered", None)
+        if outbuf is not None:
+            session.outbuf = outbuf
         self.sessions.add(session)
         self._tick_parts[session.sid % TICK_PARTS].add(session)
         return session
@@ -294,6 +306,7 @@ class Exchange:
             log_event("logon_rejected", member=member, reason=reject[0])
             return
         session.accept()
+        self._evict_closing(group, live)
         session.member = member
         session.role = role
         session.cancel_on_disconnect = logon.cancel_on_disconnect
@@ -312,6 +325,17 @@ class Exchange:
         log_event("logon", member=member, role=role, session=session.sid, next_seq=next_seq,
                   resume_from=logon.resume_from if logon.resume_from is not None else "none",
                   cancel_on_disconnect=logon.cancel_on_disconnect)
+
+    def _evict_closing(self, group: list[Session], live: int) -> None:
+        """A member's connections, logged on or closing (logged out, still flushing its last
+        bytes), stay within twice ``max_sessions_per_member``: before a new session joins, the
+        oldest closing ones are cut off. A peer that logs out and on again without reading would
+        otherwise pin ``max_outbound_bytes`` per connection for ``logon_timeout_s`` each."""
+        closing = [s for s in group if s.state is State.CLOSING and s.outbuf() > 0]  # (an empty one goes by itself)
+        for s in closing[:max(0, len(closing) + live + 1 - 2 * self.max_sessions)]:
+            group.remove(s)  # gone from the member's count now; connection_lost follows
+            log_event("close_evicted", member=s.member, session=s.sid, buffered=max(0, s.outbuf()))
+            s.sink.abort()
 
     def replay_more(self, session: Session) -> None:
         """Send a resuming session its next step of reports from the journal (``REPLAY_CHUNK``
@@ -395,6 +419,7 @@ class Exchange:
             for sym in instruments:
                 if sym in session.subscriptions:
                     session.subscriptions.discard(sym)
+                    session.stale.discard(sym)
                     self.subscribers[sym] = tuple(s for s in self.subscribers[sym] if s is not session)
         else:  # pragma: no cover - the decoder's union and this dispatch must agree
             raise AssertionError(f"no handler for {cls.__name__}")
@@ -440,9 +465,12 @@ class Exchange:
         for sym in instruments:
             # The snapshot waits behind the commands already run; events after it follow it.
             self._to_session(session, frame(self._book_snapshot(sym, msg.depth)), market=True)
-            if sym not in session.subscriptions:
+            session.md_depth[sym] = msg.depth
+            if sym not in session.subscriptions or sym in session.stale:
                 # events queued before now (for an earlier subscription) are in the snapshot
                 session.md_since[sym] = self.ledger.last_seq
+                session.stale.discard(sym)
+            if sym not in session.subscriptions:
                 session.subscriptions.add(sym)
                 self.subscribers[sym] = self.subscribers[sym] + (session,)
 
@@ -605,8 +633,14 @@ class Exchange:
         released = self.released
         latency = self.stats.latencies.append
         now = monotonic()
-        closed = State.CLOSED
-        batches: defaultdict[Session, list[bytes]] = defaultdict(list)
+        closed, active = State.CLOSED, State.ACTIVE
+        batches: dict[Session, list[bytes]] = {}
+        # The outbound bound: a session's live reports and market data stop where they would take
+        # its unsent output (what the transport holds plus what this round gives it: room, counted
+        # from the session's first frame of the round) past high_water. Reports then come by a
+        # paced replay from the journal, market data by a fresh BookSnapshot once the connection
+        # has drained. One frame always goes to a connection with nothing unsent.
+        high = self.high_water
         while out and out[0][0] <= durable:
             seq, kind, target, a, data, t0 = out.popleft()
             if kind == _REPORT:
@@ -615,13 +649,34 @@ class Exchange:
                     latency(now - t0)
                 group = by_member.get(target)
                 if group:
+                    n = len(data)
                     for s in group:
                         if a >= s.min_seq and s.state is not closed:
-                            batches[s].append(data)
+                            b = batches.get(s)
+                            if b is None:
+                                b = batches[s] = []
+                                s.room = high - s.outbuf()
+                            room = s.room - n
+                            if room < 0 and s.room < high and s.state is active and not self.draining:
+                                # (a session told goodbye gets its last reports in one write)
+                                self._overflow(s, a)
+                                continue
+                            s.room = room
+                            b.append(data)
             elif kind == _MARKET:
+                n = len(data)
                 for s in target:
                     if a in s.subscriptions and s.state is not closed and seq > s.md_since[a]:
-                        batches[s].append(data)
+                        b = batches.get(s)
+                        if b is None:
+                            b = batches[s] = []
+                            s.room = high - s.outbuf()
+                        room = s.room - n
+                        if room < 0 and s.room < high:
+                            self._stale(s, a)
+                            continue
+                        s.room = room
+                        b.append(data)
             elif kind == _SESSION:
                 if target.state is not closed:
                     if target.replay_after is not None and a is None:
@@ -634,7 +689,12 @@ class Exchange:
                                       buffered=target.held_bytes)
                             target.sink.abort()
                     else:
-                        batches[target].append(data)
+                        b = batches.get(target)
+                        if b is None:
+                            b = batches[target] = []
+                            target.room = high - target.outbuf()
+                        target.room -= len(data)  # replies are never held back, but they take room
+                        b.append(data)
             elif kind == _DAY:
                 self.trading_day = a
             else:  # _CLOSE
@@ -648,10 +708,58 @@ class Exchange:
                     target.handle(Event.GOODBYE)
                     target.sink.close()
         for s, frames in batches.items():
-            s.last_tx = now
-            s.sink.write(frames[0] if len(frames) == 1 else b"".join(frames))
+            if frames:  # (none when the bound stopped everything)
+                s.last_tx = now
+                s.sink.write(frames[0] if len(frames) == 1 else b"".join(frames))
         if len(self.stats.latencies) > 65_536:
             self.stats.order_to_report()  # fold into the histogram (normally done at scrape time)
+
+    def _overflow(self, session: Session, seq: int) -> None:
+        """The member's report ``seq`` would take the session past the bound: from it on, its
+        reports come from the journal by the paced replay (as after a ``resume_from``), so the
+        peer gets each once, in order, as fast as it reads."""
+        session.replay_after = seq - 1  # reports are gap-free per member: it has had all up to seq - 1
+        session.min_seq = _NEVER
+        session.overflowed = True
+        self.stats.report_overflows += 1
+        log_event("reports_overflow", member=session.member, session=session.sid, seq=seq,
+                  buffered=session.outbuf())
+        session.sink.replay_later()
+
+    def _stale(self, session: Session, instrument: str) -> None:
+        """Market data of ``instrument`` would take the session past the bound: none of it more
+        until the connection has drained, then a fresh BookSnapshot (``resync``)."""
+        session.md_since[instrument] = _NEVER
+        first = not session.stale
+        session.stale.add(instrument)
+        self.stats.md_resyncs += 1
+        session.resyncs = n = session.resyncs + 1
+        if n == 10 ** (len(str(n)) - 1):  # the session's 1st, 10th, 100th... : no flood of lines
+            log_event("md_resync", member=session.member or "-", session=session.sid, instrument=instrument,
+                      buffered=session.outbuf(), resyncs=n)
+        if first:
+            session.sink.drain_later()
+
+    def resync(self, session: Session) -> None:
+        """The connection has drained: a fresh BookSnapshot of each instrument whose market data
+        stopped (``_stale``), then its incrementals again, exactly as after a Subscribe."""
+        stale = session.stale
+        if not stale or session.state is not State.ACTIVE:
+            return
+        last = self.ledger.last_seq
+        cache = self._resync_snapshots
+        for sym in sorted(stale):
+            # thousands of subscribers resync after one burst: one snapshot per state of the book
+            key = (sym, session.md_depth[sym])
+            hit = cache.get(key)
+            if hit is None or hit[0] != last:
+                if len(cache) > 1024:
+                    cache.clear()
+                hit = cache[key] = (last, frame(self._book_snapshot(*key)))
+            self._to_session(session, hit[1], market=True)
+            session.md_since[sym] = last  # later events follow the snapshot; earlier ones are in it
+        stale.clear()
+        self.release(self.ledger.durable_seq)
 
     # -----------------------------------------------------------------------------------------
     # Shutdown

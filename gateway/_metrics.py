@@ -50,6 +50,10 @@ class Stats:
         self.latencies: list[float] = []   # folded in by order_to_report() at scrape time
         self._order_to_report = FixedHistogram(ORDER_LATENCY_BOUNDS)
         self.throttled = 0
+        # not exported yet (a new family needs its dashboard panel): logged as md_resync and
+        # reports_overflow, counted here for tests and a later metric
+        self.md_resyncs = 0        # a subscriber's instrument went stale near the outbound bound
+        self.report_overflows = 0  # a session's live reports went to a paced replay at the bound
         self.disconnects: defaultdict[str, int] = defaultdict(int)
         self.start_time = time.time()
 

@@ -3,7 +3,9 @@
 The journal's writer thread reports durability with ``loop.call_soon_threadsafe``; the loop
 releases the outbox. A ``FlowControl`` per connection bounds what a slow reader can make us
 buffer: past ``max_outbound_bytes`` the transport asks us to pause writing, and we disconnect
-that client instead (its cancel-on-disconnect applies). SIGTERM / SIGINT drain in stages with
+that client instead (its cancel-on-disconnect applies). Live reports and market data stop well
+before that (``Exchange.release``); the connection then tells the exchange when its peer has
+drained (``replay_later``, ``drain_later``) and cuts off a peer that takes nothing meanwhile. SIGTERM / SIGINT drain in stages with
 time limits: stop accepting, end the sessions, let the journal make everything durable, flush
 the goodbyes, close the journal.
 """
@@ -68,7 +70,7 @@ class Connection(asyncio.Protocol):
     """One TCP (or TLS) connection: bytes to the exchange, frames to the socket."""
 
     __slots__ = ("server", "exchange", "transport", "session", "flow", "closing", "held", "close_timer",
-                 "replay_wait", "replay_stuck")
+                 "replay_wait", "replay_stuck", "drain_wait", "drain_stuck", "draining")
 
     def __init__(self, server: "Server") -> None:
         self.server = server
@@ -81,6 +83,9 @@ class Connection(asyncio.Protocol):
         self.close_timer = None
         self.replay_wait = REPLAY_POLL_MIN  # seconds until a stalled replay is looked at again
         self.replay_stuck = None  # (since, buffered): a logged-out peer's replay not moving
+        self.drain_wait = REPLAY_POLL_MIN  # the same for stale market data waiting for a drain
+        self.drain_stuck = None
+        self.draining = False  # a drain_later look is scheduled
 
     # asyncio.Protocol -----------------------------------------------------------------------
     def connection_made(self, transport) -> None:
@@ -167,6 +172,51 @@ class Connection(asyncio.Protocol):
         if self.transport is not None:
             self.transport.abort()
 
+    def buffered(self) -> int:
+        """Bytes written but not yet taken by the peer (the exchange's outbound bound)."""
+        transport = self.transport
+        return transport.get_write_buffer_size() if transport is not None else 0
+
+    def drain_later(self) -> None:
+        """Market data stopped near the bound: resync once the peer has taken most of it."""
+        if not self.draining and not self.closing:
+            self.draining = True
+            self.drain_stuck = None
+            asyncio.get_running_loop().call_later(REPLAY_POLL_MIN, self._drained)
+
+    def _drained(self) -> None:
+        self.draining = False
+        if self.closing:
+            return
+        buffered = self.transport.get_write_buffer_size()
+        if buffered > self.flow.limit // 4:
+            if self._stuck("drain_stuck", buffered):
+                return
+            self.draining = True
+            asyncio.get_running_loop().call_later(self.drain_wait, self._drained)
+            self.drain_wait = min(self.drain_wait * 2, REPLAY_POLL_MAX)
+            return
+        self.drain_wait = REPLAY_POLL_MIN
+        self.drain_stuck = None
+        try:
+            self.exchange.resync(self.session)
+        except Exception as exc:  # noqa: BLE001 - as in data_received: this connection goes, the server stays
+            log_event("internal_error", _level=logging.ERROR, _exc_info=True, member=self.session.member or "-",
+                      session=self.session.sid, error=repr(exc))
+            self.abort()
+
+    def _stuck(self, slot: str, buffered: int) -> bool:
+        """Output held back for this peer (stale market data, reports gone to a replay) and it
+        has taken nothing for ``logon_timeout_s``: a slow consumer, cut off (True)."""
+        loop = asyncio.get_running_loop()
+        stuck = getattr(self, slot)
+        if stuck is None or buffered < stuck[1]:
+            setattr(self, slot, (loop.time(), buffered))
+        elif loop.time() - stuck[0] > self.server.config.gateway.logon_timeout_s:
+            self._slow()
+            return True
+        return False
+
     def replay_later(self) -> None:
         asyncio.get_running_loop().call_soon(self._replay_more)
 
@@ -181,7 +231,10 @@ class Connection(asyncio.Protocol):
         buffered = self.transport.get_write_buffer_size()
         if buffered > self.flow.limit // 4:
             loop = asyncio.get_running_loop()
-            if self.session.goodbye:
+            if self.session.overflowed and not self.session.goodbye:
+                if self._stuck("replay_stuck", buffered):
+                    return
+            elif self.session.goodbye:
                 # logged out (or shutting down) and owed the rest of its replay: a peer that
                 # takes nothing more for logon_timeout_s is cut off, like any closing peer
                 stuck = self.replay_stuck

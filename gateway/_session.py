@@ -103,6 +103,11 @@ class TokenBucket:
         return False
 
 
+def _unbounded() -> int:
+    """A sink that cannot say what it buffers (an in-memory one in tests) is never held back."""
+    return -(1 << 60)
+
+
 class Session:
     """One connection's protocol state: framing, decoding and the transition table."""
 
@@ -110,7 +115,8 @@ class Session:
         "state", "frames", "sid", "member", "role", "cancel_on_disconnect", "heartbeat_s",
         "bucket", "last_rx", "last_tx", "opened", "subscriptions", "min_seq", "entered_orders",
         "cause", "sink", "pending", "replay_after", "goodbye", "md_since", "held",
-        "held_bytes", "refused", "replay_mark",
+        "held_bytes", "refused", "replay_mark", "md_depth", "stale", "overflowed", "outbuf", "room",
+        "resyncs",
     )
 
     def __init__(self, sid: int, max_frame: int, now: float) -> None:
@@ -127,6 +133,14 @@ class Session:
         self.last_tx = now
         self.subscriptions: set[str] = set()
         self.md_since: dict[str, int] = {}  # journal seq at subscribing: older market data is in the snapshot
+        self.md_depth: dict[str, int] = {}  # the depth subscribed, for a resync's snapshot
+        # instruments whose market data stopped because the connection was near its bound: a
+        # fresh BookSnapshot once it has drained (Exchange.resync)
+        self.stale: set[str] = set()
+        self.resyncs = 0          # times its market data went stale (logged at 1, 10, 100, ...)
+        self.overflowed = False   # its live reports went over the bound: they come by replay
+        self.outbuf = _unbounded  # the sink's bytes not yet sent (set by Exchange.connect)
+        self.room = 0             # bytes it may still be given in this release round
         self.min_seq = 0          # reports with a lower seq are not sent live (no resume_from)
         self.replay_after: int | None = None  # resuming: reports after this seq still come from the journal
         self.replay_mark = None  # where the last replay step stopped reading (Ledger.report_step)
