@@ -275,3 +275,35 @@ def test_a_member_resuming_from_0_on_a_long_journal_does_not_hold_up_other_membe
     assert len(latencies) > 50
     # every replay read the 300,000 records between its reports before: 0.5 s and more each
     assert max(latencies) < 0.25, (max(latencies), sorted(latencies)[len(latencies) // 2], len(replays))
+
+
+def test_a_paced_replay_of_one_huge_command_reads_and_decodes_each_record_about_once(tmp_path, monkeypatch):
+    """A mass cancel of 30,000 orders: its reports take two records of up to 20,000 (about 3 MB
+    each). Each 1,024-report step read such a record again in 16 KiB pieces, copying it each
+    time, and decoded its 20,000 rows again: steps of 30 ms near the end of a 200k cancel."""
+    import os
+
+    import engine.journal._log as log_module
+
+    n = 30_000
+    with Ledger.open(make_config(), tmp_path, today="2026-11-24", durability="none") as ledger:
+        for i in range(n):
+            ledger.execute(NewOrder(f"r{i}", "CEA25", "sell", 1, 9300 + i % 200, tif="gtc"), "M08", i)
+        ledger.execute(MassCancel("mc", "CEA25"), "M08", n)
+        ledger.journal.sync()
+        last = ledger.engine.last_seq("M08")
+        reads, decodes = [], []
+        real_pread, real_rows = os.pread, ledger_module._report_rows
+        monkeypatch.setattr(log_module.os, "pread", lambda *a: reads.append(a[1]) or real_pread(*a))
+        monkeypatch.setattr(ledger_module, "_report_rows", lambda rec: decodes.append(1) or real_rows(rec))
+        after, mark, got = n, None, []
+        while after < last:
+            bodies, mark = ledger.report_step("M08", after, min(last, after + 1024), 2 << 20, mark)
+            got += bodies
+            after += len(bodies)
+        seqs = [msgspec.msgpack.decode(b)["seq"] for b in got]
+        assert seqs == list(range(n + 1, last + 1))  # every cancel and the MassCancelDone, in order
+        steps = -(-(last - n) // 1024)
+        assert len(decodes) <= 2 * 2 + steps  # each big record about once (not once per step)
+        assert sum(reads) <= 2 * steps * 3 * (1 << 20)  # a big record read whole, not piecewise copied
+        assert len(reads) <= 4 * steps

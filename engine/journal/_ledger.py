@@ -52,6 +52,7 @@ INDEX_STEP = 32  # a member's report index has an entry at least every INDEX_STE
 INDEX_GAP = 256 << 10
 SCAN_BYTES = 256 << 10  # journal bytes one report_step reads at most (a few ms), found reports or not
 _JUMP_BYTES = 4 << 10  # what a jump to an index entry counts against that (a file open and a read)
+_KEEP_ROWS = 2_048  # a record with this many reports is kept decoded for the next replay step
 _SCAN_CHUNK = 16 << 10  # bytes a report read takes from the file at a time: it jumps about
 # A command's reports beyond this many go into REPORTS records before its ENTRY (same group): a
 # report is at most a few hundred bytes here (cancels and expiries), so each record stays far
@@ -267,6 +268,10 @@ class Ledger:
         self._idx_pos: dict[str, array] = {}
         # entries replayed at open but not yet indexed: (first position, last seq), see _ensure_index
         self._unindexed: tuple[int, int] | None = None
+        # the last large record of reports decoded by _scan, by position: a 200k mass cancel's
+        # reports take 10 records of 20,000, and decoding one again for each 1,024-report step
+        # of each session's replay made the steps quadratic (30 ms each near its end)
+        self._rows_at: tuple[int, list] = (-1, [])
         self._snap_queue: queue.Queue = queue.Queue()
         self._snap_thread: threading.Thread | None = None
         self._closed = False
@@ -691,7 +696,13 @@ class Ledger:
                     scanned += len(payload) + FRAME_SIZE
                 if rec.kind not in report_kinds or key not in payload:
                     continue
-                for m, seq, body in _report_rows(rec):
+                if p == self._rows_at[0]:
+                    rows = self._rows_at[1]
+                else:
+                    rows = _report_rows(rec)
+                    if len(rows) >= _KEEP_ROWS:  # a burst's record: the paced replay's next steps read it again
+                        self._rows_at = (p, rows)
+                for m, seq, body in rows:
                     if m == member and seq >= want:
                         if seq > through_seq:
                             return

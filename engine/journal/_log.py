@@ -243,11 +243,15 @@ def _iter_file(path: Path, segment: int, offset: int, limit: int | None, expect:
             raise CorruptJournalError(path, end_of_file, f"file ends before offset {limit}")
         buf = b""
         buf_start = offset  # file offset of buf[0]
+        whole = 0  # bytes from buf[0] that the frame cut off at the end of buf needs
         while True:
-            want = min(chunk, stop - (buf_start + len(buf)))
+            # a frame longer than the chunk is read whole at once: growing it a chunk at a time
+            # copied a 3 MB record 190 times
+            want = min(max(chunk, whole - len(buf)), stop - (buf_start + len(buf)))
             if want > 0:
                 more = os.pread(fd, want, buf_start + len(buf))
                 buf = buf + more if buf else more
+            whole = 0
             n = len(buf)
             if n == 0:
                 return expect
@@ -265,6 +269,7 @@ def _iter_file(path: Path, segment: int, offset: int, limit: int | None, expect:
                             stopped.append(buf_start + off)
                             return
                         raise CorruptJournalError(path, buf_start + off, f"record length {length} is impossible")
+                    whole = end - off
                     break
                 if check(mv[off + 4:end]) != crc:
                     if not strict:
