@@ -20,6 +20,7 @@ import datetime as _dt
 import hmac
 import json
 import logging
+import math
 import re
 import struct
 from time import monotonic
@@ -322,7 +323,7 @@ class Exchange:
         elif now < until:
             # the spec's LogonRejected reasons do not fit: refused like any request it may not make
             reject = ("throttle_cooldown", f"{member} was disconnected for flooding throttled requests; "
-                                           f"logons refused for another {until - now:.0f} s")
+                                           f"logons refused for another {math.ceil(until - now)} s")
         else:
             self.cooldown.pop(member, None)
             group = self.by_member.setdefault(member, [])
