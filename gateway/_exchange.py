@@ -373,7 +373,8 @@ class Exchange:
     def _logon_rejected(self, session: Session, member: str, reason: str, now: float) -> None:
         """Log a rejected logon: the 1st, 10th, 100th... of its peer each minute (a guessing or
         reconnecting peer would otherwise write a line per attempt), and count a wrong token
-        toward blocking the peer."""
+        for a member that exists toward blocking the peer (a guess at an unknown member's token
+        cannot succeed, so it costs nothing to let it be)."""
         peer = session.peer
         if not peer:
             log_event("logon_rejected", member=member, reason=reason)
@@ -381,7 +382,7 @@ class Exchange:
         n = self.log_limit.hit(("logon_rejected", peer), now)
         if n:
             log_event("logon_rejected", member=member, reason=reason, peer=peer, rejected=n)
-        if reason == "bad_credentials" and self.guard.logon_failed(peer, now):
+        if reason == "bad_credentials" and member in self.credentials and self.guard.logon_failed(peer, now):
             log_event("peer_blocked", _level=logging.WARNING, peer=peer, failures=self.guard.failures_allowed,
                       block_s=f"{self.guard.block_s:g}")
 

@@ -238,12 +238,15 @@ def test_a_connection_opened_before_its_peer_was_blocked_gets_no_more_guesses():
     assert ex.stats.disconnects["peer_blocked"] == 1
 
 
-def test_only_wrong_credentials_count_toward_a_block():
+def test_only_wrong_tokens_for_members_that_exist_count_toward_a_block():
     ex, _ = setup(logon_failures_per_peer=2, max_sessions_per_member=1)
     connect(ex, "M01", peer="192.0.2.1")
     for _ in range(5):  # a second session: already_logged_on, not a guess
         _, sink = connect(ex, "M01", peer="192.0.2.1")
         assert sink.frames()[0]["reason"] == "already_logged_on"
+    for i in range(5):  # an unknown member's token can never be guessed right
+        _, sink = connect(ex, f"NOPE{i}", peer="192.0.2.1", token="x")
+        assert sink.frames()[0]["reason"] == "bad_credentials"
     assert ex.connect(Sink(), 0.0, "192.0.2.1") is not None
 
 
