@@ -71,6 +71,15 @@ class GatewayConfig(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     # on a shared core, its syncs start and are reported sooner (gateway WriterPriority,
     # benchmarks/RESULTS.md); 0 leaves it alone
     writer_nice: int = -10
+    # Flood guards (gateway/_guard.py, docs/operations.md "Flood guards"): what one session, one
+    # member or one peer address can cost everyone else. 0 turns a guard off.
+    throttle_abuse_factor: int = 5       # throttled requests beyond this many times max_msgs_per_s: cut off
+    throttle_cooldown_s: float = 10.0    # logons of a member refused after a throttle-abuse disconnect
+    max_connections: int = 10_000        # connections held at once, logged on or not
+    max_pending_logons: int = 1_000      # connections not (yet) logged on
+    max_pending_per_peer: int = 64       # of those, from one peer address (an IPv6 /64)
+    logon_failures_per_peer: int = 20    # bad_credentials from one peer within logon_block_s ...
+    logon_block_s: float = 60.0          # ... refuse its connections for this long
 
 
 class ScheduleConfig(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
@@ -317,6 +326,18 @@ def _check(config: ExchangeConfig, source: str) -> ExchangeConfig:
         raise _fail(source, "gateway.logon_timeout_s", f"must be in (0, 3600] seconds, got {gw.logon_timeout_s}")
     if not -20 <= gw.writer_nice <= 19:
         raise _fail(source, "gateway.writer_nice", f"must be in -20..19, got {gw.writer_nice}")
+    for name in ("max_connections", "max_pending_logons"):
+        if getattr(gw, name) <= 0:
+            raise _fail(source, f"gateway.{name}", f"must be positive, got {getattr(gw, name)}")
+    if gw.max_pending_logons > gw.max_connections:
+        raise _fail(source, "gateway.max_pending_logons",
+                    f"must be at most max_connections ({gw.max_connections}), got {gw.max_pending_logons}")
+    for name in ("throttle_abuse_factor", "max_pending_per_peer", "logon_failures_per_peer"):
+        if getattr(gw, name) < 0:
+            raise _fail(source, f"gateway.{name}", f"must be >= 0 (0: off), got {getattr(gw, name)}")
+    for name in ("throttle_cooldown_s", "logon_block_s"):
+        if not 0 <= getattr(gw, name) <= 86_400:  # also refuses nan
+            raise _fail(source, f"gateway.{name}", f"must be in 0..86400 seconds, got {getattr(gw, name)}")
     if (gw.tls_cert is None) != (gw.tls_key is None):
         raise _fail(source, "gateway.tls_cert", "tls_cert and tls_key go together")
     funded = sum(m.role == "member" for m in config.members)

@@ -27,6 +27,7 @@ import datetime as _dt
 import hmac
 import json
 import logging
+import math
 import re
 import struct
 from time import monotonic
@@ -39,6 +40,7 @@ import engine as E
 from engine import hash_token
 from engine.journal import JournalError, JournalFailedError
 
+from ._guard import LogLimiter, PeerGuard
 from ._metrics import Stats
 from ._schedule import CLOSE, END_OF_DAY, OPEN, Schedule
 from ._session import Event, Session, State, TokenBucket
@@ -105,6 +107,10 @@ def log_event(event: str, *, _level: int = logging.INFO, _exc_info: bool = False
 ERROR_TEXT = 200  # characters: an Error's text may quote what a client sent (msgspec does), cut short
 
 
+class _Cut(Exception):
+    """The session was cut off in the middle of its frames (throttle abuse): run no more of them."""
+
+
 def _error(reason: str, text: str) -> bytes:
     if len(text) > ERROR_TEXT:  # a frame the server sends must fit in max_frame too
         text = text[:ERROR_TEXT] + "..."
@@ -132,6 +138,14 @@ class Exchange:
         self.max_sessions = gw.max_sessions_per_member
         self.rate = gw.max_msgs_per_s
         self.logon_timeout = gw.logon_timeout_s
+        # flood guards (docs/operations.md "Flood guards")
+        self.guard = PeerGuard(gw)
+        self.log_limit = LogLimiter()
+        self.unlogged: set[Session] = set()  # connections not (yet) logged on, as the guard counts them
+        self.abuse_burst = gw.throttle_abuse_factor * gw.max_msgs_per_s  # 0: never cut off
+        self.throttle_cooldown = gw.throttle_cooldown_s
+        self.cooldown: dict[str, float] = {}  # member -> until when its logons are refused
+        self._next_prune = 0.0
         self.credentials = {m.id: (m.token_sha256, m.role) for m in config.members}
         self.sessions: set[Session] = set()
         self._tick_parts: list[set[Session]] = [set() for _ in range(TICK_PARTS)]
@@ -151,16 +165,34 @@ class Exchange:
     # -----------------------------------------------------------------------------------------
     # Connections
 
-    def connect(self, sink, now: float) -> Session:
+    def connect(self, sink, now: float, peer: str = "") -> Session | None:
+        """A new connection from ``peer`` (its address as ``_guard.peer_key`` gives it; "" if
+        unknown). None if a flood guard refuses it: the caller closes it at once, unread."""
+        cause = self.guard.admit(peer, len(self.sessions), now)
+        if cause:
+            self.stats.disconnects[cause] += 1
+            # one line per cause (and peer, for the causes that are about one peer) now and then
+            key = (cause, peer) if cause in ("peer_blocked", "peer_pending_limit") else (cause,)
+            n = self.log_limit.hit(key, now)
+            if n:
+                log_event("connection_refused", _level=logging.WARNING, cause=cause, peer=peer or "-", refused=n)
+            return None
         session = Session(self.next_sid, self.max_frame, now)
         self.next_sid += 1
         session.sink = sink
         outbuf = getattr(sink, "buffered", None)
         if outbuf is not None:
             session.outbuf = outbuf
+        session.peer = peer
         self.sessions.add(session)
+        self.unlogged.add(session)
         self._tick_parts[session.sid % TICK_PARTS].add(session)
         return session
+
+    def _logged_on_or_gone(self, session: Session) -> None:
+        if session in self.unlogged:
+            self.unlogged.discard(session)
+            self.guard.logged_on_or_gone(session.peer)
 
     def data_received(self, session: Session, data: bytes, now: float) -> bool:
         """Run what ``data`` completes, at most ``FRAMES_PER_TURN`` frames; True if frames are
@@ -169,6 +201,8 @@ class Exchange:
             return False
         try:
             self._data_received(session, data, now)
+        except _Cut:
+            pass  # cut off for throttle abuse: the rest of its frames are dropped
         except JournalFailedError:
             # the journal failed (its writer thread said so first): the server is stopping with
             # journal_failed, and this session ends with the others, nothing more sent
@@ -223,6 +257,7 @@ class Exchange:
         if not session.closed(cause):
             return
         self.sessions.discard(session)
+        self._logged_on_or_gone(session)
         self._tick_parts[session.sid % TICK_PARTS].discard(session)
         if session.member:
             group = self.by_member.get(session.member)
@@ -249,6 +284,10 @@ class Exchange:
         each session needs looking at."""
         part = self._next_part
         self._next_part = (part + 1) % TICK_PARTS
+        if part == 0 and now >= self._next_prune:
+            self._next_prune = now + 10.0
+            self.guard.prune(now)
+            self.log_limit.prune(now)
         for s in list(self._tick_parts[part]):
             state = s.state
             if state is State.ACTIVE:
@@ -263,7 +302,12 @@ class Exchange:
             elif state is State.AWAIT_LOGON and now - s.opened > self.logon_timeout:
                 s.handle(Event.GOODBYE)
                 s.cause = "logon_timeout"
-                log_event("logon_timeout", session=s.sid)
+                if not s.peer:
+                    log_event("logon_timeout", session=s.sid)
+                else:  # a connection flood from one peer: a few lines a minute
+                    n = self.log_limit.hit(("logon_timeout", s.peer), now)
+                    if n:
+                        log_event("logon_timeout", session=s.sid, peer=s.peer, timeouts=n)
                 s.sink.write(_error("not_logged_on", f"no Logon within {self.logon_timeout:g} s"))
                 s.sink.close()
 
@@ -279,13 +323,25 @@ class Exchange:
     # Logon
 
     def _logon(self, session: Session, logon, now: float) -> None:
+        if session.peer and self.guard.blocked(session.peer, now):
+            # blocked for guessing since this connection opened: no more guesses, no answer
+            session.reject()
+            session.cause = "peer_blocked"
+            session.sink.abort()
+            return
         member = logon.member
         stored, role = self.credentials.get(member, (_DUMMY_HASH, ""))
         ok = hmac.compare_digest(hash_token(logon.token), stored) and role != ""
         reject = None
+        until = self.cooldown.get(member, 0.0) if ok else 0.0
         if not ok:
             reject = ("bad_credentials", "unknown member or wrong token")
+        elif now < until:
+            # the spec's LogonRejected reasons do not fit: refused like any request it may not make
+            reject = ("throttle_cooldown", f"{member} was disconnected for flooding throttled requests; "
+                                           f"logons refused for another {math.ceil(until - now)} s")
         else:
+            self.cooldown.pop(member, None)
             group = self.by_member.setdefault(member, [])
             # The last durable report, not the engine's last: a report still waiting for the
             # journal may never exist (a crash reuses its seq), so it is not promised here; it
@@ -301,12 +357,17 @@ class Exchange:
         if reject is not None:
             session.reject()
             session.cause = "logon_rejected"
-            session.sink.write(frame(encode(LogonRejected(*reject))))
+            reason, text = reject
+            if reason == "throttle_cooldown":
+                session.sink.write(_error("not_authorized", text))
+            else:
+                session.sink.write(frame(encode(LogonRejected(reason, text))))
             session.sink.close()
-            log_event("logon_rejected", member=member, reason=reject[0])
+            self._logon_rejected(session, member, reason, now)
             return
         session.accept()
         self._evict_closing(group, live)
+        self._logged_on_or_gone(session)
         session.member = member
         session.role = role
         session.cancel_on_disconnect = logon.cancel_on_disconnect
@@ -336,6 +397,22 @@ class Exchange:
             group.remove(s)  # gone from the member's count now; connection_lost follows
             log_event("close_evicted", member=s.member, session=s.sid, buffered=max(0, s.outbuf()))
             s.sink.abort()
+
+    def _logon_rejected(self, session: Session, member: str, reason: str, now: float) -> None:
+        """Log a rejected logon: the 1st, 10th, 100th... of its peer each minute (a guessing or
+        reconnecting peer would otherwise write a line per attempt), and count a wrong token
+        for a member that exists toward blocking the peer (a guess at an unknown member's token
+        cannot succeed, so it costs nothing to let it be)."""
+        peer = session.peer
+        if not peer:
+            log_event("logon_rejected", member=member, reason=reason)
+            return
+        n = self.log_limit.hit(("logon_rejected", peer), now)
+        if n:
+            log_event("logon_rejected", member=member, reason=reason, peer=peer, rejected=n)
+        if reason == "bad_credentials" and member in self.credentials and self.guard.logon_failed(peer, now):
+            log_event("peer_blocked", _level=logging.WARNING, peer=peer, failures=self.guard.failures_allowed,
+                      block_s=f"{self.guard.block_s:g}")
 
     def replay_more(self, session: Session) -> None:
         """Send a resuming session its next step of reports from the journal (``REPLAY_CHUNK``
@@ -394,7 +471,7 @@ class Exchange:
                 return
             throttled = not session.bucket.take(now)
             if throttled:
-                self.stats.throttled += 1
+                self._throttled(session, now)
             session.entered_orders = True
             self._execute(msg, session.member, session, now,
                           session.sid if session.cancel_on_disconnect else 0, throttled)
@@ -423,6 +500,42 @@ class Exchange:
                     self.subscribers[sym] = tuple(s for s in self.subscribers[sym] if s is not session)
         else:  # pragma: no cover - the decoder's union and this dispatch must agree
             raise AssertionError(f"no handler for {cls.__name__}")
+
+    def _throttled(self, session: Session, now: float) -> None:
+        """A throttled request: it draws on the session's second bucket (capacity
+        ``throttle_abuse_factor`` × ``max_msgs_per_s``, refilled at ``max_msgs_per_s``); once that
+        is empty, the session is cut off instead (raises ``_Cut``)."""
+        burst = self.abuse_burst
+        if burst:
+            abuse = session.abuse
+            if abuse is None:
+                abuse = session.abuse = TokenBucket(self.rate, now, burst)
+            if not abuse.take(now):
+                self._cut_for_abuse(session, now)
+                raise _Cut
+        self.stats.throttled += 1
+
+    def _cut_for_abuse(self, session: Session, now: float) -> None:
+        """Disconnect a session that keeps sending far beyond its throttle, and refuse its
+        member's logons for ``throttle_cooldown_s``: every throttled request is journaled and
+        uses up a ``cl_ord_id`` for the day, so unbounded, they fill memory and disk."""
+        member = session.member
+        session.cause = "throttle_abuse"
+        cooldown = self.throttle_cooldown
+        if cooldown > 0:
+            self.cooldown[member] = now + cooldown
+        n = self.log_limit.hit(("throttle_abuse", member), now)
+        if n:
+            log_event("throttle_abuse", _level=logging.WARNING, member=member, session=session.sid,
+                      peer=session.peer or "-", max_msgs_per_s=self.rate, throttled_burst=self.abuse_burst,
+                      cooldown_s=f"{cooldown:g}", disconnects=n)
+        self._end_session(session, now)  # its cancel-on-disconnect, before the Error
+        session.handle(Event.GOODBYE)  # nothing more it sent is read
+        session.pending.clear()
+        self._to_session(session, _error(
+            "not_authorized", f"disconnected for flooding: {self.abuse_burst} throttled requests beyond "
+                              f"max_msgs_per_s {self.rate}; logons refused for {cooldown:g} s"))
+        self._close_after_flush(session)
 
     @staticmethod
     def _refusal(session: Session, msg_type: str) -> str:

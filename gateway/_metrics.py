@@ -155,7 +155,8 @@ class KaboniCollector:
                                   value=st.throttled)
         m = CounterMetricFamily("kaboni_disconnects", "Connections ended, by cause.", labels=["cause"])
         for cause in ("client_close", "heartbeat_timeout", "slow_consumer", "framing_error", "logout",
-                      "logon_timeout", "logon_rejected", "shutdown", "tls_handshake_failed"):
+                      "logon_timeout", "logon_rejected", "shutdown", "tls_handshake_failed", "throttle_abuse",
+                      "peer_blocked", "peer_pending_limit", "too_many_pending_logons", "too_many_connections"):
             m.add_metric([cause], st.disconnects.get(cause, 0))
         yield m
         bid = GaugeMetricFamily("kaboni_best_bid_price_minor_units", "Best bid price.", labels=["instrument"])

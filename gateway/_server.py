@@ -29,6 +29,7 @@ from engine import Restarted
 from engine.journal import JournalError
 
 from ._exchange import TICK_PARTS, Exchange, log_event
+from ._guard import peer_key
 from ._metrics import KaboniCollector, Stats, start_metrics_server
 from ._session import State
 
@@ -39,6 +40,38 @@ __all__ = ["Server", "run", "FlowControl"]
 REPLAY_POLL_MIN = 0.001
 REPLAY_POLL_MAX = 0.1
 GEN2_EVERY = 1_000  # middle-generation collections per full collection (CPython's default: 10)
+# open files the process needs besides its connections: the journal's segments, index and
+# snapshot files and replay readers, the metrics endpoint, the listening sockets, epoll, pipes
+FD_RESERVE = 64
+
+
+def fd_budget(max_connections: int, max_pending: int) -> tuple[int, int, int | None, bool]:
+    """Fit the connection caps to the open-file limit: raise the soft limit (RLIMIT_NOFILE)
+    toward the hard one if the caps need more, and if they still do not fit, lower them so
+    that a connection flood meets our cap (refused, counted, logged) instead of failing
+    accepts unseen. Returns (max_connections, max_pending_logons, the soft limit or None if
+    unknown, whether the caps were lowered)."""
+    try:
+        import resource
+    except ImportError:  # not on POSIX
+        return max_connections, max_pending, None, False
+    infinity = resource.RLIM_INFINITY
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    need = max_connections + FD_RESERVE
+    if soft != infinity and soft < need:
+        target = need if hard == infinity else min(hard, need)
+        if target > soft:
+            try:
+                resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+                soft = target
+            except (ValueError, OSError):
+                pass
+    if soft == infinity:
+        return max_connections, max_pending, None, False
+    if soft < need:
+        fit = max(1, soft - FD_RESERVE)
+        return fit, min(max_pending, max(1, fit // 2)), soft, True
+    return max_connections, max_pending, soft, False
 
 
 class FlowControl:
@@ -90,8 +123,13 @@ class Connection(asyncio.Protocol):
     # asyncio.Protocol -----------------------------------------------------------------------
     def connection_made(self, transport) -> None:
         self.transport = transport
+        session = self.exchange.connect(self, time.monotonic(), peer_key(transport.get_extra_info("peername")))
+        if session is None:  # refused by a flood guard: closed at once, nothing read or sent
+            self.closing = True
+            transport.abort()
+            return
         self.flow = FlowControl(transport, self.server.config.gateway.max_outbound_bytes, self._slow)
-        self.session = self.exchange.connect(self, time.monotonic())
+        self.session = session
 
     def data_received(self, data: bytes) -> None:
         if not self.closing and self.exchange.data_received(self.session, data, time.monotonic()):
@@ -121,17 +159,20 @@ class Connection(asyncio.Protocol):
         self.closing = True
         if self.close_timer is not None:
             self.close_timer.cancel()
-        self.exchange.connection_lost(self.session, "client_close", time.monotonic())
+        if self.session is not None:  # None: refused at once (connection_made)
+            self.exchange.connection_lost(self.session, "client_close", time.monotonic())
         # The session points back at this connection (its sink), and the transport at it too:
         # drop our side of both cycles so a closed connection is freed at once, not by the full
         # collections the server makes rare (connections churned by the thousand piled up).
         self.session = self.transport = self.flow = self.close_timer = None
 
     def pause_writing(self) -> None:
-        self.flow.pause_writing()
+        if self.flow is not None:
+            self.flow.pause_writing()
 
     def resume_writing(self) -> None:
-        self.flow.resume_writing()
+        if self.flow is not None:
+            self.flow.resume_writing()
 
     # the sink the exchange writes to ----------------------------------------------------------
     def write(self, data: bytes) -> None:
@@ -495,6 +536,12 @@ class Server:
         try:
             exchange = self.exchange = Exchange(self.config, ledger, clock_ns=time.time_ns,
                                                 stats=Stats(self.stats_enabled))
+            max_connections, max_pending, nofile, lowered = fd_budget(gw.max_connections, gw.max_pending_logons)
+            exchange.guard.set_limits(max_connections, max_pending)
+            if lowered:
+                log_event("fd_limit_low", _level=logging.WARNING, nofile=nofile, max_connections=max_connections,
+                          max_pending_logons=max_pending, configured_max_connections=gw.max_connections,
+                          hint="raise the open-file limit: LimitNOFILE= (systemd) or ulimit -n")
             if ledger.recovered:
                 log_event("journal_recovered", data_dir=self.data_dir, last_seq=ledger.last_seq,
                           trading_day=ledger.engine.trading_day)
@@ -546,7 +593,8 @@ class Server:
             # thread is not starved by this busy loop); it is not touched here.
             log_event("start", host=self.host, port=self.port, metrics_port=self.metrics_port if self.metrics else "off",
                       data_dir=self.data_dir, trading_day=ledger.engine.trading_day, recovered=ledger.recovered,
-                      tls=bool(gw.tls_cert), members=sum(m.role == "member" for m in self.config.members),
+                      tls=bool(gw.tls_cert), max_connections=max_connections, nofile=nofile if nofile else "unlimited",
+                      members=sum(m.role == "member" for m in self.config.members),
                       operators=sum(m.role == "operator" for m in self.config.members))
             if self.started is not None:
                 self.started.set()

@@ -82,19 +82,21 @@ def table_markdown() -> str:
 
 
 class TokenBucket:
-    """Rate and capacity ``rate`` per second; ``take`` says whether a message may pass."""
+    """Rate ``rate`` per second and capacity ``capacity`` (default: the rate); starts full;
+    ``take`` says whether a message may pass."""
 
-    __slots__ = ("rate", "tokens", "stamp")
+    __slots__ = ("rate", "tokens", "stamp", "capacity")
 
-    def __init__(self, rate: float, now: float) -> None:
+    def __init__(self, rate: float, now: float, capacity: float | None = None) -> None:
         self.rate = rate
-        self.tokens = float(rate)
+        self.capacity = rate if capacity is None else capacity
+        self.tokens = float(self.capacity)
         self.stamp = now
 
     def take(self, now: float) -> bool:
         tokens = self.tokens + (now - self.stamp) * self.rate
-        if tokens > self.rate:
-            tokens = self.rate
+        if tokens > self.capacity:
+            tokens = self.capacity
         self.stamp = now
         if tokens >= 1.0:
             self.tokens = tokens - 1.0
@@ -116,7 +118,7 @@ class Session:
         "bucket", "last_rx", "last_tx", "opened", "subscriptions", "min_seq", "entered_orders",
         "cause", "sink", "pending", "replay_after", "goodbye", "md_since", "held",
         "held_bytes", "refused", "replay_mark", "md_depth", "stale", "overflowed", "outbuf", "room",
-        "resyncs",
+        "resyncs", "peer", "abuse",
     )
 
     def __init__(self, sid: int, max_frame: int, now: float) -> None:
@@ -146,6 +148,9 @@ class Session:
         self.replay_mark = None  # where the last replay step stopped reading (Ledger.report_step)
         self.entered_orders = False
         self.refused = 0  # requests answered not_authorized (logged at 1, 10, 100, ...)
+        self.peer = ""  # the peer address it counts under (gateway/_guard.py); "" unknown
+        # throttled requests draw on this second bucket (throttle_abuse_factor); empty: cut off
+        self.abuse: TokenBucket | None = None
         self.goodbye = False      # logged out or shutting down: LogoutAccepted once the resume replay is done
         # replies released while the resume replay runs, each with the member's last report seq
         # before it: they go out once the replay has passed that report
