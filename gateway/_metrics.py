@@ -50,8 +50,7 @@ class Stats:
         self.latencies: list[float] = []   # folded in by order_to_report() at scrape time
         self._order_to_report = FixedHistogram(ORDER_LATENCY_BOUNDS)
         self.throttled = 0
-        # not exported yet (a new family needs its dashboard panel): logged as md_resync and
-        # reports_overflow, counted here for tests and a later metric
+        # kaboni_outbound_held_total{kind}: also logged as md_resync and reports_overflow
         self.md_resyncs = 0        # a subscriber's instrument went stale near the outbound bound
         self.report_overflows = 0  # a session's live reports went to a paced replay at the bound
         self.disconnects: defaultdict[str, int] = defaultdict(int)
@@ -155,9 +154,15 @@ class KaboniCollector:
                                   value=st.throttled)
         m = CounterMetricFamily("kaboni_disconnects", "Connections ended, by cause.", labels=["cause"])
         for cause in ("client_close", "heartbeat_timeout", "slow_consumer", "framing_error", "logout",
-                      "logon_timeout", "logon_rejected", "shutdown", "tls_handshake_failed", "throttle_abuse",
-                      "peer_blocked", "peer_pending_limit", "too_many_pending_logons", "too_many_connections"):
+                      "logon_timeout", "logon_rejected", "shutdown", "tls_handshake_failed", "replay_failed",
+                      "throttle_abuse", "peer_blocked", "peer_pending_limit", "too_many_pending_logons",
+                      "too_many_connections"):
             m.add_metric([cause], st.disconnects.get(cause, 0))
+        yield m
+        m = CounterMetricFamily("kaboni_outbound_held", "Bursts held back at half a session's outbound bound, "
+                                "by kind (md_resync, reports_overflow).", labels=["kind"])
+        m.add_metric(["md_resync"], st.md_resyncs)
+        m.add_metric(["reports_overflow"], st.report_overflows)
         yield m
         bid = GaugeMetricFamily("kaboni_best_bid_price_minor_units", "Best bid price.", labels=["instrument"])
         ask = GaugeMetricFamily("kaboni_best_ask_price_minor_units", "Best ask price.", labels=["instrument"])

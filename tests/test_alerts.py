@@ -21,7 +21,7 @@ COUNTERS = {
     "kaboni_orders_received_total", "kaboni_rejects_total", "kaboni_trades_total",
     "kaboni_traded_quantity_tonnes_total", "kaboni_traded_value_minor_units_total",
     "kaboni_journal_bytes_written_total", "kaboni_throttled_messages_total",
-    "kaboni_disconnects_total",
+    "kaboni_disconnects_total", "kaboni_outbound_held_total",
 }
 HISTOGRAMS = {
     "kaboni_order_to_report_latency_seconds", "kaboni_journal_append_to_durable_seconds",

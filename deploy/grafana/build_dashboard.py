@@ -181,6 +181,12 @@ ts("Process CPU and memory", [
                                   "overrides": [{"matcher": {"id": "byName", "options": "resident memory"},
                                                  "properties": [{"id": "unit", "value": "bytes"}, {"id": "custom.axisPlacement", "value": "right"}]}]}})
 nexty(8)
+ts("Outbound held back at the bound", [
+    (f'sum by (kind) (increase(kaboni_outbound_held_total{{{SEL}}}[$__rate_interval]))', "{{kind}}")],
+    0, 8, stack=True, desc="A burst (a big mass cancel) reached half a session's outbound bound: md_resync, its market "
+                           "data resumes with a fresh BookSnapshot; reports_overflow, its reports go on by the paced "
+                           "replay. Steady rates point at a member reading too slowly.")
+nexty(8)
 
 dash = {
     "__inputs": [],
