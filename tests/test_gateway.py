@@ -458,6 +458,9 @@ def test_a_closing_peer_that_stops_reading_is_cut_off_and_does_not_block_new_log
 
         send({"type": "Logon", "member": "M01", "token": "M01-token"})
         deadline = time.monotonic() + 10
+        while not buffered():  # logged on (under load this takes a while)
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
         while not buffered()[0]:  # the kernel's buffers are full: the rest waits in the transport
             assert time.monotonic() < deadline
             for _ in range(200):
