@@ -31,7 +31,7 @@ from engine.journal import JournalError
 from ._exchange import TICK_PARTS, Exchange, log_event
 from ._guard import peer_key
 from ._metrics import KaboniCollector, Stats, start_metrics_server
-from ._session import State
+from ._session import Session, State
 
 __all__ = ["Server", "run", "FlowControl"]
 
@@ -231,7 +231,8 @@ class Connection(asyncio.Protocol):
             return
         buffered = self.transport.get_write_buffer_size()
         if buffered > self.flow.limit // 4:
-            if self._stuck("drain_stuck", buffered):
+            if self._stalled("drain_stuck", buffered):
+                self._slow()
                 return
             self.draining = True
             asyncio.get_running_loop().call_later(self.drain_wait, self._drained)
@@ -239,24 +240,27 @@ class Connection(asyncio.Protocol):
             return
         self.drain_wait = REPLAY_POLL_MIN
         self.drain_stuck = None
+        self._guarded(self.exchange.resync)
+
+    def _guarded(self, step: Callable[[Session], None]) -> None:
+        """Run a later step for this session (a replay's, a resync's); a bug in it ends this
+        connection, as in data_received, and the server stays."""
         try:
-            self.exchange.resync(self.session)
-        except Exception as exc:  # noqa: BLE001 - as in data_received: this connection goes, the server stays
+            step(self.session)
+        except Exception as exc:  # noqa: BLE001
             log_event("internal_error", _level=logging.ERROR, _exc_info=True, member=self.session.member or "-",
                       session=self.session.sid, error=repr(exc))
             self.abort()
 
-    def _stuck(self, slot: str, buffered: int) -> bool:
-        """Output held back for this peer (stale market data, reports gone to a replay) and it
-        has taken nothing for ``logon_timeout_s``: a slow consumer, cut off (True)."""
+    def _stalled(self, slot: str, buffered: int) -> bool:
+        """Output is held back for this peer and it has taken nothing of its buffer for
+        ``logon_timeout_s`` (``slot`` keeps when and how much it last had)."""
         loop = asyncio.get_running_loop()
         stuck = getattr(self, slot)
         if stuck is None or buffered < stuck[1]:
             setattr(self, slot, (loop.time(), buffered))
-        elif loop.time() - stuck[0] > self.server.config.gateway.logon_timeout_s:
-            self._slow()
-            return True
-        return False
+            return False
+        return loop.time() - stuck[0] > self.server.config.gateway.logon_timeout_s
 
     def replay_later(self) -> None:
         asyncio.get_running_loop().call_soon(self._replay_more)
@@ -272,18 +276,15 @@ class Connection(asyncio.Protocol):
         buffered = self.transport.get_write_buffer_size()
         if buffered > self.flow.limit // 4:
             loop = asyncio.get_running_loop()
-            if self.session.overflowed and not self.session.goodbye:
-                if self._stuck("replay_stuck", buffered):
-                    return
-            elif self.session.goodbye:
+            if self.session.goodbye:
                 # logged out (or shutting down) and owed the rest of its replay: a peer that
                 # takes nothing more for logon_timeout_s is cut off, like any closing peer
-                stuck = self.replay_stuck
-                if stuck is None or buffered < stuck[1]:
-                    self.replay_stuck = (loop.time(), buffered)
-                elif loop.time() - stuck[0] > self.server.config.gateway.logon_timeout_s:
+                if self._stalled("replay_stuck", buffered):
                     self._close_timeout()
                     return
+            elif self.session.overflowed and self._stalled("replay_stuck", buffered):
+                self._slow()  # its live reports went to this replay, and it reads nothing
+                return
             # the peer is slow to read: look again later, backing off while it reads nothing
             # (a peer that heartbeats but never reads would otherwise be polled every ms)
             loop.call_later(self.replay_wait, self._replay_more)
@@ -291,12 +292,7 @@ class Connection(asyncio.Protocol):
             return
         self.replay_wait = REPLAY_POLL_MIN
         self.replay_stuck = None
-        try:
-            self.exchange.replay_more(self.session)
-        except Exception as exc:  # noqa: BLE001 - as in data_received: this connection goes, the server stays
-            log_event("internal_error", _level=logging.ERROR, _exc_info=True, member=self.session.member or "-",
-                      session=self.session.sid, error=repr(exc))
-            self.abort()
+        self._guarded(self.exchange.replay_more)
 
     def _slow(self) -> None:
         session = self.session
