@@ -46,6 +46,22 @@ class JournalStats:
         self.append_to_durable_seconds = FixedHistogram(LATENCY_BOUNDS)
 
 
+def enc(msg) -> bytes:
+    """One frame of the protocol: a 4-byte big-endian length, then the msgpack map."""
+    body = msgspec.msgpack.encode(msg)
+    return len(body).to_bytes(4, "big") + body
+
+
+def decode_frames(data: bytes) -> list:
+    """The messages in a run of whole frames."""
+    out = []
+    while data:
+        n = int.from_bytes(data[:4], "big")
+        out.append(msgspec.msgpack.decode(data[4:4 + n]))
+        data = data[4 + n:]
+    return out
+
+
 class ManualLedger:
     """The Ledger API with durability advanced by hand."""
 

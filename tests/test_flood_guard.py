@@ -20,7 +20,7 @@ from gateway._exchange import TICK_PARTS, Exchange
 from gateway._guard import LogLimiter, peer_key, power_of_ten
 from gateway._session import State
 
-from _fakes import ManualLedger, ThreadServer, make_config
+from _fakes import ManualLedger, ThreadServer, decode_frames, enc, make_config
 
 
 class Sink:
@@ -43,18 +43,9 @@ class Sink:
         pass
 
     def frames(self):
-        out, d = [], self.data
-        while d:
-            n = int.from_bytes(d[:4], "big")
-            out.append(msgspec.msgpack.decode(d[4:4 + n]))
-            d = d[4 + n:]
+        out = decode_frames(self.data)
         self.data = b""
         return out
-
-
-def enc(m):
-    b = msgspec.msgpack.encode(m)
-    return len(b).to_bytes(4, "big") + b
 
 
 def order(cl, price=9000, side="buy"):

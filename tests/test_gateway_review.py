@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import contextlib
 import logging
+
 import msgspec
 
 import engine as E
-from engine import Engine
 from gateway._exchange import Exchange
 
-from _fakes import _REPORTS, ManualLedger, make_config
+from _fakes import _REPORTS, ManualLedger, decode_frames, enc, make_config
 
 class Sink:
     def __init__(self):
@@ -31,18 +31,9 @@ class Sink:
         self.replays_pending += 1
 
     def frames(self):
-        out, d = [], self.data
-        while d:
-            n = int.from_bytes(d[:4], "big")
-            out.append(msgspec.msgpack.decode(d[4:4 + n]))
-            d = d[4 + n:]
+        out = decode_frames(self.data)
         self.data = b""
         return out
-
-
-def enc(m):
-    b = msgspec.msgpack.encode(m)
-    return len(b).to_bytes(4, "big") + b
 
 
 def make_exchange(**gateway):
