@@ -835,8 +835,9 @@ class Exchange:
         session.min_seq = _NEVER
         session.overflowed = True
         self.stats.report_overflows += 1
+        # unsent: what the connection holds plus what this release has queued for it
         log_event("reports_overflow", member=session.member, session=session.sid, seq=seq,
-                  buffered=session.outbuf())
+                  buffered=self.high_water - session.room)
         session.sink.replay_later()
 
     def _stale(self, session: Session, instrument: str) -> None:
@@ -849,7 +850,7 @@ class Exchange:
         session.resyncs = n = session.resyncs + 1
         if n == 10 ** (len(str(n)) - 1):  # the session's 1st, 10th, 100th... : no flood of lines
             log_event("md_resync", member=session.member or "-", session=session.sid, instrument=instrument,
-                      buffered=session.outbuf(), resyncs=n)
+                      buffered=self.high_water - session.room, resyncs=n)
         if first:
             session.sink.drain_later()
 
