@@ -7,6 +7,8 @@ engine, so restart and kill tests mean something before the real journal lands.
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
 import threading
 import time
@@ -44,6 +46,23 @@ class JournalStats:
         self.batch_records = FixedHistogram(SIZE_BOUNDS)
         self.fsync_seconds = FixedHistogram(LATENCY_BOUNDS)
         self.append_to_durable_seconds = FixedHistogram(LATENCY_BOUNDS)
+
+
+@contextlib.contextmanager
+def logged_lines():
+    """The messages logged under ``kaboni`` meanwhile, as a list filled in as they come."""
+    lines: list[str] = []
+    handler = logging.Handler()
+    handler.emit = lambda record: lines.append(record.getMessage())
+    log = logging.getLogger("kaboni")
+    old_level = log.level
+    log.addHandler(handler)
+    log.setLevel(logging.INFO)
+    try:
+        yield lines
+    finally:
+        log.removeHandler(handler)
+        log.setLevel(old_level)
 
 
 def enc(msg) -> bytes:

@@ -7,7 +7,6 @@ one flood over real sockets."""
 from __future__ import annotations
 
 import contextlib
-import logging
 import socket
 import struct
 import time
@@ -20,7 +19,7 @@ from gateway._exchange import TICK_PARTS, Exchange
 from gateway._guard import LogLimiter, peer_key, power_of_ten
 from gateway._session import State
 
-from _fakes import ManualLedger, ThreadServer, decode_frames, enc, make_config
+from _fakes import ManualLedger, ThreadServer, decode_frames, enc, logged_lines, make_config
 
 
 class Sink:
@@ -73,22 +72,6 @@ def run(ex, ledger, session, data, now):
         more = ex.data_received(session, b"", now)
     ledger.durable_seq = ledger.last_seq
     ex.on_durable(ledger.last_seq)
-
-
-@contextlib.contextmanager
-def logged_lines():
-    lines = []
-    handler = logging.Handler()
-    handler.emit = lambda record: lines.append(record.getMessage())
-    log = logging.getLogger("kaboni")
-    old_level = log.level
-    log.addHandler(handler)
-    log.setLevel(logging.INFO)
-    try:
-        yield lines
-    finally:
-        log.removeHandler(handler)
-        log.setLevel(old_level)
 
 
 # -- throttle abuse ---------------------------------------------------------------------------

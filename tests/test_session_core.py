@@ -1,11 +1,10 @@
 """The exchange core without sockets or threads: durability is in the test's hands."""
 
-import contextlib
 import logging
 
 from gateway._exchange import TICK_PARTS, Exchange
 
-from _fakes import ManualLedger, decode_frames, enc, make_config
+from _fakes import ManualLedger, decode_frames, enc, logged_lines, make_config
 
 
 class Sink:
@@ -166,23 +165,6 @@ def test_a_long_resume_goes_out_in_steps_paced_by_the_peer_and_live_reports_wait
     ledger.durable_seq = ledger.last_seq
     ex.on_durable(ledger.last_seq)
     assert [f["seq"] for f in sl.frames()] == [n + 2]       # then live
-
-
-@contextlib.contextmanager
-def logged_lines():
-    """The messages logged under ``kaboni`` meanwhile, as a list filled in as they come."""
-    lines: list[str] = []
-    handler = logging.Handler()
-    handler.emit = lambda record: lines.append(record.getMessage())
-    log = logging.getLogger("kaboni")
-    old_level = log.level
-    log.addHandler(handler)
-    log.setLevel(logging.INFO)
-    try:
-        yield lines
-    finally:
-        log.removeHandler(handler)
-        log.setLevel(old_level)
 
 
 def test_a_logon_cannot_forge_log_lines_or_fields():
