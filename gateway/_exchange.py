@@ -31,7 +31,7 @@ import math
 import re
 import struct
 from time import monotonic
-from collections import defaultdict, deque
+from collections import deque
 from typing import Callable
 
 import msgspec
@@ -40,7 +40,7 @@ import engine as E
 from engine import hash_token
 from engine.journal import JournalError, JournalFailedError
 
-from ._guard import LogLimiter, PeerGuard
+from ._guard import PRUNE_EVERY, LogLimiter, PeerGuard, power_of_ten
 from ._metrics import Stats
 from ._schedule import CLOSE, END_OF_DAY, OPEN, Schedule
 from ._session import Event, Session, State, TokenBucket
@@ -285,7 +285,7 @@ class Exchange:
         part = self._next_part
         self._next_part = (part + 1) % TICK_PARTS
         if part == 0 and now >= self._next_prune:
-            self._next_prune = now + 10.0
+            self._next_prune = now + PRUNE_EVERY
             self.guard.prune(now)
             self.log_limit.prune(now)
         for s in list(self._tick_parts[part]):
@@ -556,7 +556,7 @@ class Exchange:
         self._to_session(session, _error("not_authorized", self._refusal(session, request)))
         session.refused += 1
         n = session.refused
-        if n == 10 ** (len(str(n)) - 1):
+        if power_of_ten(n):
             log_event("not_authorized", _level=logging.WARNING, member=session.member, role=session.role,
                       session=session.sid, request=request, refused=n)
 
@@ -848,7 +848,7 @@ class Exchange:
         session.stale.add(instrument)
         self.stats.md_resyncs += 1
         session.resyncs = n = session.resyncs + 1
-        if n == 10 ** (len(str(n)) - 1):  # the session's 1st, 10th, 100th... : no flood of lines
+        if power_of_ten(n):  # the session's 1st, 10th, 100th... : no flood of lines
             log_event("md_resync", member=session.member or "-", session=session.sid, instrument=instrument,
                       buffered=self.high_water - session.room, resyncs=n)
         if first:

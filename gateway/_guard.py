@@ -93,7 +93,6 @@ class PeerGuard:
         self.block_s = gw.logon_block_s
         self.pending = 0  # connections not yet logged on, all peers
         self.peers: dict[str, _Peer] = {}
-        self._next_prune = 0.0
 
     def set_limits(self, max_connections: int, max_pending: int) -> None:
         """Lower caps than configured (the server's open-file limit is too low for them)."""
@@ -151,11 +150,6 @@ class PeerGuard:
     def blocked(self, peer: str, now: float) -> bool:
         record = self.peers.get(peer) if peer else None
         return record is not None and now < record.blocked_until
-
-    def maybe_prune(self, now: float) -> None:
-        if now >= self._next_prune:
-            self._next_prune = now + PRUNE_EVERY
-            self.prune(now)
 
     def prune(self, now: float) -> None:
         """Forget peers with nothing pending, no block and no recent failure."""
