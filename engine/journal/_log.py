@@ -1171,8 +1171,9 @@ class Journal:
                         if sync and len(data) > step:
                             # in pieces of at most WRITE_LIMIT, each durable before the next is
                             # written: a power loss tears no more than that (see _judge_stop)
+                            last = (len(data) - 1) // step * step  # the last piece goes below
                             with memoryview(data) as view:
-                                for i in range(0, len(data) - step, step):
+                                for i in range(0, last, step):
                                     piece = view[i:i + step]
                                     if not self._dsync:
                                         self._write_all(self._fd, piece)
@@ -1180,11 +1181,10 @@ class Journal:
                                     elif not self._write_durable(self._fd, piece):
                                         ops.sync(self._fd)  # RWF_DSYNC refused: written plainly
                                     piece.release()
-                                data = bytes(view[len(data) - (len(data) - 1) % step - 1:])
-                                self._seg_crc = crc32c(view[:len(view) - len(data)], self._seg_crc,
-                                                       gil_release_mode=0)
-                                self._file_size += len(view) - len(data)
-                                written += len(view) - len(data)
+                                self._seg_crc = crc32c(view[:last], self._seg_crc, gil_release_mode=0)
+                                data = bytes(view[last:])
+                            self._file_size += last
+                            written += last
                         if self._dsync and chunk is last_chunk:
                             t1 = monotonic()
                             synced = self._write_durable(self._fd, data)
