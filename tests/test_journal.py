@@ -573,17 +573,17 @@ def test_records_appended_while_a_batch_is_framed_keep_their_seqs(tmp_path, monk
 
     j = Journal.open(tmp_path, durability="none")
     j.append(1, b"first")
-    original = _log._frame_many
+    original = _log._frame_into
     calls = []
 
-    def frame_then_interleave(first, kind, payloads):
-        framed = original(first, kind, payloads)
+    def frame_then_interleave(buf, first, kinds, payloads):
+        last_len = original(buf, first, kinds, payloads)
         calls.append(first)
         if len(calls) == 1:
             assert j.append(3, b"between") == 2  # lands while the batch is framed but not added
-        return framed
+        return last_len
 
-    monkeypatch.setattr(_log, "_frame_many", frame_then_interleave)
+    monkeypatch.setattr(_log, "_frame_into", frame_then_interleave)
     batch = [payload(i) for i in range(10)]
     assert j.append_many(2, batch) == 12
     assert calls == [2, 3]  # framed from seq 2, then again from seq 3

@@ -1,0 +1,194 @@
+/* The journal's record framing in C: the hot part of every append.
+ *
+ * frame_into(buf, first_seq, kinds, payloads) appends one frame per payload to the bytearray
+ * ``buf``: crc32c u32 | payload length u32 | seq u64 | kind u8 | payload, little endian, seqs
+ * counting up from ``first_seq``, the CRC covering everything after itself (docs/journal.md).
+ * ``kinds`` holds one kind byte per payload, GROUP_END bits already set. Returns the size of
+ * the last frame.
+ *
+ * Why C: in Python each record costs six calls (pack the header, join it to the payload, the
+ * CRC, pack the CRC, two appends), about 0.19 us, which made framing two thirds of the
+ * producer's time at 1,000 records per batch. Here the header and the copy are plain memory
+ * writes. The CRC itself is still computed by the ``crc32c`` package, called once per record
+ * over the frame in place, so there is one CRC32C implementation in the project. ``_log.py``
+ * keeps the same function in Python (``_frame_into_py``), used where this extension is not
+ * built; the tests check that both give the same bytes.
+ */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+#include <stdint.h>
+#include <string.h>
+
+#define FRAME_SIZE 17 /* crc u32, length u32, seq u64, kind u8 */
+
+static PyObject *crc32c_fn; /* crc32c.crc32c */
+static PyObject *zero;      /* its start value, and gil_release_mode 0 (see frame_into) */
+
+static void put_u32(unsigned char *p, uint32_t v) {
+    p[0] = (unsigned char)v;
+    p[1] = (unsigned char)(v >> 8);
+    p[2] = (unsigned char)(v >> 16);
+    p[3] = (unsigned char)(v >> 24);
+}
+
+static void put_u64(unsigned char *p, uint64_t v) {
+    put_u32(p, (uint32_t)v);
+    put_u32(p + 4, (uint32_t)(v >> 32));
+}
+
+/* The payloads' buffers, held while they are copied (a bytes object is read directly). */
+typedef struct {
+    const char *data;
+    Py_ssize_t size;
+} Piece;
+
+static void release_views(Py_buffer *views, Py_ssize_t count) {
+    for (Py_ssize_t i = 0; i < count; i++) {
+        if (views[i].obj != NULL)
+            PyBuffer_Release(&views[i]);
+    }
+}
+
+static PyObject *frame_into(PyObject *module, PyObject *const *args, Py_ssize_t nargs) {
+    if (nargs != 4) {
+        PyErr_SetString(PyExc_TypeError, "frame_into(buf, first_seq, kinds, payloads) takes 4 arguments");
+        return NULL;
+    }
+    PyObject *buf = args[0], *kinds = args[2], *payloads = args[3];
+    if (!PyByteArray_CheckExact(buf)) {
+        PyErr_SetString(PyExc_TypeError, "frame_into: buf must be a bytearray");
+        return NULL;
+    }
+    unsigned long long first = PyLong_AsUnsignedLongLong(args[1]);
+    if (first == (unsigned long long)-1 && PyErr_Occurred())
+        return NULL;
+    if (!PyBytes_Check(kinds) && !PyByteArray_Check(kinds)) {
+        PyErr_SetString(PyExc_TypeError, "frame_into: kinds must be bytes or a bytearray");
+        return NULL;
+    }
+    PyObject *seq_fast = PySequence_Fast(payloads, "frame_into: payloads must be a sequence");
+    if (seq_fast == NULL)
+        return NULL;
+    Py_ssize_t n = PySequence_Fast_GET_SIZE(seq_fast);
+    Py_ssize_t nkinds = PyBytes_Check(kinds) ? PyBytes_GET_SIZE(kinds) : PyByteArray_GET_SIZE(kinds);
+    if (n == 0 || nkinds != n) {
+        Py_DECREF(seq_fast);
+        PyErr_Format(PyExc_ValueError, "frame_into: %zd kinds for %zd payloads (at least one of each)", nkinds, n);
+        return NULL;
+    }
+    PyObject **items = PySequence_Fast_ITEMS(seq_fast);
+    Piece *pieces = PyMem_Malloc(sizeof(Piece) * (size_t)n);
+    Py_buffer *views = PyMem_Calloc((size_t)n, sizeof(Py_buffer));
+    PyObject *result = NULL;
+    Py_ssize_t held = 0;
+    if (pieces == NULL || views == NULL) {
+        PyErr_NoMemory();
+        goto done;
+    }
+    Py_ssize_t total = 0;
+    for (Py_ssize_t i = 0; i < n; i++) {
+        PyObject *item = items[i];
+        if (PyBytes_CheckExact(item)) {
+            pieces[i].data = PyBytes_AS_STRING(item);
+            pieces[i].size = PyBytes_GET_SIZE(item);
+        } else {
+            if (PyObject_GetBuffer(item, &views[i], PyBUF_SIMPLE) < 0)
+                goto done;
+            held = i + 1;
+            pieces[i].data = views[i].buf;
+            pieces[i].size = views[i].len;
+        }
+        if ((uint64_t)pieces[i].size > UINT32_MAX) {
+            PyErr_Format(PyExc_ValueError, "frame_into: a payload of %zd bytes does not fit a frame", pieces[i].size);
+            goto done;
+        }
+        if (total > PY_SSIZE_T_MAX - FRAME_SIZE - pieces[i].size) {
+            PyErr_NoMemory();
+            goto done;
+        }
+        total += FRAME_SIZE + pieces[i].size;
+    }
+    Py_ssize_t start = PyByteArray_GET_SIZE(buf);
+    if (start > PY_SSIZE_T_MAX - total) {
+        PyErr_NoMemory();
+        goto done;
+    }
+    if (PyByteArray_Resize(buf, start + total) < 0) /* BufferError while buf is exported */
+        goto done;
+    const unsigned char *kind_bytes = (const unsigned char *)(
+        PyBytes_Check(kinds) ? PyBytes_AS_STRING(kinds) : PyByteArray_AS_STRING(kinds));
+    /* The frames are written first and checksummed after. The CRC is called with the GIL kept
+     * (gil_release_mode 0), but creating its memoryview may run the garbage collector and with
+     * it Python code; so no pointer into ``buf`` is kept across the call, and its size is
+     * checked again (the journal's lock keeps other threads from resizing it). */
+    Py_ssize_t offset = start;
+    for (Py_ssize_t i = 0; i < n; i++) {
+        unsigned char *o = (unsigned char *)PyByteArray_AS_STRING(buf) + offset;
+        put_u32(o + 4, (uint32_t)pieces[i].size);
+        put_u64(o + 8, (uint64_t)(first + (unsigned long long)i));
+        o[16] = kind_bytes[i];
+        memcpy(o + FRAME_SIZE, pieces[i].data, (size_t)pieces[i].size);
+        offset += FRAME_SIZE + pieces[i].size;
+    }
+    offset = start;
+    Py_ssize_t last = 0;
+    for (Py_ssize_t i = 0; i < n; i++) {
+        Py_ssize_t size = FRAME_SIZE + pieces[i].size;
+        if (PyByteArray_GET_SIZE(buf) < offset + size) {
+            PyErr_SetString(PyExc_RuntimeError, "frame_into: the buffer was resized while it was framed");
+            goto done;
+        }
+        PyObject *view = PyMemoryView_FromMemory(PyByteArray_AS_STRING(buf) + offset + 4, size - 4, PyBUF_READ);
+        if (view == NULL)
+            goto done;
+        PyObject *crc_args[3] = {view, zero, zero};
+        PyObject *crc = PyObject_Vectorcall(crc32c_fn, crc_args, 3, NULL);
+        Py_DECREF(view);
+        if (crc == NULL)
+            goto done;
+        unsigned long value = PyLong_AsUnsignedLong(crc);
+        Py_DECREF(crc);
+        if (value == (unsigned long)-1 && PyErr_Occurred())
+            goto done;
+        if (PyByteArray_GET_SIZE(buf) < offset + size) {
+            PyErr_SetString(PyExc_RuntimeError, "frame_into: the buffer was resized while it was framed");
+            goto done;
+        }
+        put_u32((unsigned char *)PyByteArray_AS_STRING(buf) + offset, (uint32_t)value);
+        offset += size;
+        last = size;
+    }
+    result = PyLong_FromSsize_t(last);
+done:
+    release_views(views, held);
+    PyMem_Free(views);
+    PyMem_Free(pieces);
+    Py_DECREF(seq_fast);
+    return result;
+}
+
+static PyMethodDef framing_methods[] = {
+    {"frame_into", (PyCFunction)(void (*)(void))frame_into, METH_FASTCALL,
+     "frame_into(buf, first_seq, kinds, payloads) -> size of the last frame\n\n"
+     "Append one journal frame per payload to the bytearray buf (see docs/journal.md)."},
+    {NULL, NULL, 0, NULL},
+};
+
+static struct PyModuleDef framing_module = {
+    PyModuleDef_HEAD_INIT, "engine.journal._framing", "The journal's record framing in C.", -1, framing_methods,
+    NULL, NULL, NULL, NULL,
+};
+
+PyMODINIT_FUNC PyInit__framing(void) {
+    PyObject *package = PyImport_ImportModule("crc32c");
+    if (package == NULL)
+        return NULL;
+    crc32c_fn = PyObject_GetAttrString(package, "crc32c");
+    Py_DECREF(package);
+    if (crc32c_fn == NULL)
+        return NULL;
+    zero = PyLong_FromLong(0);
+    if (zero == NULL)
+        return NULL;
+    return PyModule_Create(&framing_module);
+}
