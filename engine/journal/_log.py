@@ -104,6 +104,8 @@ try:
 except ImportError:  # not built (KABONI_PURE_PYTHON, or no compiler): the same frames, slower
     _frame_into = _frame_into_py
 
+_LAST_KINDS = tuple(bytes((kind | GROUP_END,)) for kind in range(KIND_MASK + 1))  # append's kinds argument
+
 
 class JournalError(Exception):
     """The journal cannot be used as asked."""
@@ -919,10 +921,10 @@ class Journal:
                 self._wake.notify()
             return self._next_seq - 1
 
-    def append(self, kind: int, payload: bytes, _head=_HEAD_PACK, _crc=_CRC_PACK, _crc32c=crc32c,
+    def append(self, kind: int, payload: bytes, _frame=_frame_into, _kinds=_LAST_KINDS,
                _max=MAX_PAYLOAD) -> int:
         """Append one record as a group of its own; returns its seq. The hot path: pre-bound
-        packers, one CRC call, and one comparison for "failed, closing or segment full"."""
+        framing, and one comparison for "failed, closing or segment full"."""
         if len(payload) > _max:
             raise _too_large(len(payload))
         if not 0 < kind <= KIND_MASK:
@@ -931,13 +933,9 @@ class Journal:
             pos = self._seg_size
             if pos < self._limit:
                 seq = self._next_seq
-                rec = _head(len(payload), seq, kind | 0x80) + payload
-                buf = self._buf
-                buf += _crc(_crc32c(rec))
-                buf += rec
+                self._seg_size = pos + _frame(self._buf, seq, _kinds[kind], (payload,))
                 self._kinds.append(kind | 0x80)
                 self._lengths.append(len(payload))
-                self._seg_size = pos + 4 + len(rec)
                 self._next_seq = seq + 1
                 self._last_off = pos
                 if self._t0 is None:
