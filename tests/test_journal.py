@@ -576,8 +576,8 @@ def test_records_appended_while_a_batch_is_framed_keep_their_seqs(tmp_path, monk
     original = _log._frame_into
     calls = []
 
-    def frame_then_interleave(buf, first, kinds, payloads):
-        last_len = original(buf, first, kinds, payloads)
+    def frame_then_interleave(buf, first, kinds, payloads, max_payload):
+        last_len = original(buf, first, kinds, payloads, max_payload)
         calls.append(first)
         if len(calls) == 1:
             assert j.append(3, b"between") == 2  # lands while the batch is framed but not added

@@ -30,7 +30,7 @@ def test_c_and_python_frame_the_same_bytes(recs, first, prefix):
     kinds = bytes(kind | (GROUP_END if end else 0) for kind, end, _ in recs)
     payloads = [payload for _, _, payload in recs]
     in_c, in_python = bytearray(prefix), bytearray(prefix)
-    assert frame_into(in_c, first, kinds, payloads) == _log._frame_into_py(in_python, first, kinds, payloads)
+    assert frame_into(in_c, first, kinds, payloads, 300) == _log._frame_into_py(in_python, first, kinds, payloads, 300)
     assert in_c == in_python
     # and the frames are what docs/journal.md says
     offset = len(prefix)
@@ -46,8 +46,8 @@ def test_c_and_python_frame_the_same_bytes(recs, first, prefix):
 def test_any_buffer_is_a_payload():
     payloads = [b"bytes", bytearray(b"bytearray"), memoryview(b"xxmemoryviewxx")[2:-2]]
     in_c, in_python = bytearray(), bytearray()
-    frame_into(in_c, 7, b"\x02\x02\x82", payloads)
-    _log._frame_into_py(in_python, 7, b"\x02\x02\x82", payloads)
+    frame_into(in_c, 7, b"\x02\x02\x82", payloads, 100)
+    _log._frame_into_py(in_python, 7, b"\x02\x02\x82", payloads, 100)
     assert in_c == in_python
 
 
@@ -56,24 +56,35 @@ def test_kinds_and_payloads_must_pair_up(frame):
     for kinds, payloads in ((b"\x82", [b"a", b"b"]), (b"\x82\x82", [b"a"]), (b"", [])):
         buf = bytearray(b"kept")
         with pytest.raises(ValueError, match="kinds for"):
-            frame(buf, 1, kinds, payloads)
+            frame(buf, 1, kinds, payloads, 100)
         assert buf == b"kept"
+
+
+@pytest.mark.parametrize("frame", [frame_into, _log._frame_into_py], ids=["c", "python"])
+def test_a_payload_over_the_bound_is_refused_before_anything_is_framed(frame):
+    buf = bytearray(b"kept")
+    with pytest.raises(ValueError, match="a record of 11 bytes: recovery reads records of at most 10 bytes"):
+        frame(buf, 1, b"\x02\x02\x82", [b"ok", b"x" * 11, b"ok"], 10)
+    assert buf == b"kept"
+    assert frame(buf, 1, b"\x82", [b"x" * 10], 10) == 27
 
 
 def test_wrong_types_are_refused_and_change_nothing():
     buf = bytearray(b"kept")
     with pytest.raises(TypeError, match="bytearray"):
-        frame_into(b"bytes", 1, b"\x82", [b"a"])
+        frame_into(b"bytes", 1, b"\x82", [b"a"], 10)
     with pytest.raises(TypeError):
-        frame_into(buf, 1, b"\x82", [12])
+        frame_into(buf, 1, b"\x82", [12], 10)
     with pytest.raises(TypeError, match="kinds"):
-        frame_into(buf, 1, [0x82], [b"a"])
+        frame_into(buf, 1, [0x82], [b"a"], 10)
     with pytest.raises(TypeError, match="payloads"):
-        frame_into(buf, 1, b"\x82", 12)
+        frame_into(buf, 1, b"\x82", 12, 10)
     with pytest.raises(OverflowError):
-        frame_into(buf, -1, b"\x82", [b"a"])
-    with pytest.raises(TypeError, match="4 arguments"):
-        frame_into(buf, 1, b"\x82")
+        frame_into(buf, -1, b"\x82", [b"a"], 10)
+    with pytest.raises(ValueError, match="max_payload"):
+        frame_into(buf, 1, b"\x82", [b"a"], -1)
+    with pytest.raises(TypeError, match="5 arguments"):
+        frame_into(buf, 1, b"\x82", [b"a"])
     assert buf == b"kept"
 
 
@@ -81,5 +92,5 @@ def test_a_buffer_in_use_is_not_resized():
     buf = bytearray(b"kept")
     with memoryview(buf):
         with pytest.raises(BufferError):
-            frame_into(buf, 1, b"\x82", [b"a"])
+            frame_into(buf, 1, b"\x82", [b"a"], 10)
     assert buf == b"kept"

@@ -1,10 +1,11 @@
 /* The journal's record framing in C: the hot part of every append.
  *
- * frame_into(buf, first_seq, kinds, payloads) appends one frame per payload to the bytearray
- * ``buf``: crc32c u32 | payload length u32 | seq u64 | kind u8 | payload, little endian, seqs
- * counting up from ``first_seq``, the CRC covering everything after itself (docs/journal.md).
- * ``kinds`` holds one kind byte per payload, GROUP_END bits already set. Returns the size of
- * the last frame.
+ * frame_into(buf, first_seq, kinds, payloads, max_payload) appends one frame per payload to
+ * the bytearray ``buf``: crc32c u32 | payload length u32 | seq u64 | kind u8 | payload, little
+ * endian, seqs counting up from ``first_seq``, the CRC covering everything after itself
+ * (docs/journal.md). ``kinds`` holds one kind byte per payload, GROUP_END bits already set.
+ * Returns the size of the last frame. A payload longer than ``max_payload`` is refused, and
+ * then nothing is framed: a group stands or falls whole.
  *
  * Why C: in Python each record costs six calls (pack the header, join it to the payload, the
  * CRC, pack the CRC, two appends), about 0.19 us, which made framing two thirds of the
@@ -22,7 +23,6 @@
 #define FRAME_SIZE 17 /* crc u32, length u32, seq u64, kind u8 */
 
 static PyObject *crc32c_fn; /* crc32c.crc32c */
-static PyObject *zero;      /* its start value, and gil_release_mode 0 (see frame_into) */
 
 static void put_u32(unsigned char *p, uint32_t v) {
     p[0] = (unsigned char)v;
@@ -50,8 +50,8 @@ static void release_views(Py_buffer *views, Py_ssize_t count) {
 }
 
 static PyObject *frame_into(PyObject *module, PyObject *const *args, Py_ssize_t nargs) {
-    if (nargs != 4) {
-        PyErr_SetString(PyExc_TypeError, "frame_into(buf, first_seq, kinds, payloads) takes 4 arguments");
+    if (nargs != 5) {
+        PyErr_SetString(PyExc_TypeError, "frame_into(buf, first_seq, kinds, payloads, max_payload) takes 5 arguments");
         return NULL;
     }
     PyObject *buf = args[0], *kinds = args[2], *payloads = args[3];
@@ -62,6 +62,13 @@ static PyObject *frame_into(PyObject *module, PyObject *const *args, Py_ssize_t 
     unsigned long long first = PyLong_AsUnsignedLongLong(args[1]);
     if (first == (unsigned long long)-1 && PyErr_Occurred())
         return NULL;
+    Py_ssize_t max_payload = PyLong_AsSsize_t(args[4]);
+    if (max_payload == -1 && PyErr_Occurred())
+        return NULL;
+    if (max_payload < 0 || (uint64_t)max_payload > UINT32_MAX) {
+        PyErr_SetString(PyExc_ValueError, "frame_into: max_payload must be 0..2**32-1");
+        return NULL;
+    }
     if (!PyBytes_Check(kinds) && !PyByteArray_Check(kinds)) {
         PyErr_SetString(PyExc_TypeError, "frame_into: kinds must be bytes or a bytearray");
         return NULL;
@@ -98,8 +105,9 @@ static PyObject *frame_into(PyObject *module, PyObject *const *args, Py_ssize_t 
             pieces[i].data = views[i].buf;
             pieces[i].size = views[i].len;
         }
-        if ((uint64_t)pieces[i].size > UINT32_MAX) {
-            PyErr_Format(PyExc_ValueError, "frame_into: a payload of %zd bytes does not fit a frame", pieces[i].size);
+        if (pieces[i].size > max_payload) {
+            PyErr_Format(PyExc_ValueError, "a record of %zd bytes: recovery reads records of at most %zd bytes",
+                         pieces[i].size, max_payload);
             goto done;
         }
         if (total > PY_SSIZE_T_MAX - FRAME_SIZE - pieces[i].size) {
@@ -117,10 +125,11 @@ static PyObject *frame_into(PyObject *module, PyObject *const *args, Py_ssize_t 
         goto done;
     const unsigned char *kind_bytes = (const unsigned char *)(
         PyBytes_Check(kinds) ? PyBytes_AS_STRING(kinds) : PyByteArray_AS_STRING(kinds));
-    /* The frames are written first and checksummed after. The CRC is called with the GIL kept
-     * (gil_release_mode 0), but creating its memoryview may run the garbage collector and with
-     * it Python code; so no pointer into ``buf`` is kept across the call, and its size is
-     * checked again (the journal's lock keeps other threads from resizing it). */
+    /* The frames are written first and checksummed after. No pointer into ``buf`` is kept
+     * across the CRC call, and its size is checked again after it: crc32c releases the GIL for
+     * a large record, and creating the memoryview may run the garbage collector. No other
+     * thread resizes ``buf`` meanwhile: the journal frames into its buffer under its lock, or
+     * into a bytearray of its own. */
     Py_ssize_t offset = start;
     for (Py_ssize_t i = 0; i < n; i++) {
         unsigned char *o = (unsigned char *)PyByteArray_AS_STRING(buf) + offset;
@@ -141,8 +150,7 @@ static PyObject *frame_into(PyObject *module, PyObject *const *args, Py_ssize_t 
         PyObject *view = PyMemoryView_FromMemory(PyByteArray_AS_STRING(buf) + offset + 4, size - 4, PyBUF_READ);
         if (view == NULL)
             goto done;
-        PyObject *crc_args[3] = {view, zero, zero};
-        PyObject *crc = PyObject_Vectorcall(crc32c_fn, crc_args, 3, NULL);
+        PyObject *crc = PyObject_CallOneArg(crc32c_fn, view);
         Py_DECREF(view);
         if (crc == NULL)
             goto done;
@@ -169,7 +177,7 @@ done:
 
 static PyMethodDef framing_methods[] = {
     {"frame_into", (PyCFunction)(void (*)(void))frame_into, METH_FASTCALL,
-     "frame_into(buf, first_seq, kinds, payloads) -> size of the last frame\n\n"
+     "frame_into(buf, first_seq, kinds, payloads, max_payload) -> size of the last frame\n\n"
      "Append one journal frame per payload to the bytearray buf (see docs/journal.md)."},
     {NULL, NULL, 0, NULL},
 };
@@ -186,9 +194,6 @@ PyMODINIT_FUNC PyInit__framing(void) {
     crc32c_fn = PyObject_GetAttrString(package, "crc32c");
     Py_DECREF(package);
     if (crc32c_fn == NULL)
-        return NULL;
-    zero = PyLong_FromLong(0);
-    if (zero == NULL)
         return NULL;
     return PyModule_Create(&framing_module);
 }
