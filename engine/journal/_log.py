@@ -50,11 +50,12 @@ DURABILITY_MODES = ("fsync", "none")
 SWITCH_INTERVAL = 0.0001  # seconds: see Journal.open
 # seconds: finer than LATENCY_BOUNDS between 0.1 and 10 ms, where syncs (and the reports that
 # wait for them) land, so an fsync p99 can be compared with the gateway's order-to-report p99
-# (which uses these same bounds) to a fraction of a millisecond
+# (which uses these same bounds) to a fraction of a millisecond: 0.05-0.1 ms steps below 1 ms,
+# 0.25 ms steps to 2.5 ms
 FSYNC_BOUNDS = (
-    0.00001, 0.000025, 0.00005, 0.0001, 0.00025, 0.0005, 0.00075, 0.001, 0.0015, 0.002, 0.0025,
-    0.003, 0.004, 0.005, 0.006, 0.007, 0.008, 0.01, 0.0125, 0.015, 0.02, 0.025, 0.05, 0.1, 0.25,
-    0.5, 1.0, 2.5, 10.0,
+    0.00001, 0.000025, 0.00005, 0.0001, 0.00015, 0.0002, 0.00025, 0.0003, 0.0004, 0.0005, 0.0006,
+    0.00075, 0.0009, 0.001, 0.00125, 0.0015, 0.00175, 0.002, 0.00225, 0.0025, 0.003, 0.004, 0.005,
+    0.006, 0.007, 0.008, 0.01, 0.0125, 0.015, 0.02, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0,
 )
 _READ_CHUNK = 4 << 20
 # A position packs a segment's byte offsets into 32 bits; a segment is rolled once it reaches
