@@ -94,3 +94,37 @@ def test_a_buffer_in_use_is_not_resized():
         with pytest.raises(BufferError):
             frame_into(buf, 1, b"\x82", [b"a"], 10)
     assert buf == b"kept"
+
+
+def test_each_frame_is_checksummed_by_the_crc32c_package(monkeypatch):
+    calls = []
+
+    def counted(data):
+        calls.append(bytes(data))
+        return crc32c(data)
+
+    monkeypatch.setattr(framing, "crc32c", counted)
+    buf = bytearray()
+    frame_into(buf, 1, b"\x02\x82", [b"fill", b"entry"], 100)
+    assert calls == [bytes(buf[4:21]), bytes(buf[25:])]  # one call per frame, over all of it but its CRC
+
+
+def test_a_failed_checksum_takes_the_frames_back(monkeypatch):
+    def fails_on_the_second(data, calls=[]):
+        calls.append(1)
+        if len(calls) == 2:
+            raise MemoryError
+        return crc32c(data)
+
+    monkeypatch.setattr(framing, "crc32c", fails_on_the_second)
+    buf = bytearray(b"kept")
+    with pytest.raises(MemoryError):
+        frame_into(buf, 1, b"\x02\x02\x82", [b"a", b"b", b"c"], 100)
+    assert buf == b"kept"
+
+
+def test_seqs_past_the_top_are_refused():
+    buf = bytearray()
+    with pytest.raises(OverflowError, match="2\\*\\*64"):
+        frame_into(buf, 2**64 - 2, b"\x82\x82\x82", [b"a", b"b", b"c"], 100)
+    assert frame_into(buf, 2**64 - 1, b"\x82", [b"a"], 100) == 18

@@ -22,7 +22,9 @@
 
 #define FRAME_SIZE 17 /* crc u32, length u32, seq u64, kind u8 */
 
-static PyObject *crc32c_fn; /* crc32c.crc32c */
+/* The CRC is the module attribute ``crc32c`` (crc32c.crc32c, set at import), looked up once
+ * per call, so that tests can watch or fail it. */
+static PyObject *crc32c_name;
 
 static void put_u32(unsigned char *p, uint32_t v) {
     p[0] = (unsigned char)v;
@@ -83,11 +85,20 @@ static PyObject *frame_into(PyObject *module, PyObject *const *args, Py_ssize_t 
         PyErr_Format(PyExc_ValueError, "frame_into: %zd kinds for %zd payloads (at least one of each)", nkinds, n);
         return NULL;
     }
+    PyObject *crc32c_fn = PyDict_GetItemWithError(PyModule_GetDict(module), crc32c_name); /* borrowed */
+    if (crc32c_fn == NULL) {
+        if (!PyErr_Occurred())
+            PyErr_SetString(PyExc_AttributeError, "frame_into: the module has no crc32c");
+        Py_DECREF(seq_fast);
+        return NULL;
+    }
+    Py_INCREF(crc32c_fn); /* a test may replace the attribute while the call runs */
     PyObject **items = PySequence_Fast_ITEMS(seq_fast);
     Piece *pieces = PyMem_Malloc(sizeof(Piece) * (size_t)n);
     Py_buffer *views = PyMem_Calloc((size_t)n, sizeof(Py_buffer));
     PyObject *result = NULL;
     Py_ssize_t held = 0;
+    Py_ssize_t start = -1; /* buf's size before, once it has been grown */
     if (pieces == NULL || views == NULL) {
         PyErr_NoMemory();
         goto done;
@@ -116,13 +127,18 @@ static PyObject *frame_into(PyObject *module, PyObject *const *args, Py_ssize_t 
         }
         total += FRAME_SIZE + pieces[i].size;
     }
-    Py_ssize_t start = PyByteArray_GET_SIZE(buf);
-    if (start > PY_SSIZE_T_MAX - total) {
+    if (first > UINT64_MAX - (unsigned long long)(n - 1)) {
+        PyErr_SetString(PyExc_OverflowError, "frame_into: the seqs pass 2**64 - 1");
+        goto done;
+    }
+    Py_ssize_t size_before = PyByteArray_GET_SIZE(buf);
+    if (size_before > PY_SSIZE_T_MAX - total) {
         PyErr_NoMemory();
         goto done;
     }
-    if (PyByteArray_Resize(buf, start + total) < 0) /* BufferError while buf is exported */
+    if (PyByteArray_Resize(buf, size_before + total) < 0) /* BufferError while buf is exported */
         goto done;
+    start = size_before;
     const unsigned char *kind_bytes = (const unsigned char *)(
         PyBytes_Check(kinds) ? PyBytes_AS_STRING(kinds) : PyByteArray_AS_STRING(kinds));
     /* The frames are written first and checksummed after. No pointer into ``buf`` is kept
@@ -168,9 +184,19 @@ static PyObject *frame_into(PyObject *module, PyObject *const *args, Py_ssize_t 
     }
     result = PyLong_FromSsize_t(last);
 done:
+    if (result == NULL && start >= 0 && PyByteArray_GET_SIZE(buf) >= start) {
+        /* a failure after buf was grown (a CRC call that raised): take the frames back, so
+         * that the journal's buffer never holds frames its seqs do not count */
+        PyObject *type, *value, *traceback;
+        PyErr_Fetch(&type, &value, &traceback);
+        if (PyByteArray_Resize(buf, start) < 0)
+            PyErr_Clear();
+        PyErr_Restore(type, value, traceback);
+    }
     release_views(views, held);
     PyMem_Free(views);
     PyMem_Free(pieces);
+    Py_DECREF(crc32c_fn);
     Py_DECREF(seq_fast);
     return result;
 }
@@ -188,12 +214,21 @@ static struct PyModuleDef framing_module = {
 };
 
 PyMODINIT_FUNC PyInit__framing(void) {
+    crc32c_name = PyUnicode_InternFromString("crc32c");
+    if (crc32c_name == NULL)
+        return NULL;
     PyObject *package = PyImport_ImportModule("crc32c");
     if (package == NULL)
         return NULL;
-    crc32c_fn = PyObject_GetAttrString(package, "crc32c");
+    PyObject *crc = PyObject_GetAttrString(package, "crc32c");
     Py_DECREF(package);
-    if (crc32c_fn == NULL)
+    if (crc == NULL)
         return NULL;
-    return PyModule_Create(&framing_module);
+    PyObject *module = PyModule_Create(&framing_module);
+    if (module == NULL || PyModule_AddObject(module, "crc32c", crc) < 0) {
+        Py_DECREF(crc);
+        Py_XDECREF(module);
+        return NULL;
+    }
+    return module;
 }
