@@ -927,9 +927,8 @@ class Journal:
     def append(self, kind: int, payload: bytes, _frame=_frame_into, _kinds=_LAST_KINDS,
                _max=MAX_PAYLOAD) -> int:
         """Append one record as a group of its own; returns its seq. The hot path: pre-bound
-        framing, and one comparison for "failed, closing or segment full"."""
-        if len(payload) > _max:
-            raise _too_large(len(payload))
+        framing (which refuses a payload over ``MAX_PAYLOAD``), and one comparison for
+        "failed, closing or segment full"."""
         if not 0 < kind <= KIND_MASK:
             raise _bad_kind(kind)
         with self._lock:
