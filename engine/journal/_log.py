@@ -109,7 +109,7 @@ try:
 except ImportError:  # not built (KABONI_PURE_PYTHON, or no compiler): the same frames, slower
     _frame_into = _frame_into_py
 
-_LAST_KINDS = tuple(bytes((kind | GROUP_END,)) for kind in range(KIND_MASK + 1))  # append's kinds argument
+_LAST_KINDS = tuple(bytes((kind | GROUP_END,)) for kind in range(KIND_MASK + 1))  # a one-record group's kind byte
 
 
 class JournalError(Exception):
@@ -961,7 +961,7 @@ class Journal:
             return self.last_seq
         if not 0 < kind <= KIND_MASK:
             raise _bad_kind(kind)
-        kinds = bytes((kind | GROUP_END,)) * len(payloads)
+        kinds = _LAST_KINDS[kind] * len(payloads)
         first = self._next_seq
         frames = bytearray()
         last_len = _frame_into(frames, first, kinds, payloads, MAX_PAYLOAD)  # refuses a payload over it
